@@ -1,0 +1,3 @@
+"""trainlab: a YAML-configured experiment runner for training neural networks."""
+
+__version__ = "0.1.0"

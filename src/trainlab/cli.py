@@ -1,0 +1,63 @@
+"""The `train` command: Hydra composes conf/train.yaml with the command line, then one run executes."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from trainlab.config import register_configs
+
+
+class JobFailed(RuntimeError):
+    """A sweep job that did not complete; Hydra records it and the sweep exits non-zero."""
+
+
+# An absolute path: found the same way from a source checkout, an editable and a regular install.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> str:
+    from trainlab.run import execute  # torch is imported only once Hydra has parsed the command line
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    live = {"bar": True, "lines": False}.get(cfg.logger.progress, sys.stdout.isatty() and not sweeping)
+    status, code, run = execute(cfg, run_dir, list(hydra_cfg.overrides.task), live=live)
+    if sweeping:
+        if code != 0:
+            raise JobFailed(f"job {hydra_cfg.job.num} ({run_dir}) ended {status}: {run.summary.get('stop_reason')}")
+        return status
+    if code != 0 and not run.started:
+        _remove_if_only_bookkeeping(run_dir)
+    if code != 0:
+        sys.exit(code)
+    return status
+
+
+def _remove_if_only_bookkeeping(run_dir: Path) -> None:
+    """A run refused before training leaves no directory behind that looks like a real run."""
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "summary.json"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/runs and outputs, when left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
+def main() -> None:
+    """Console-script entry point."""
+    register_configs()
+    _train()
+
+
+if __name__ == "__main__":
+    main()
