@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -65,7 +66,8 @@ class RunMonitor:
         root = logging.getLogger()
         for handler in list(root.handlers):
             if type(handler) is logging.StreamHandler:
-                rich_handler = RichHandler(console=self.console, show_path=False, show_level=False)
+                rich_handler = RichHandler(console=self.console, show_path=False, show_level=False,
+                                           log_time_format="[%X]", markup=False, highlighter=NullHighlighter())
                 root.removeHandler(handler)
                 root.addHandler(rich_handler)
                 self._swapped.append((handler, rich_handler))

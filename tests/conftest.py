@@ -1,0 +1,47 @@
+"""Shared helpers: compose the real config, run training in-process or through the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import trainlab
+from trainlab.config import register_configs
+
+CONF_DIR = Path(trainlab.__file__).parent / "conf"
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+# A short run: 2 epochs, small logging interval, so each test trains in about a second.
+FAST = ["trainer.max_epochs=2", "logger.every_n_steps=5"]
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config of `train <overrides>`, as the command line would build it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`train <args>` in a fresh process (python -m trainlab), output captured (so not on a terminal)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "trainlab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def train_inprocess(tmp_path):
+    """run(overrides) -> (status, exit code, Run) for a training run in tmp_path/run."""
+    from trainlab.run import execute
+
+    def run(overrides: list[str], name: str = "run"):
+        cfg = compose_cfg(overrides)
+        return execute(cfg, tmp_path / name, overrides)
+
+    return run

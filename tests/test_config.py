@@ -1,0 +1,135 @@
+"""Every option of every group composes and builds; the command line refuses bad input before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONF_DIR, GROUPS, compose_cfg, run_cli
+from trainlab.augment import build_augment
+from trainlab.config import ConfigError, validate
+from trainlab.data import build_data
+from trainlab.initialization import initialize
+from trainlab.models import build_model
+from trainlab.optim import build_optimizer
+from trainlab.schedules import build_scheduler
+
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def test_every_group_of_the_product_card_exists():
+    expected = {"data", "model", "optimizer", "scheduler", "normalization", "regularization", "augmentation",
+                "initialization", "trainer", "early_stopping", "checkpoint", "logger"}
+    assert expected <= set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_builds(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    validate(cfg)
+    data = build_data(cfg.data)
+    model = build_model(cfg, data.input_shape, data.num_classes)
+    initialize(model, cfg.initialization, model.activation)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
+    augment = build_augment(cfg.augmentation)
+    images = data.train.images[:8].float()
+    if augment is not None:
+        assert augment(images, torch.Generator().manual_seed(0)).shape == images.shape
+    logits = model(images)
+    assert logits.shape == (8, data.num_classes)
+    assert scheduler.get_last_lr()[0] > 0
+
+
+def test_digits_split_sizes_follow_the_fractions():
+    data = build_data(compose_cfg(["data.val_fraction=0.25"]).data)
+    assert len(data.test) == round(0.2 * 1797)
+    assert len(data.val) == round(0.25 * (1797 - len(data.test)))
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+
+
+def test_derived_values_are_interpolations():
+    cfg = compose_cfg(["seed=7"])
+    assert cfg.data.split_seed == 7
+    assert compose_cfg(["seed=7", "data.split_seed=3"]).data.split_seed == 3
+
+
+def test_target_outside_the_allowlist_is_refused():
+    cfg = compose_cfg(["model._target_=os.system"])
+    with pytest.raises(ConfigError, match="os.system"):
+        validate(cfg)
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    for group, option in OPTIONS:
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}:"))
+        assert option in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cfg_job_prints_the_config_without_running(tmp_path):
+    result = run_cli(["--cfg", "job", "optimizer=adam"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "torch.optim.Adam" in result.stdout and "max_epochs: 30" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trainer.max_epoch=3"], "Key 'max_epoch' not in 'TrainerConfig'"),
+        (["optimizer=adamm"], "Could not find 'optimizer/adamm'"),
+        (["trainer.max_epochs=three"], "trainer.max_epochs"),
+    ],
+    ids=["misspelt-key", "unknown-option", "wrong-type"],
+)
+def test_hydra_refuses_bad_overrides_before_any_work(tmp_path, args, message):
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0: must be at least 1"),
+        (["model._target_=os.system"], "'os.system' is not allowed"),
+        (["trainer.device=cuda:7"], "trainer.device=cuda:7"),
+        (["model=cnn", "model.depth=21"], "model.depth=21"),
+    ],
+    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth"],
+)
+def test_invalid_config_exits_2_and_leaves_no_run_directory(tmp_path, args, message):
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_regular_install_ships_the_config_tree(tmp_path):
+    """A non-editable install (a built wheel) runs `train --cfg job` from an unrelated directory."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(root)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("trainlab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for group, option in OPTIONS:
+        assert f"trainlab/conf/{group}/{option}.yaml" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    code = "import sys, trainlab, trainlab.cli; print(trainlab.__file__); sys.argv = ['train', '--cfg', 'job']; trainlab.cli.main()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(target))  # the wheel's copy, not the source checkout
+    assert "trainlab.models.MLP" in result.stdout
