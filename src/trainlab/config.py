@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 ALLOWED_TARGET_PREFIXES = ("torch.", "torchvision.", "trainlab.")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -128,33 +130,55 @@ def slug(overrides: str, limit: int = 120) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any data or model is built, reporting every problem found at once."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid config: an interpolation cannot be resolved: {error}") from None
     problems = []
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         problems.append("missing values (set them on the command line, e.g. key=value): " + ", ".join(missing))
-    problems += [f"_target_ at {path}: {why}" for path, why in _bad_targets(cfg)]
+    # Walk the resolved tree: a _target_ produced by an interpolation (oc.create, ...) is checked too.
+    problems += [f"_target_ at {path}: {why}" for path, why in _bad_targets(resolved)]
     if not missing:
         problems += _check_values(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
+def check_target(target: Any) -> str | None:
+    """Why `target` may not be built from a config, or None when it may.
+
+    The name must start with an allowed package and must also resolve to an object defined there:
+    `torch.os.system` starts with `torch.` but is `os.system`.
+    """
+    allowed = ", ".join(ALLOWED_TARGET_PREFIXES)
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        return f"{target!r} is not allowed; only objects under {allowed} may be built from a config"
+    from hydra._internal.utils import _locate
+
+    try:
+        obj = _locate(target)
+    except ImportError as error:
+        return f"{target!r} cannot be found ({str(error).splitlines()[0]})"
+    home = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    if not isinstance(home, str) or not (home + ".").startswith(ALLOWED_TARGET_PREFIXES):
+        return f"{target!r} is {home}.{getattr(obj, '__qualname__', '')}, which is outside {allowed}; not allowed"
+    return None
+
+
 def _bad_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
     found = []
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            child_path = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                target = node._get_node(key)._value()  # the raw value: never resolve interpolations here
-                if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-                    found.append(
-                        (path or "<root>", f"{target!r} is not allowed; only objects under "
-                         f"{', '.join(ALLOWED_TARGET_PREFIXES)} may be built from a config")
-                    )
-            elif not OmegaConf.is_missing(node, key):
-                found += _bad_targets(node._get_node(key), child_path)
-    elif isinstance(node, ListConfig):
-        for i, item in enumerate(node._iter_ex(resolve=False)):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_" and value != "???":
+                why = check_target(value)
+                if why:
+                    found.append((path or "<root>", why))
+            else:
+                found += _bad_targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
             found += _bad_targets(item, f"{path}[{i}]")
     return found
 
