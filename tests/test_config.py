@@ -117,9 +117,15 @@ def test_regular_install_ships_the_config_tree(tmp_path):
     import sys
     import zipfile
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # build from a copy: setuptools leaves build/ behind in the tree it builds
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "wheel"), str(root)], capture_output=True, text=True)
+                            "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "wheel").glob("trainlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
