@@ -16,6 +16,8 @@ from trainlab.models import build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler
 
+# Options that need another group's choice: instance norm is for feature maps (the default model is an MLP).
+NEEDS = {("normalization", "instance"): ["model=cnn", "model.width=8"]}
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
@@ -27,7 +29,7 @@ def test_every_group_of_the_product_card_exists():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group, option):
-    cfg = compose_cfg([f"{group}={option}"])
+    cfg = compose_cfg([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
     data = build_data(cfg.data)
     model = build_model(cfg, data.input_shape, data.num_classes)
@@ -139,3 +141,16 @@ def test_regular_install_ships_the_config_tree(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(target))  # the wheel's copy, not the source checkout
     assert "trainlab.models.MLP" in result.stdout
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_trains_two_steps(group, option, train_inprocess):
+    """Each option through the whole run: with batches of 512, one epoch of digits is two optimizer steps."""
+    overrides = [f"{group}={option}", "trainer.max_epochs=1", "data.batch_size=512", "logger.tensorboard=false",
+                 *NEEDS.get((group, option), [])]
+    if (group, option) == ("data", "synthetic"):
+        overrides += ["data.num_samples=1600", "data.shape=[3,8,8]"]  # 1024 training images: two batches
+    status, code, run = train_inprocess(overrides)
+    assert (status, code) == ("completed", 0), run.summary.get("error")
+    assert run.step == 2
+    assert 0.0 <= run.summary["test"]["test/acc"] <= 1.0

@@ -201,3 +201,13 @@ def test_multirun_with_a_failing_job_runs_the_others_and_exits_nonzero(tmp_path)
     failed, done = (json.loads((d / "summary.json").read_text()) for d in sorted(sweep.glob("[01]_*")))
     assert failed["status"] == "failed" and "model.depth=9" in failed["error"]
     assert done["status"] == "completed"
+
+
+def test_dry_run_writes_the_lr_curve_without_training(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["dry_run=true", "scheduler=step", "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(run_dir / "lr_curve.csv")
+    assert len(rows) == 3 * 20 and float(rows[0]["lr"]) == pytest.approx(0.1)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()

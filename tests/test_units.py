@@ -203,8 +203,8 @@ def test_build_scheduler_cosine_without_warmup():
 
 
 def test_build_scheduler_unknown_name_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"scheduler='linear'.*choose one of none, cosine"):
-        schedules.build_scheduler(OmegaConf.create({"name": "linear", "warmup_epochs": 0}), sgd(), 4, 3)
+    with pytest.raises(ConfigError, match=r"scheduler='cosin'.*choose one of none, cosine"):
+        schedules.build_scheduler(OmegaConf.create({"name": "cosin", "warmup_epochs": 0}), sgd(), 4, 3)
 
 
 @pytest.mark.parametrize("cfg", [{"name": "cosine", "warmup_epochs": 0, "gamma": 0.5},
@@ -245,8 +245,8 @@ def test_batch_norm_takes_eps_and_momentum_from_cfg():
 
 
 def test_unknown_norm_raises():
-    with pytest.raises(ConfigError, match=r"normalization='layer'.*none, batch"):
-        models.MLP([3], input_shape=(2,), num_classes=2, norm={"name": "layer"})
+    with pytest.raises(ConfigError, match=r"normalization='weight'.*none, batch, layer, instance, group"):
+        models.MLP([3], input_shape=(2,), num_classes=2, norm={"name": "weight"})
 
 
 @pytest.mark.parametrize("depth", [20, 56])

@@ -30,6 +30,8 @@ def _train(cfg: DictConfig) -> str:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     live = {"bar": True, "lines": False}.get(cfg.logger.progress, sys.stdout.isatty() and not sweeping)
+    if cfg.dry_run:
+        return _dry_run(cfg, run_dir)
     status, code, run = execute(cfg, run_dir, list(hydra_cfg.overrides.task), live=live)
     if sweeping:
         if code != 0:
@@ -40,6 +42,23 @@ def _train(cfg: DictConfig) -> str:
     if code != 0:
         sys.exit(code)
     return status
+
+
+def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
+    """Print and plot the learning-rate curve of the run `cfg` describes, without training."""
+    import logging
+
+    from trainlab.config import ConfigError, validate
+    from trainlab.dry_run import dry_run
+
+    try:
+        validate(cfg)
+        dry_run(cfg, run_dir)
+    except ConfigError as error:
+        logging.getLogger("trainlab").error(str(error))
+        _remove_if_only_bookkeeping(run_dir)
+        sys.exit(2)
+    return "dry_run"
 
 
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:

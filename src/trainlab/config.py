@@ -93,6 +93,14 @@ class AugmentationConfig:
 class RegularizationConfig:
     dropout: float = 0.0  # probability of zeroing a unit (channel, in conv blocks) during training
     weight_decay: float = 0.0  # decoupled decay (AdamW-style): w -= lr * weight_decay * w each step
+    l2: float = 0.0  # penalty l2 / 2 * sum(w^2) added to the loss (coupled: adaptive optimizers rescale it)
+    l1: float = 0.0  # penalty l1 * sum(|w|) added to the loss
+    label_smoothing: float = 0.0  # training targets: (1 - eps) * one-hot + eps / classes
+    grad_clip_norm: Optional[float] = None  # rescale the gradient when its global L2 norm exceeds this
+    grad_clip_value: Optional[float] = None  # clamp each gradient element to [-value, value]
+    ema_decay: Optional[float] = None  # per-step decay of the weight average (e.g. 0.999); evaluated and saved
+    swa_start: Optional[float] = None  # fraction of trainer.max_epochs after which SWA averages each epoch
+    swa_lr: float = 0.01  # constant learning rate during the SWA epochs (absolute)
 
 
 SCHEMAS = {
@@ -142,6 +150,12 @@ def validate(cfg: DictConfig) -> None:
     problems += [f"_target_ at {path}: {why}" for path, why in _bad_targets(resolved)]
     if not missing:
         problems += _check_values(cfg)
+        from trainlab.schedules import parse as parse_schedule  # torch is imported only once needed
+
+        try:
+            parse_schedule(cfg.scheduler)
+        except ConfigError as error:
+            problems.append(str(error))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -212,8 +226,18 @@ def _check_values(cfg: DictConfig) -> list[str]:
           "choose auto, bar or lines")
     check(0.0 <= cfg.regularization.dropout < 1.0, "regularization.dropout", cfg.regularization.dropout,
           "must be in [0, 1)")
-    check(cfg.regularization.weight_decay >= 0, "regularization.weight_decay", cfg.regularization.weight_decay,
-          "must be >= 0")
+    reg = cfg.regularization
+    for key in ("weight_decay", "l1", "l2"):
+        check(reg[key] >= 0, f"regularization.{key}", reg[key], "must be >= 0")
+    check(0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", reg.label_smoothing,
+          "must be in [0, 1)")
+    for key in ("grad_clip_norm", "grad_clip_value"):
+        check(reg[key] is None or reg[key] > 0, f"regularization.{key}", reg[key], "must be > 0, or null for off")
+    check(reg.ema_decay is None or 0.0 < reg.ema_decay < 1.0, "regularization.ema_decay", reg.ema_decay,
+          "must be in (0, 1), e.g. 0.999, or null for off")
+    check(reg.swa_start is None or 0.0 <= reg.swa_start < 1.0, "regularization.swa_start", reg.swa_start,
+          "is a fraction of the run in [0, 1), or null for off")
+    check(reg.swa_lr > 0, "regularization.swa_lr", reg.swa_lr, "must be > 0")
     aug = cfg.augmentation
     check(0.0 <= aug.hflip <= 1.0, "augmentation.hflip", aug.hflip, "is a probability in [0, 1]")
     check(aug.crop_padding >= 0, "augmentation.crop_padding", aug.crop_padding, "must be >= 0 pixels")

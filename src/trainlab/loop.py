@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +19,40 @@ class EpochResult:
     step: int  # global optimizer step at the end of the epoch
 
 
+@dataclass
+class StepParts:
+    """What one optimizer step does besides forward/backward, built once before the loop.
+
+    penalty: the regularization term added to the loss (l1/l2), or None
+    clip: gradient clipping after backward, or None
+    after_step: called after every optimizer step (weight averaging), or None
+    closure_step: pass the closure to optimizer.step (LBFGS re-evaluates the loss itself)
+    """
+
+    penalty: Callable[[], torch.Tensor] | None = None
+    clip: Callable[[], None] | None = None
+    after_step: Callable[[], None] | None = None
+    closure_step: bool = False
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: Any,
     scaler: torch.amp.GradScaler,
     autocast: AbstractContextManager,
     step: int,
     every_n_steps: int,
     on_interval: Callable[[int, float, float], None],
+    parts: StepParts = StepParts(),
 ) -> EpochResult:
-    """One pass over `batches`; calls on_interval(step, mean loss, lr) every `every_n_steps` steps."""
+    """One pass over `batches`; calls on_interval(step, mean loss, lr) every `every_n_steps` steps.
+
+    The logged loss is the data loss (comparable with val/loss); the penalty is added only to the
+    objective that is differentiated.
+    """
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -38,13 +60,28 @@ def train_one_epoch(
     interval_loss = torch.zeros((), device=device)
     seen = interval_steps = 0
     for images, labels in batches:
-        with autocast:
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        out: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                out["logits"] = model(images)
+                out["loss"] = loss_fn(out["logits"], labels)
+            objective = out["loss"] if parts.penalty is None else out["loss"] + parts.penalty()
+            scaler.scale(objective).backward()
+            if parts.clip is not None:
+                parts.clip()
+            return objective
+
+        if parts.closure_step:
+            optimizer.step(closure)
+        else:
+            closure()
+            scaler.step(optimizer)
         scaler.update()
+        if parts.after_step is not None:
+            parts.after_step()
+        logits, loss = out["logits"], out["loss"]
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scheduler.step()
         step += 1

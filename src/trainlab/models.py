@@ -1,41 +1,17 @@
-"""Models: an MLP and the CIFAR ResNet family with a plain (no skip connection) switch."""
+"""Models: an MLP, the CIFAR ResNet family with a plain (no skip connection) switch, and torchvision's classifiers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import difflib
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainlab.config import ConfigError
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-    "elu": nn.ELU,
-}
-NORMS = ("none", "batch")
-
-
-def make_activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"model.activation={name!r} is not an activation; choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
-
-
-def make_norm(cfg: Mapping[str, Any], num_features: int, spatial: bool) -> nn.Module:
-    """The normalization layer named by cfg['name'] for `num_features` features (channels if spatial)."""
-    name = cfg["name"]
-    if name == "none":
-        return nn.Identity()
-    if name == "batch":
-        batch_norm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
-        return batch_norm(num_features, eps=cfg.get("eps", 1e-5), momentum=cfg.get("momentum", 0.1))
-    raise ConfigError(f"normalization={name!r} is not a normalization; choose one of {', '.join(NORMS)}")
+from trainlab.layers import ACTIVATIONS, NORMS, make_activation, make_norm  # noqa: F401  (part of this API)
 
 
 class MLP(nn.Sequential):
@@ -45,6 +21,7 @@ class MLP(nn.Sequential):
         self,
         hidden: list[int],
         activation: str = "relu",
+        negative_slope: float = 0.01,
         *,
         input_shape: tuple[int, ...],
         num_classes: int,
@@ -52,17 +29,20 @@ class MLP(nn.Sequential):
         dropout: float = 0.0,
     ):
         layers: list[nn.Module] = [nn.Flatten()]
-        width = int(torch.tensor(input_shape).prod())
+        width = math.prod(input_shape)
         for out in hidden:
             has_norm = norm["name"] != "none"
             layers += [nn.Linear(width, out, bias=not has_norm), make_norm(norm, out, spatial=False)]
-            layers.append(make_activation(activation))
+            layers.append(make_activation(activation, negative_slope))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = out
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
-        self.activation = activation
+        self.activation, self.negative_slope = activation, negative_slope
+
+    def residual_norms(self) -> list[nn.Module]:
+        return []
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.Conv2d:
@@ -70,17 +50,23 @@ def conv3x3(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.
 
 
 class Block(nn.Module):
-    """conv -> norm -> act (-> channel dropout) -> conv -> norm, (+ shortcut when residual) -> act."""
+    """conv -> norm -> act (-> channel dropout) -> conv -> norm, (+ shortcut when residual) -> act.
+
+    `positions` is H*W of the block's output feature maps (checked by per-sample norms).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, residual: bool, activation: str,
-                 norm: Mapping[str, Any], dropout: float):
+                 norm: Mapping[str, Any], dropout: float, negative_slope: float = 0.01,
+                 positions: int | None = None):
         super().__init__()
         bias = norm["name"] == "none"
-        self.conv1, self.norm1 = conv3x3(in_ch, out_ch, stride, bias), make_norm(norm, out_ch, spatial=True)
-        self.act1 = make_activation(activation)
+        self.conv1 = conv3x3(in_ch, out_ch, stride, bias)
+        self.norm1 = make_norm(norm, out_ch, spatial=True, positions=positions)
+        self.act1 = make_activation(activation, negative_slope)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv2, self.norm2 = conv3x3(out_ch, out_ch, 1, bias), make_norm(norm, out_ch, spatial=True)
-        self.act2 = make_activation(activation)
+        self.conv2 = conv3x3(out_ch, out_ch, 1, bias)
+        self.norm2 = make_norm(norm, out_ch, spatial=True, positions=positions)
+        self.act2 = make_activation(activation, negative_slope)
         self.residual = residual
         self.stride, self.extra_channels = stride, out_ch - in_ch
 
@@ -101,7 +87,11 @@ class Block(nn.Module):
 
 
 class CNN(nn.Module):
-    """The CIFAR ResNet family (depth = 2 * blocks_per_stage * stages + 2), residual or plain."""
+    """The CIFAR ResNet family (depth = 2 * blocks_per_stage * stages + 2), residual or plain.
+
+    Any image size works: a stride-2 3x3 conv (padding 1) maps n pixels to ceil(n / 2), so maps stop
+    shrinking at 1x1. Per-sample norms (instance, group) refuse sizes that leave one value per group.
+    """
 
     def __init__(
         self,
@@ -110,6 +100,7 @@ class CNN(nn.Module):
         stages: int = 3,
         residual: bool = True,
         activation: str = "relu",
+        negative_slope: float = 0.01,
         *,
         input_shape: tuple[int, ...],
         num_classes: int,
@@ -125,21 +116,138 @@ class CNN(nn.Module):
             raise ConfigError(f"model=cnn needs images [channels, height, width]; the data gives {list(input_shape)}")
         blocks_per_stage = (depth - 2) // (2 * stages)
         bias = norm["name"] == "none"
-        self.stem = nn.Sequential(conv3x3(input_shape[0], width, 1, bias), make_norm(norm, width, spatial=True),
-                                  make_activation(activation))
+        height, width_px = input_shape[1], input_shape[2]
+        self.stem = nn.Sequential(conv3x3(input_shape[0], width, 1, bias),
+                                  make_norm(norm, width, spatial=True, positions=height * width_px),
+                                  make_activation(activation, negative_slope))
         blocks, channels = [], width
         for stage in range(stages):
             out = width * 2**stage
             for i in range(blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(Block(channels, out, stride, residual, activation, norm, dropout))
+                height, width_px = -(-height // stride), -(-width_px // stride)
+                blocks.append(Block(channels, out, stride, residual, activation, norm, dropout, negative_slope,
+                                    positions=height * width_px))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
-        self.activation = activation
+        self.activation, self.negative_slope = activation, negative_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
+
+    def residual_norms(self) -> list[nn.Module]:
+        """The last norm of each residual block (zeroed by initialization.zero_init_residual)."""
+        return [block.norm2 for block in self.blocks if block.residual]
+
+
+class TorchvisionModel(nn.Module):
+    """A torchvision.models classifier by name, from scratch (no pretrained weights), fitted to the data.
+
+    Fitted: `num_classes` outputs; the first conv takes the data's channels; ResNet-like models on
+    images no larger than `small_input_max` px get a 3x3 stride-1 stem conv and no max-pool (the CIFAR
+    stem), so 32x32 images are not cut to 8x8 before the first block. The architecture keeps its own
+    normalization layers (normalization must stay at its default, batch) and its own dropout knob, if
+    it has one (regularization.dropout sets it; architectures without one refuse dropout > 0).
+    """
+
+    activation = "relu"  # every torchvision family uses ReLU or a ReLU-like (GELU, SiLU, Hardswish) activation
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        small_input_max: int = 64,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        norm: Mapping[str, Any],
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        import torchvision
+
+        valid = torchvision.models.list_models(module=torchvision.models)
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.name={name!r} is not a torchvision classifier{hint}; choose one of "
+                              f"torchvision.models.list_models(): resnet18, resnet50, wide_resnet50_2, vgg11_bn, "
+                              f"mobilenet_v3_small, efficientnet_b0, vit_b_16, ... ({len(valid)} in all)")
+        if norm["name"] != "batch":
+            raise ConfigError(f"normalization={norm['name']} with model=torchvision: the torchvision architecture "
+                              f"({name}) keeps its own normalization layers; leave normalization at its default "
+                              "(batch), or use model=mlp or model=cnn to choose the normalization")
+        if len(input_shape) != 3:
+            raise ConfigError(f"model=torchvision needs images [channels, height, width]; the data gives "
+                              f"{list(input_shape)}")
+        self.name = name
+        try:
+            self.net = _build_torchvision(name, num_classes, dropout, input_shape)
+        except AssertionError as error:  # e.g. a ViT whose patch size does not divide the image
+            raise ConfigError(f"model.name={name} cannot take {list(input_shape)} images: {error}") from None
+        channels, height, width = input_shape
+        if isinstance(self.net, torchvision.models.ResNet) and max(height, width) <= small_input_max:
+            self.net.conv1 = nn.Conv2d(channels, self.net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            self.net.maxpool = nn.Identity()
+        else:
+            _set_input_channels(self.net, channels)
+        self._check_input_size(input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def residual_norms(self) -> list[nn.Module]:
+        """The last norm of each residual block of the ResNet family (BasicBlock.bn2, Bottleneck.bn3)."""
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        return [m.bn2 if isinstance(m, BasicBlock) else m.bn3 for m in self.net.modules()
+                if isinstance(m, (BasicBlock, Bottleneck))]
+
+    def _check_input_size(self, input_shape: tuple[int, ...]) -> None:
+        """One forward pass on zeros (eval mode, no grad): some families cannot take small images."""
+        training = self.training
+        try:
+            with torch.no_grad():
+                self.eval()(torch.zeros(2, *input_shape))
+        except (RuntimeError, ValueError, AssertionError) as error:
+            raise ConfigError(f"model.name={self.name} cannot take {list(input_shape)} images: "
+                              f"{str(error).splitlines()[0]}. Use larger images or a ResNet-like model "
+                              "(resnet18, ...), which is fitted to small ones.") from None
+        finally:
+            self.train(training)
+
+
+def _build_torchvision(name: str, num_classes: int, dropout: float, input_shape: tuple[int, ...]) -> nn.Module:
+    """torchvision's builder `name` with weights=None, the class count and, where it has one, the dropout."""
+    from torchvision.models import get_model_builder
+
+    builder = get_model_builder(name)
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)  # one output, not a tuple with auxiliary heads
+    if name.startswith("vit_") and input_shape[1] == input_shape[2]:
+        kwargs["image_size"] = input_shape[1]
+    try:
+        return builder(**kwargs, dropout=dropout)
+    except TypeError as error:
+        if "dropout" not in str(error):
+            raise
+    if dropout > 0:
+        raise ConfigError(f"regularization.dropout={dropout} with model.name={name}: this torchvision architecture "
+                          "has no dropout knob; use regularization=none, or a model with one (vgg*, alexnet, "
+                          "mobilenet_*, efficientnet_*, mnasnet*, squeezenet*, vit_*, swin_*)")
+    return builder(**kwargs)
+
+
+def _set_input_channels(net: nn.Module, channels: int) -> None:
+    """Replace the first conv by one like it that reads `channels` input channels (when they differ)."""
+    name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels == channels:
+        return
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2],
+            nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode))
 
 
 def count_weighted_layers(model: nn.Module) -> int:

@@ -1,7 +1,9 @@
-"""The optimizer: parameter groups (decayed or not) and decoupled weight decay as a step pre-hook."""
+"""The optimizer: parameter groups (decayed or not), decoupled weight decay and a momentum ramp as step pre-hooks."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -12,6 +14,13 @@ from torch import nn
 from trainlab.config import ConfigError
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+# Keys of the optimizer group that trainlab reads itself (popped before the optimizer is built).
+TRAINLAB_KEYS = ("decay_norm_and_bias", "momentum_start", "momentum_warmup_epochs")
+# Constructor arguments owned by the regularization group: trainlab decays every optimizer the same way.
+DECAY_KEYS = ("weight_decay", "decoupled_weight_decay")
+# Optimizers that accept a single parameter group: decay and no_decay are merged into one group.
+SINGLE_GROUP = (torch.optim.LBFGS,)
 
 
 def parameter_groups(model: nn.Module, decay_norm_and_bias: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -27,30 +36,140 @@ def parameter_groups(model: nn.Module, decay_norm_and_bias: bool) -> tuple[list[
 
 
 def decoupled_weight_decay(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """w -= lr * wd * w for every group with a `weight_decay_decoupled`, before the optimizer's own update."""
+    """w -= lr * wd * w for every group with a `weight_decay_decoupled`, before the optimizer's own update.
+
+    A group may decay only its first `decayed_params` parameters (a merged group of a single-group
+    optimizer such as LBFGS: the decayed parameters first, then the exempt ones).
+    """
     for group in optimizer.param_groups:
         wd = group.get("weight_decay_decoupled", 0.0)
         if wd > 0:
-            with torch.no_grad():
-                torch._foreach_mul_(group["params"], 1.0 - group["lr"] * wd)
+            params = group["params"][: group.get("decayed_params", len(group["params"]))]
+            if params:
+                with torch.no_grad():
+                    torch._foreach_mul_(params, 1.0 - group["lr"] * wd)
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """cfg.optimizer (a partial torch optimizer) over the model's parameter groups, with cfg.regularization."""
-    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+def decayed_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters in the decayed set (for penalties that must skip biases and norm parameters too)."""
+    params = []
+    for group in optimizer.param_groups:
+        count = group.get("decayed_params", 0 if group.get("name") == "no_decay" else len(group["params"]))
+        params += group["params"][:count]
+    return params
+
+
+def momentum_at(step: int, start: float, final: float, warmup_steps: int) -> float:
+    """The momentum of optimizer step `step` (0-based): a linear ramp from start to final over warmup_steps."""
+    if step >= warmup_steps:
+        return final
+    return start + (final - start) * step / warmup_steps
+
+
+def momentum_ramp(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Set each group's momentum for the coming step from the step counter kept in the group (checkpointed)."""
+    for group in optimizer.param_groups:
+        if "momentum_step" in group:
+            group["momentum"] = momentum_at(group["momentum_step"], group["momentum_start"],
+                                            group["momentum_final"], group["momentum_warmup_steps"])
+            group["momentum_step"] += 1
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True when optimizer.step must be given a closure that re-evaluates the loss (LBFGS)."""
+    return isinstance(optimizer, torch.optim.LBFGS)
+
+
+def _accepts(cls: Any, key: str) -> bool:
+    try:
+        return key in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _valid_keys(cls: Any) -> list[str] | None:
+    """The config keys `cls`'s constructor accepts (None when it takes **kwargs), plus trainlab's own."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    names = [p.name for p in parameters if p.name not in ("self", "params", *DECAY_KEYS)
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return names + list(TRAINLAB_KEYS)
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
+    """cfg.optimizer (a partial torch optimizer) over the model's parameter groups, with cfg.regularization.
+
+    The optimizer's own weight decay is forced to 0: decay is trainlab's decoupled pre-hook. With
+    `momentum_start` and `momentum_warmup_epochs`, momentum ramps linearly from momentum_start to
+    `momentum` over that many epochs of `steps_per_epoch` steps.
+    """
+    options: dict[str, Any] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # type: ignore[assignment]
+    target = options.get("_target_")
     decay_norm_and_bias = bool(options.pop("decay_norm_and_bias", False))
-    if "weight_decay" in options:
-        raise ConfigError("optimizer.weight_decay: set regularization.weight_decay instead (decoupled decay, "
-                          "applied the same way for every optimizer)")
+    ramp = {key: options.pop(key) for key in ("momentum_start", "momentum_warmup_epochs") if key in options}
+    for key in DECAY_KEYS:
+        if key in options:
+            raise ConfigError(f"optimizer.{key}: set regularization.weight_decay instead (decoupled decay, "
+                              "applied the same way for every optimizer)")
+    try:
+        factory = instantiate(options)
+    except Exception as error:  # noqa: BLE001 - Hydra wraps import and argument errors alike
+        raise ConfigError(f"optimizer={target}: {error}") from None
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    valid = _valid_keys(cls)
+    if valid is not None:
+        unknown = [key for key in options if key not in ("_target_", "_partial_") and key not in valid]
+        if unknown:
+            raise ConfigError(f"optimizer={target}: unknown key(s) "
+                              f"{', '.join('optimizer.' + key for key in unknown)}; valid keys: {', '.join(valid)}")
+
     decay, no_decay = parameter_groups(model, decay_norm_and_bias)
     wd = float(cfg.regularization.weight_decay)
-    groups = [{"params": decay, "weight_decay_decoupled": wd, "name": "decay"},
-              {"params": no_decay, "weight_decay_decoupled": 0.0, "name": "no_decay"}]
-    groups = [g for g in groups if g["params"]]
+    if isinstance(cls, type) and issubclass(cls, SINGLE_GROUP):
+        groups = [{"params": decay + no_decay, "weight_decay_decoupled": wd, "decayed_params": len(decay),
+                   "name": "decay+no_decay" if decay and no_decay else "decay" if decay else "no_decay"}]
+    else:
+        groups = [{"params": decay, "weight_decay_decoupled": wd, "name": "decay"},
+                  {"params": no_decay, "weight_decay_decoupled": 0.0, "name": "no_decay"}]
+        groups = [g for g in groups if g["params"]]
+    own_decay = {"weight_decay": 0.0} if _accepts(cls, "weight_decay") else {}  # AdamW's default is 0.01
     try:
-        optimizer = instantiate(options)(groups)
-    except TypeError as error:
-        raise ConfigError(f"optimizer={options.get('_target_')}: {error}; check the keys of the optimizer group") from None
+        optimizer = factory(groups, **own_decay)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer={target}: {error}; check the keys of the optimizer group") from None
+
+    if ramp:
+        _add_momentum_ramp(optimizer, target, ramp, steps_per_epoch)
     if wd > 0:
         optimizer.register_step_pre_hook(decoupled_weight_decay)
     return optimizer
+
+
+def _add_momentum_ramp(optimizer: torch.optim.Optimizer, target: Any, ramp: dict[str, Any],
+                       steps_per_epoch: int) -> None:
+    """Store the ramp in every param group (so optimizer.state_dict() carries it) and register its hook."""
+    if "momentum" not in optimizer.defaults:
+        raise ConfigError(f"optimizer.{', optimizer.'.join(ramp)}: optimizer={target} has no momentum to ramp; "
+                          "use it with optimizer=momentum_schedule (SGD) or another optimizer with a `momentum` key")
+    missing = [key for key in ("momentum_start", "momentum_warmup_epochs") if key not in ramp]
+    if missing:
+        raise ConfigError(f"optimizer.{missing[0]} is missing: a momentum ramp needs both optimizer.momentum_start "
+                          "and optimizer.momentum_warmup_epochs")
+    start, epochs = float(ramp["momentum_start"]), float(ramp["momentum_warmup_epochs"])
+    final = float(optimizer.defaults["momentum"])
+    if not 0.0 <= start < 1.0:
+        raise ConfigError(f"optimizer.momentum_start={start}: must be in [0, 1)")
+    if epochs < 0:
+        raise ConfigError(f"optimizer.momentum_warmup_epochs={epochs}: must be >= 0 epochs")
+    if start > 0 and final == 0:
+        raise ConfigError(f"optimizer.momentum_start={start} with optimizer.momentum=0: set optimizer.momentum "
+                          "(the momentum the ramp ends at)")
+    for group in optimizer.param_groups:
+        group.update(momentum_start=start, momentum_final=final, momentum_step=0,
+                     momentum_warmup_steps=round(epochs * steps_per_epoch))
+        group["momentum"] = momentum_at(0, start, final, group["momentum_warmup_steps"])
+    optimizer.register_step_pre_hook(momentum_ramp)

@@ -27,10 +27,11 @@ from trainlab.config import ConfigError, validate
 from trainlab.data import DeviceLoader, build_data
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
-from trainlab.loop import evaluate, train_one_epoch
+from trainlab.loop import StepParts, evaluate, train_one_epoch
 from trainlab.models import build_model
 from trainlab.monitor import RunMonitor, final_table
-from trainlab.optim import build_optimizer
+from trainlab.optim import build_optimizer, needs_closure
+from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler
 
 log = logging.getLogger("trainlab")
@@ -131,17 +132,19 @@ class Run:
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
         self.model.to(self.device)
-        self.optimizer = build_optimizer(cfg, self.model)
         d = self.data
         self.train_batches = DeviceLoader(d.train, d.mean, d.std, cfg.data.batch_size, self.device, shuffle=True,
                                           drop_last=cfg.data.drop_last, seed=cfg.seed,
                                           augment=build_augment(cfg.augmentation))
         self.val_batches = DeviceLoader(d.val, d.mean, d.std, cfg.data.eval_batch_size, self.device)
         self.test_batches = DeviceLoader(d.test, d.mean, d.std, cfg.data.eval_batch_size, self.device)
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, len(self.train_batches), cfg.trainer.max_epochs)
+        steps_per_epoch = len(self.train_batches)
+        self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
+                                         mode=cfg.early_stopping.mode)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast = autocast_for(self.device, self.precision)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.build_regularization()
         stop = cfg.early_stopping
         self.stopper = EarlyStopping(stop.monitor, stop.mode, stop.patience, stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
@@ -149,6 +152,32 @@ class Run:
         if cfg.checkpoint.resume is not None:
             self.resume(cfg.checkpoint.resume)
         describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
+
+    def build_regularization(self) -> None:
+        """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
+        reg, model = self.cfg.regularization, self.model
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
+        decayed = [p for g in self.optimizer.param_groups if g.get("name") != "no_decay" for p in g["params"]]
+        closure_step = needs_closure(self.optimizer)
+        if closure_step and self.precision == "fp16":
+            raise ConfigError(f"optimizer={type(self.optimizer).__name__} evaluates the loss several times per "
+                              "step, which fp16 loss scaling cannot follow; use trainer.precision=bf16 or fp32")
+        self.ema = ema_model(model, reg.ema_decay) if reg.ema_decay is not None else None
+        self.swa = swa_model(model) if reg.swa_start is not None else None
+        self.swa_first_epoch = (first_swa_epoch(reg.swa_start, self.cfg.trainer.max_epochs)
+                                if reg.swa_start is not None else None)
+        self.parts = StepParts(
+            penalty=penalty(decayed, reg.l1, reg.l2),
+            clip=gradient_clipper([p for g in self.optimizer.param_groups for p in g["params"]], self.optimizer,
+                                  self.scaler, reg.grad_clip_norm, reg.grad_clip_value),
+            after_step=(lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None,
+            closure_step=closure_step,
+        )
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved as best: the EMA average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # --- checkpoints -------------------------------------------------------------------------------
     def training_state(self, epoch: int, finished: bool) -> dict[str, Any]:
@@ -161,6 +190,8 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
             "early_stopping": self.stopper.state_dict(),
             "best_row": self.best_row,
             "rng": checkpoint.rng_state(),
@@ -181,6 +212,14 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        for name in ("ema", "swa"):
+            average = getattr(self, name)
+            if (average is None) != (state.get(name) is None):
+                raise ConfigError(f"checkpoint.resume={path}: the checkpoint was trained "
+                                  f"{'with' if state.get(name) is not None else 'without'} {name}; resume with the "
+                                  "regularization options it was trained with")
+            if average is not None:
+                average.load_state_dict(state[name])
         self.stopper.load_state_dict(state["early_stopping"])
         self.best_row = dict(state.get("best_row", {}))
         checkpoint.set_rng_state(state["rng"])
@@ -203,25 +242,32 @@ class Run:
             tic = time.perf_counter()
             self.monitor.start_epoch(epoch)
             self.train_batches.set_epoch(epoch)
+            averaging = self.swa is not None and epoch >= self.swa_first_epoch
+            if averaging:  # SWA epochs run at their own constant rate instead of the schedule
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.regularization.swa_lr
             lr = self.optimizer.param_groups[0]["lr"]
-            result = train_one_epoch(self.model, self.train_batches, self.loss_fn, self.optimizer, self.scheduler,
-                                     self.scaler, self.autocast, self.step, cfg.logger.every_n_steps,
-                                     self.monitor.train_interval)
+            result = train_one_epoch(self.model, self.train_batches, self.loss_fn, self.optimizer,
+                                     NO_SCHEDULE if averaging else self.scheduler, self.scaler, self.autocast,
+                                     self.step, cfg.logger.every_n_steps, self.monitor.train_interval, self.parts)
             self.step = result.step
             if not math.isfinite(result.loss):
                 status, reason = "diverged", f"training loss became {result.loss} in epoch {epoch}"
                 log.error(f"{reason}; checkpoints keep the last finite state")
                 break
-            val = evaluate(self.model, self.val_batches, self.autocast)
+            if averaging:
+                self.swa.update_parameters(self.model)
+            val = evaluate(self.eval_model, self.val_batches, self.autocast)
             row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
                    "val/loss": val["loss"], "val/acc": val["acc"], "lr": lr,
                    "epoch_time_s": time.perf_counter() - tic}
+            self.scheduler.epoch_end(row[self.stopper.monitor])
             row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)
             if row["best"]:
                 self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
                 checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch,
                                         "metric": {self.stopper.monitor: row[self.stopper.monitor]},
-                                        "model": self.model.state_dict(),
+                                        "model": self.eval_model.state_dict(),
                                         "config": OmegaConf.to_yaml(cfg, resolve=True)},
                                        self.ckpt_dir / "best.pt")
             self.monitor.end_epoch(row)
@@ -234,23 +280,54 @@ class Run:
                 status, reason = "stopped_early", self.stopper.reason()
                 break
         self.summary.update(status=status, stop_reason=reason)
+        self.finish_swa()
         self.test()
 
+    def finish_swa(self) -> None:
+        """Recompute batch-norm statistics for the SWA average, evaluate it and save it as swa.pt."""
+        if self.swa is None or int(self.swa.n_averaged) == 0:
+            if self.swa is not None:
+                log.warning("SWA averaged no epoch (the run ended before regularization.swa_start)")
+            return
+        self.train_batches.set_epoch(0)
+        with self.autocast:
+            torch.optim.swa_utils.update_bn(self.train_batches, self.swa)
+        val = evaluate(self.swa.module, self.val_batches, self.autocast)
+        self.summary["swa"] = {"epochs_averaged": int(self.swa.n_averaged), "val/loss": val["loss"],
+                               "val/acc": val["acc"]}
+        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": self.summary["epochs_run"],
+                                "model": self.swa.module.state_dict(),
+                                "config": OmegaConf.to_yaml(self.cfg, resolve=True)}, self.ckpt_dir / "swa.pt")
+        log.info(f"SWA over {int(self.swa.n_averaged)} epochs: val/loss {val['loss']:.4f}  val/acc {val['acc']:.4f}")
+
     def test(self) -> None:
-        """Evaluate the best weights on the test split (the split is used for nothing else)."""
-        best = self.ckpt_dir / "best.pt"
-        if not best.is_file():
+        """Evaluate on the test split (used for nothing else): the SWA average when SWA ran, else best.pt."""
+        swa = self.ckpt_dir / "swa.pt"
+        weights = swa if self.summary.get("swa") else self.ckpt_dir / "best.pt"
+        if not weights.is_file():
             log.warning("no best.pt (no epoch gave a finite monitored metric): nothing to test")
             return
-        self.model.load_state_dict(checkpoint.load(best)["model"])
+        self.model.load_state_dict(checkpoint.load(weights)["model"])
         metrics = evaluate(self.model, self.test_batches, self.autocast)
         self.summary["test"] = {"test/loss": metrics["loss"], "test/acc": metrics["acc"]}
+        self.summary["tested_weights"] = weights.name
         self.summary["best_epoch"] = self.stopper.best_epoch
         self.summary["best"] = {"epoch": self.stopper.best_epoch, self.stopper.monitor: self.stopper.best,
                                 **self.best_row}
         if self.monitor is not None:
             self.monitor.test_metrics(self.summary["test"], self.step)
-        log.info(f"test (best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  acc {metrics['acc']:.4f}")
+        log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
+                 f"acc {metrics['acc']:.4f}")
+
+
+class _NoSchedule:
+    """Stands in for the scheduler while SWA holds the learning rate constant."""
+
+    def step(self) -> None:
+        pass
+
+
+NO_SCHEDULE = _NoSchedule()
 
 
 def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False) -> tuple[str, int, Run]:

@@ -1,9 +1,11 @@
-"""Learning-rate schedules: pure functions of training progress, stepped once per optimizer step."""
+"""Learning-rate schedules: pure functions of training progress or time, stepped once per optimizer step."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -12,9 +14,53 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import ConfigError
 
+# Each schedule returns the multiplier of optimizer.lr. Its first argument is its clock, which starts
+# when warmup ends: `progress` runs from 0 to 1 over the rest of the run; `epochs` is the time since
+# warmup in (fractional) epochs, step / steps_per_epoch.
+
+RESTART_TOLERANCE = 1e-9  # epochs; absorbs float rounding so a restart lands exactly on its boundary step
+CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+ANNEAL_STRATEGIES = ("cos", "linear")
+
 
 def constant(progress: float) -> float:
+    """1 everywhere."""
     return 1.0
+
+
+def step_decay(epochs: float, step_epochs: float = 10.0, gamma: float = 0.5) -> float:
+    """gamma ** (whole periods of step_epochs completed), changing only at epoch boundaries."""
+    return gamma ** math.floor(math.floor(epochs) / step_epochs)
+
+
+def multistep_decay(epochs: float, milestones: Sequence[float] = (10, 20), gamma: float = 0.1) -> float:
+    """gamma ** (milestones reached), changing only at epoch boundaries."""
+    return gamma ** sum(math.floor(epochs) >= m for m in milestones)
+
+
+def exponential(epochs: float, k: float = 0.1) -> float:
+    """exp(-k t), t in epochs."""
+    return math.exp(-k * epochs)
+
+
+def inverse_time(epochs: float, k: float = 1.0) -> float:
+    """1 / (1 + k t), t in epochs (the 1/t decay)."""
+    return 1.0 / (1.0 + k * epochs)
+
+
+def inverse_sqrt(epochs: float, timescale_epochs: float = 1.0) -> float:
+    """1 / sqrt(1 + t / t0), t and t0 in epochs: 1/sqrt(t) decay, flat (1) at t = 0."""
+    return 1.0 / math.sqrt(1.0 + epochs / timescale_epochs)
+
+
+def polynomial(progress: float, power: float = 2.0, min_lr_fraction: float = 0.0) -> float:
+    """From 1 at progress 0 to min_lr_fraction at progress 1 along (1 - progress) ** power."""
+    return min_lr_fraction + (1.0 - min_lr_fraction) * (1.0 - min(progress, 1.0)) ** power
+
+
+def linear(progress: float, min_lr_fraction: float = 0.0) -> float:
+    """A straight line from 1 at progress 0 to min_lr_fraction at progress 1."""
+    return polynomial(progress, 1.0, min_lr_fraction)
 
 
 def cosine(progress: float, min_lr_fraction: float = 0.0) -> float:
@@ -22,7 +68,72 @@ def cosine(progress: float, min_lr_fraction: float = 0.0) -> float:
     return min_lr_fraction + (1.0 - min_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-SCHEDULES: dict[str, Callable[..., float]] = {"none": constant, "cosine": cosine}
+def cosine_restarts(epochs: float, period_epochs: float = 10.0, period_mult: float = 2.0,
+                    min_lr_fraction: float = 0.0) -> float:
+    """SGDR: a cosine from 1 to min_lr_fraction in each period; back to 1 at each period's start.
+
+    1) find the period containing t: they last T0, T0*m, T0*m^2, ... epochs
+    2) half a cosine over that period
+    """
+    if period_mult == 1.0:
+        start = math.floor((epochs + RESTART_TOLERANCE) / period_epochs) * period_epochs
+        length = period_epochs
+    else:
+        start, length = 0.0, period_epochs
+        while epochs >= start + length - RESTART_TOLERANCE:
+            start, length = start + length, length * period_mult
+    return cosine(max(0.0, epochs - start) / length, min_lr_fraction)
+
+
+def cyclic(epochs: float, half_cycle_epochs: float = 2.0, base_lr_fraction: float = 0.1,
+           mode: str = "triangular", gamma: float = 1.0) -> float:
+    """Smith's cyclical lr: a triangle between base_lr_fraction and 1, starting at the base.
+
+    1) cycle = 1, 2, ...; x = 1 at the troughs (start and end of a cycle), 0 at the peak
+    2) the amplitude's scale: 1 (triangular), halved each cycle (triangular2), gamma**t (exp_range)
+    3) base + (1 - base) * (1 - x) * scale
+    """
+    cycle = math.floor(1.0 + epochs / (2.0 * half_cycle_epochs))
+    x = abs(epochs / half_cycle_epochs - 2.0 * cycle + 1.0)
+    scale = {"triangular": 1.0, "triangular2": 0.5 ** (cycle - 1), "exp_range": gamma ** epochs}[mode]
+    return base_lr_fraction + (1.0 - base_lr_fraction) * max(0.0, 1.0 - x) * scale
+
+
+def anneal(start: float, end: float, pct: float, strategy: str) -> float:
+    """From start (pct 0) to end (pct 1): half a cosine ("cos") or a straight line ("linear")."""
+    if strategy == "cos":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * pct))
+    return start + (end - start) * pct
+
+
+def onecycle(progress: float, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+             anneal_strategy: str = "cos") -> float:
+    """Smith's one cycle, relative to the max lr: 1/div up to 1 over pct_start, then down to 1/(div*final_div).
+
+    1) warm up from 1/div_factor to 1 over progress [0, pct_start]
+    2) anneal from 1 to 1/(div_factor * final_div_factor) over progress [pct_start, 1]
+    """
+    progress = min(progress, 1.0)
+    if progress < pct_start:
+        return anneal(1.0 / div_factor, 1.0, progress / pct_start, anneal_strategy)
+    return anneal(1.0, 1.0 / (div_factor * final_div_factor), (progress - pct_start) / (1.0 - pct_start),
+                  anneal_strategy)
+
+
+def plateau(reductions: int, factor: float = 0.1, min_lr_fraction: float = 0.0) -> float:
+    """factor ** reductions, never below min_lr_fraction."""
+    return max(min_lr_fraction, factor ** reductions)
+
+
+SCHEDULES: dict[str, Callable[..., float]] = {
+    "none": constant, "cosine": cosine, "step": step_decay, "multistep": multistep_decay,
+    "exponential": exponential, "inverse_time": inverse_time, "inverse_sqrt": inverse_sqrt, "linear": linear,
+    "polynomial": polynomial, "cosine_restarts": cosine_restarts, "cyclic": cyclic, "onecycle": onecycle,
+    "plateau": plateau,
+}
+EPOCH_CLOCK = frozenset({"step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine_restarts",
+                         "cyclic"})
+EXTRA_KNOBS = {"plateau": ("patience", "min_delta")}  # read by the Plateau tracker, not by plateau()
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Callable[[float], float]) -> float:
@@ -36,23 +147,171 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Callable
     return schedule((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
-                    max_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that follows cfg.scheduler per optimizer step over max_epochs * steps_per_epoch steps."""
-    options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    name = options.pop("name")
-    warmup_epochs = float(options.pop("warmup_epochs", 0))
+def lr_factor_epochs(step: int, steps_per_epoch: int, warmup_steps: int, schedule: Callable[[float], float]) -> float:
+    """As lr_factor, for a schedule of the epochs elapsed since warmup ended."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return schedule((step - warmup_steps) / steps_per_epoch)
+
+
+def improves(value: float, best: float, mode: str, min_delta: float) -> bool:
+    """Early stopping's rule: finite, and better than best by more than min_delta (any beats a nan best)."""
+    if not math.isfinite(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+@dataclass
+class Plateau:
+    """Reduce-on-plateau state: epochs without improvement of the monitored metric, and reductions made."""
+
+    mode: str = "min"
+    factor: float = 0.1
+    patience: int = 5
+    min_delta: float = 0.0
+    min_lr_fraction: float = 0.0
+    best: float = math.nan
+    bad_epochs: int = 0
+    reductions: int = 0
+
+    def update(self, value: float) -> None:
+        """Record one epoch's metric; `patience` epochs in a row without improvement make one reduction."""
+        if improves(value, self.best, self.mode, self.min_delta):
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.reductions, self.bad_epochs = self.reductions + 1, 0
+
+    def scale(self) -> float:
+        return plateau(self.reductions, self.factor, self.min_lr_fraction)
+
+
+class Scheduler:
+    """Sets every param group's lr to base lr * factor(step) (* the plateau scale) after each optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float],
+                 plateau: Plateau | None = None, warmup_steps: int = 0):
+        self.optimizer, self.factor, self.plateau, self.warmup_steps = optimizer, factor, plateau, warmup_steps
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.steps = 0  # optimizer steps taken
+        self._apply()
+
+    def _apply(self) -> None:
+        scale = self.factor(self.steps) * (self.plateau.scale() if self.plateau is not None else 1.0)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self) -> None:
+        """Advance one optimizer step."""
+        self.steps += 1
+        self._apply()
+
+    def epoch_end(self, value: float) -> None:
+        """The epoch's monitored metric: plateau acts on it once warmup is over; other schedules ignore it."""
+        if self.plateau is None or self.steps < self.warmup_steps:
+            return
+        self.plateau.update(float(value))
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"steps": self.steps, "base_lrs": list(self.base_lrs)}
+        if self.plateau is not None:
+            p = self.plateau
+            state["plateau"] = {"best": p.best, "bad_epochs": p.bad_epochs, "reductions": p.reductions}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"] if "steps" in state else state["last_epoch"])  # or a LambdaLR's state
+        self.base_lrs = [float(lr) for lr in state["base_lrs"]]
+        if self.plateau is not None and "plateau" in state:
+            saved = state["plateau"]
+            self.plateau.best, self.plateau.bad_epochs = float(saved["best"]), int(saved["bad_epochs"])
+            self.plateau.reductions = int(saved["reductions"])
+        self._apply()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+KNOB_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "min_lr_fraction": (lambda v: _number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
+    "step_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
+    "gamma": (lambda v: _number(v) and v > 0, "> 0"),
+    "milestones": (lambda v: isinstance(v, list) and all(_number(m) and m > 0 for m in v) and v == sorted(v),
+                   "a list of increasing epochs > 0, e.g. [10, 20]"),
+    "k": (lambda v: _number(v) and v >= 0, ">= 0 (per epoch)"),
+    "timescale_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
+    "power": (lambda v: _number(v) and v > 0, "> 0"),
+    "period_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
+    "period_mult": (lambda v: _number(v) and v >= 1, ">= 1"),
+    "half_cycle_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
+    "base_lr_fraction": (lambda v: _number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
+    "mode": (lambda v: v in CYCLIC_MODES, "one of " + ", ".join(CYCLIC_MODES)),
+    "pct_start": (lambda v: _number(v) and 0 < v < 1, "a fraction of the run in (0, 1)"),
+    "div_factor": (lambda v: _number(v) and v >= 1, ">= 1"),
+    "final_div_factor": (lambda v: _number(v) and v >= 1, ">= 1"),
+    "anneal_strategy": (lambda v: v in ANNEAL_STRATEGIES, "one of " + ", ".join(ANNEAL_STRATEGIES)),
+    "factor": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    "patience": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of epochs >= 1"),
+    "min_delta": (lambda v: _number(v) and v >= 0, ">= 0"),
+}
+
+
+def knobs_of(name: str) -> list[str]:
+    """The knobs schedule `name` takes besides warmup_epochs."""
+    return list(inspect.signature(SCHEDULES[name]).parameters)[1:] + list(EXTRA_KNOBS.get(name, ()))
+
+
+def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
+    """(name, warmup_epochs, knobs) of a scheduler node; ConfigError naming every bad knob."""
+    options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    name = options.pop("name", None)
     if name not in SCHEDULES:
         raise ConfigError(f"scheduler={name!r} is not a schedule; choose one of {', '.join(SCHEDULES)}")
+    warmup_epochs = options.pop("warmup_epochs", 0)
+    valid = knobs_of(name)
+    problems = [f"scheduler={name}: unexpected keyword scheduler.{key}; {name} takes warmup_epochs"
+                f"{''.join(', ' + k for k in valid)}" for key in options if key not in valid]
+    if not _number(warmup_epochs):
+        problems.append(f"scheduler.warmup_epochs={warmup_epochs!r}: must be a number of epochs")
+    problems += [f"scheduler.{key}={value!r}: must be {KNOB_RULES[key][1]}"
+                 for key, value in options.items() if key in valid and not KNOB_RULES[key][0](value)]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return name, float(warmup_epochs), options
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int,
+                    mode: str = "min") -> Scheduler:
+    """The Scheduler of cfg (warmup + schedule) over max_epochs * steps_per_epoch steps.
+
+    `mode` (min/max) is early_stopping.mode: whether plateau's monitored metric improves downwards or upwards.
+    """
+    name, warmup_epochs, knobs = parse(cfg)
+    if mode not in ("min", "max"):
+        raise ConfigError(f"early_stopping.mode={mode!r}: choose min or max")
+    if steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch={steps_per_epoch}: the training split yields no batch")
     total = steps_per_epoch * max_epochs
     warmup = round(warmup_epochs * steps_per_epoch)
     if warmup < 0 or warmup >= total:
-        raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs} must be >= 0 and shorter than the run "
+        raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs:g} must be >= 0 and shorter than the run "
                           f"(trainer.max_epochs={max_epochs})")
-    schedule = partial(SCHEDULES[name], **options)
-    try:
-        schedule(0.0)
-    except TypeError as error:
-        raise ConfigError(f"scheduler={name}: {error}") from None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total_steps=total, warmup_steps=warmup,
-                                                                 schedule=schedule))
+    tracker = None
+    if name == "plateau":
+        tracker, schedule = Plateau(mode=mode, **knobs), constant
+    else:
+        schedule = partial(SCHEDULES[name], **knobs)
+    if name in EPOCH_CLOCK:
+        factor = partial(lr_factor_epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, schedule=schedule)
+    else:
+        factor = partial(lr_factor, total_steps=total, warmup_steps=warmup, schedule=schedule)
+    return Scheduler(optimizer, factor, tracker, warmup)

@@ -1,0 +1,134 @@
+"""Dry run: the learning rate at every optimizer step of a configured run, computed without training."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from trainlab.data import Dataset, DeviceLoader, build_data
+from trainlab.models import build_model
+from trainlab.optim import build_optimizer
+from trainlab.schedules import build_scheduler
+
+PLATEAU_METRIC = 1.0  # the constant metric a dry run feeds plateau: it never improves after epoch 1
+SPARK = "▁▂▃▄▅▆▇█"
+TABLE_ROWS = 20  # epoch boundaries shown at most, evenly spaced
+
+
+def steps_per_epoch(cfg: DictConfig, d: Dataset) -> int:
+    """Optimizer steps per epoch, as run.py counts them: batches of the training split (drop_last)."""
+    return len(DeviceLoader(d.train, d.mean, d.std, cfg.data.batch_size, torch.device("cpu"), shuffle=True,
+                            drop_last=cfg.data.drop_last, seed=cfg.seed))
+
+
+def _curve(cfg: DictConfig) -> tuple[list[float], int]:
+    """(lr at every step, steps per epoch) from the real data size, model, optimizer and scheduler.
+
+    1) steps per epoch from the training split; 2) the real optimizer and scheduler; 3) step the scheduler
+    through every epoch (no optimizer step: weights never change), feeding plateau a constant metric;
+    SWA epochs (regularization.swa_start) hold regularization.swa_lr, as the loop does.
+    """
+    data = build_data(cfg.data)
+    spe = steps_per_epoch(cfg, data)
+    model = build_model(cfg, data.input_shape, data.num_classes)
+    optimizer = build_optimizer(cfg, model, steps_per_epoch=spe)
+    max_epochs = cfg.trainer.max_epochs
+    scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, mode=cfg.early_stopping.mode)
+    swa_start = cfg.regularization.get("swa_start")
+    first_swa = max_epochs + 1
+    if swa_start is not None:
+        from trainlab.regularization import first_swa_epoch
+
+        first_swa = first_swa_epoch(swa_start, max_epochs)
+    lrs: list[float] = []
+    for epoch in range(1, max_epochs + 1):
+        if epoch >= first_swa:
+            lrs += [float(cfg.regularization.swa_lr)] * spe
+            continue
+        for _ in range(spe):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+        scheduler.epoch_end(PLATEAU_METRIC)
+    return lrs, spe
+
+
+def lr_curve(cfg: DictConfig) -> list[float]:
+    """The learning rate at every optimizer step of the run `cfg` describes (plateau: a constant metric)."""
+    return _curve(cfg)[0]
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One line of block characters: values sampled at `width` evenly spaced points, scaled min to max."""
+    if not values:
+        return ""
+    n = min(width, len(values))
+    samples = [values[round(i * (len(values) - 1) / max(1, n - 1))] for i in range(n)]
+    low, high = min(samples), max(samples)
+    if high == low:
+        return SPARK[len(SPARK) // 2] * n
+    return "".join(SPARK[round((v - low) / (high - low) * (len(SPARK) - 1))] for v in samples)
+
+
+def table_steps(total: int, spe: int, rows: int = TABLE_ROWS) -> list[int]:
+    """Steps shown in the table: the start, every k-th epoch boundary (at most `rows`), and the last step."""
+    epochs = total // spe
+    stride = max(1, math.ceil(epochs / rows))
+    return sorted({0, *(e * spe for e in range(stride, epochs, stride)), total - 1})
+
+
+def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
+    """Write out_dir/lr_curve.csv (and .png when matplotlib is there), print a table and a sparkline."""
+    lrs, spe = _curve(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "lr_curve.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "epoch", "lr"])
+        writer.writerows([step, step // spe + 1, repr(lr)] for step, lr in enumerate(lrs))
+
+    knobs = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    base = float(cfg.optimizer.lr)
+    console = Console()
+    table = Table(title=f"learning rate: scheduler={knobs.pop('name')} "
+                        + " ".join(f"{k}={v}" for k, v in knobs.items()))
+    for column in ("step", "epoch", "lr", "lr / optimizer.lr"):
+        table.add_column(column, justify="right")
+    for step in table_steps(len(lrs), spe):
+        label = "end" if step == len(lrs) - 1 else f"{step / spe:g}"
+        table.add_row(str(step), label, f"{lrs[step]:.6g}", f"{lrs[step] / base:.4g}")
+    console.print(table)
+    console.print(f"lr {sparkline(lrs)}  {min(lrs):.3g} .. {max(lrs):.3g}  "
+                  f"({len(lrs)} steps, {spe} per epoch)")
+    if cfg.scheduler.name == "plateau":
+        console.print(f"plateau: the dry run holds the monitored metric constant, so the lr drops every "
+                      f"{cfg.scheduler.patience} epochs after the first; a real run drops only when "
+                      f"{cfg.early_stopping.monitor} stalls")
+    if cfg.early_stopping.enabled:
+        console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
+                      f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
+    _plot(lrs, spe, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}")
+    console.print(f"wrote {path}")
+    return path
+
+
+def _plot(lrs: list[float], spe: int, path: Path, title: str) -> None:
+    """lr against epoch as a PNG, only when matplotlib can be imported."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    ax.plot([s / spe for s in range(len(lrs))], lrs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

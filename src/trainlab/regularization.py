@@ -1,0 +1,61 @@
+"""Regularizers the loop applies: loss penalties, gradient clipping, and weight averaging (EMA, SWA)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def penalty(params: list[nn.Parameter], l1: float, l2: float) -> Callable[[], torch.Tensor] | None:
+    """The loss penalty l1 * sum|w| + l2 / 2 * sum w^2 over `params`, or None when both are zero.
+
+    Its gradient adds l1 * sign(w) + l2 * w to each weight's gradient: coupled to the gradient, so
+    adaptive optimizers rescale it (unlike decoupled weight decay).
+    """
+    if (l1 == 0 and l2 == 0) or not params:
+        return None
+
+    def value() -> torch.Tensor:
+        total = torch.zeros((), device=params[0].device)
+        if l1 != 0:
+            total = total + l1 * torch.stack(torch._foreach_norm(params, 1)).sum()
+        if l2 != 0:
+            total = total + 0.5 * l2 * torch.stack(torch._foreach_norm(params, 2)).pow(2).sum()
+        return total
+
+    return value
+
+
+def gradient_clipper(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     max_norm: float | None, max_value: float | None) -> Callable[[], None] | None:
+    """Clip gradients after backward: the global L2 norm to max_norm, then each element to +-max_value."""
+    if max_norm is None and max_value is None:
+        return None
+
+    def clip() -> None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones (a no-op without fp16)
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if max_value is not None:
+            torch.nn.utils.clip_grad_value_(params, max_value, foreach=True)
+
+    return clip
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """Polyak averaging: after each step, avg = decay * avg + (1 - decay) * w (buffers such as batch-norm
+    statistics averaged alike); the first update copies the weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def swa_model(model: nn.Module) -> AveragedModel:
+    """Stochastic weight averaging: the equal-weight mean of the weights at each averaged epoch's end."""
+    return AveragedModel(model)
+
+
+def first_swa_epoch(swa_start: float, max_epochs: int) -> int:
+    """The first (1-based) epoch averaged when averaging starts after a fraction swa_start of the run."""
+    return int(swa_start * max_epochs) + 1

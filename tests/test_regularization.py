@@ -1,0 +1,149 @@
+"""Regularization: penalties, clipping and weight averages against their definitions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from trainlab.optim import build_optimizer
+from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty
+
+
+def _cfg(optimizer: str, lr: float, **reg) -> OmegaConf:
+    return OmegaConf.create({
+        "optimizer": {"_target_": f"torch.optim.{optimizer}", "_partial_": True, "lr": lr,
+                      "decay_norm_and_bias": False},
+        "regularization": {"dropout": 0.0, "weight_decay": reg.get("weight_decay", 0.0)},
+    })
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _step(model: nn.Module, optimizer, l1: float = 0.0, l2: float = 0.0, steps: int = 3) -> None:
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    decayed = [g for g in optimizer.param_groups if g["name"] == "decay"][0]["params"]
+    extra = penalty(decayed, l1, l2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        (loss + extra() if extra is not None else loss).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(("name", "lr", "same"), [("SGD", 0.1, True), ("Adam", 0.01, False)])
+def test_l2_penalty_equals_decoupled_decay_for_sgd_but_not_for_adam(name, lr, same):
+    coupled, decoupled = _model(), _model()
+    _step(coupled, build_optimizer(_cfg(name, lr), coupled), l2=0.05)
+    _step(decoupled, build_optimizer(_cfg(name, lr, weight_decay=0.05), decoupled))
+    close = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(coupled.parameters(), decoupled.parameters()))
+    assert close is same
+
+
+def test_l1_penalty_adds_lambda_sign_w_to_the_gradient():
+    model = _model()
+    weights = [model[0].weight, model[2].weight]
+    x, y = torch.randn(8, 5), torch.arange(8) % 3
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = [w.grad.clone() for w in weights]
+    model.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) + penalty(weights, 0.3, 0.0)()).backward()
+    for w, g in zip(weights, plain):
+        assert torch.allclose(w.grad - g, 0.3 * torch.sign(w.detach()), atol=1e-6)
+
+
+def test_l2_penalty_value_and_gradient():
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    value = penalty([w], 0.0, 0.5)()
+    assert value.item() == pytest.approx(0.25 * 14)
+    value.backward()
+    assert torch.allclose(w.grad, 0.5 * w.detach())
+    assert penalty([w], 0.0, 0.0) is None
+
+
+def test_grad_clip_by_norm_and_by_value():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([a, b], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0, 0.0])  # global norm 5
+    gradient_clipper([a, b], optimizer, scaler, 1.0, None)()
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.0, 0.0])) and torch.allclose(b.grad[1], torch.tensor(0.8))
+    a.grad, b.grad = torch.tensor([3.0, -0.2, 0.0]), torch.tensor([0.0, -4.0, 0.1, 0.0])
+    gradient_clipper([a, b], optimizer, scaler, None, 0.5)()
+    assert a.grad.tolist() == pytest.approx([0.5, -0.2, 0.0]) and b.grad.tolist() == pytest.approx([0, -0.5, 0.1, 0])
+    assert gradient_clipper([a, b], optimizer, scaler, None, None) is None
+
+
+def test_ema_equals_the_closed_form_average():
+    model = nn.Linear(1, 1, bias=False)
+    ema = ema_model(model, decay=0.9)
+    expected = None
+    for value in [1.0, 2.0, 4.0, 8.0]:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update_parameters(model)
+        expected = value if expected is None else 0.9 * expected + 0.1 * value  # the first update copies
+        assert ema.module.weight.item() == pytest.approx(expected)
+    assert expected == pytest.approx(0.9 * (0.9 * (0.9 * 1 + 0.2) + 0.4) + 0.8)
+
+
+def test_first_swa_epoch():
+    assert first_swa_epoch(0.75, 4) == 4
+    assert first_swa_epoch(0.75, 30) == 23
+    assert first_swa_epoch(0.0, 5) == 1
+
+
+def test_label_smoothing_reaches_the_training_loss(train_inprocess):
+    _, _, run = train_inprocess(["trainer.max_epochs=1", "regularization=label_smoothing"])
+    logits, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    target = torch.full((4, 10), 0.1 / 10)
+    target[torch.arange(4), y] += 0.9
+    manual = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert run.loss_fn(logits, y).item() == pytest.approx(manual.item())
+
+
+def test_ema_weights_are_evaluated_and_saved_as_best(train_inprocess, tmp_path):
+    _, _, run = train_inprocess(["trainer.max_epochs=2", "regularization=ema"])
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    key = "1.weight"  # the first hidden layer's weight
+    assert run.stopper.best_epoch == 2 == last["epoch"]
+    assert torch.equal(best[key], last["ema"]["module." + key])  # best.pt holds the average ...
+    assert not torch.equal(best[key], last["model"][key])  # ... not the raw weights
+    assert last["ema"] is not None
+
+
+def test_swa_runs_at_its_lr_averages_the_last_epochs_and_recomputes_batch_norm(train_inprocess, tmp_path):
+    status, _, run = train_inprocess(["trainer.max_epochs=4", "regularization=swa",
+                                      "regularization.swa_start=0.5"])
+    assert status == "completed"
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        lrs = [float(r["lr"]) for r in csv.DictReader(handle)]
+    assert lrs == [0.1, 0.1, 0.05, 0.05]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["swa"]["epochs_averaged"] == 2 and summary["tested_weights"] == "swa.pt"
+    swa = torch.load(tmp_path / "run" / "checkpoints" / "swa.pt", weights_only=True)["model"]
+    raw = run.model  # holds the tested SWA weights now; compare with the last raw state instead
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(swa["2.running_mean"], last["2.running_mean"])  # recomputed for the average
+    assert torch.equal(raw.state_dict()["2.running_mean"], swa["2.running_mean"])
+    # BN statistics of the average: one pass over the training data in train mode reproduces them.
+    check = run.swa.module
+    check.load_state_dict(swa)
+    for m in check.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.reset_running_stats()
+            m.momentum = None
+    check.train()
+    run.train_batches.set_epoch(0)
+    with torch.no_grad():
+        for x, _ in run.train_batches:
+            check(x)
+    assert torch.allclose(check.state_dict()["2.running_mean"], swa["2.running_mean"], atol=1e-5)

@@ -1,0 +1,373 @@
+"""Every learning-rate schedule against its closed form, warmup, plateau, resume, the YAML options and the dry run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import trainlab
+from trainlab import schedules
+from trainlab.config import ConfigError, register_configs
+from trainlab.dry_run import dry_run, lr_curve
+
+CONF_DIR = Path(trainlab.__file__).parent / "conf"
+SCHEDULER_OPTIONS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def make(cfg: dict, steps_per_epoch: int, max_epochs: int, lr: float = 1.0, mode: str = "min",
+         groups: int = 1) -> tuple[torch.optim.SGD, schedules.Scheduler]:
+    params = [{"params": [nn.Parameter(torch.zeros(2))]} for _ in range(groups)]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    return optimizer, schedules.build_scheduler(OmegaConf.create(cfg), optimizer, steps_per_epoch, max_epochs, mode)
+
+
+def lrs_of(cfg: dict, steps_per_epoch: int, max_epochs: int, lr: float = 1.0, metrics: list[float] | None = None,
+           mode: str = "min") -> list[float]:
+    """The lr every step used, as the loop reads it; metrics[e] is fed to epoch_end after epoch e+1."""
+    optimizer, scheduler = make(cfg, steps_per_epoch, max_epochs, lr, mode)
+    lrs = []
+    for epoch in range(max_epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+        scheduler.epoch_end(metrics[epoch] if metrics is not None else 1.0)
+    return lrs
+
+
+def final_lr(cfg: dict, steps_per_epoch: int, max_epochs: int, lr: float = 1.0) -> float:
+    """The lr after the last step of the run: where the schedule ends."""
+    optimizer, scheduler = make(cfg, steps_per_epoch, max_epochs, lr)
+    for _ in range(steps_per_epoch * max_epochs):
+        scheduler.step()
+    return scheduler.get_last_lr()[0]
+
+
+# --- closed forms ----------------------------------------------------------------------------------
+
+
+def test_step_halves_exactly_at_the_epoch_boundary():
+    lrs = lrs_of({"name": "step", "step_epochs": 10, "gamma": 0.5}, 4, 25, lr=0.8)
+    assert lrs[0] == lrs[39] == 0.8  # all of epochs 0-9 (steps 0-39)
+    assert lrs[40] == lrs[79] == 0.4  # halves at the first step of epoch 10
+    assert lrs[80] == lrs[99] == 0.2
+
+
+def test_multistep_multiplies_by_gamma_at_each_milestone():
+    lrs = lrs_of({"name": "multistep", "milestones": [3, 7], "gamma": 0.1}, 5, 10, lr=2.0)
+    per_epoch = [lrs[5 * e] for e in range(10)]
+    assert lrs[14] == 2.0 and lrs[34] == pytest.approx(0.2)
+    assert per_epoch == pytest.approx([2.0] * 3 + [0.2] * 4 + [0.02] * 3)
+
+
+def test_exponential_is_lr0_exp_minus_kt_with_t_in_epochs():
+    lrs = lrs_of({"name": "exponential", "k": 0.3}, 8, 5, lr=0.5)
+    assert lrs == pytest.approx([0.5 * math.exp(-0.3 * s / 8) for s in range(40)])
+
+
+def test_inverse_time_is_lr0_over_1_plus_kt():
+    lrs = lrs_of({"name": "inverse_time", "k": 2.0}, 4, 3, lr=0.3)
+    assert lrs == pytest.approx([0.3 / (1 + 2.0 * s / 4) for s in range(12)])
+
+
+def test_inverse_sqrt_is_lr0_over_sqrt_1_plus_t_over_t0():
+    lrs = lrs_of({"name": "inverse_sqrt", "timescale_epochs": 0.5}, 4, 3, lr=0.3)
+    assert lrs == pytest.approx([0.3 / math.sqrt(1 + (s / 4) / 0.5) for s in range(12)])
+    assert lrs[6] == pytest.approx(0.15)  # halved at t = 3 * t0 = 1.5 epochs
+
+
+def test_linear_decays_to_the_floor_at_the_end():
+    lrs = lrs_of({"name": "linear", "min_lr_fraction": 0.1}, 5, 4, lr=2.0)
+    assert lrs == pytest.approx([2.0 * (0.1 + 0.9 * (1 - s / 20)) for s in range(20)])
+    assert final_lr({"name": "linear", "min_lr_fraction": 0.1}, 5, 4, lr=2.0) == pytest.approx(0.2)
+
+
+def test_polynomial_follows_the_power():
+    cfg = {"name": "polynomial", "power": 3.0, "min_lr_fraction": 0.05}
+    lrs = lrs_of(cfg, 5, 4)
+    assert lrs == pytest.approx([0.05 + 0.95 * (1 - s / 20) ** 3 for s in range(20)])
+    assert lrs[10] == pytest.approx(0.05 + 0.95 / 8)
+    assert final_lr(cfg, 5, 4) == pytest.approx(0.05)
+    assert schedules.linear(0.25, 0.2) == pytest.approx(schedules.polynomial(0.25, 1.0, 0.2)) == pytest.approx(0.8)
+
+
+def test_cosine_endpoints_and_midpoint_through_the_scheduler():
+    cfg = {"name": "cosine", "min_lr_fraction": 0.2}
+    lrs = lrs_of(cfg, 10, 4, lr=0.5)
+    assert lrs[0] == pytest.approx(0.5)
+    assert lrs[20] == pytest.approx(0.5 * 0.6)  # midpoint: (1 + f) / 2
+    assert final_lr(cfg, 10, 4, lr=0.5) == pytest.approx(0.1)
+
+
+def test_cosine_restarts_returns_to_lr0_exactly_at_the_period_boundaries():
+    cfg = {"name": "cosine_restarts", "period_epochs": 1, "period_mult": 2, "min_lr_fraction": 0.1}
+    lrs = lrs_of(cfg, 4, 7, lr=0.4)
+    # periods: epochs [0, 1), [1, 3), [3, 7): restarts at steps 4 and 12
+    for start, length in ((0, 4), (4, 8), (12, 16)):
+        assert lrs[start] == 0.4
+        expected = [0.4 * schedules.cosine(j / length, 0.1) for j in range(length)]
+        assert lrs[start:start + length] == pytest.approx(expected)
+    assert lrs[12 + 8] == pytest.approx(0.4 * 0.55)  # midpoint of the third period: (1 + f) / 2
+    assert lrs[11] < lrs[12]
+
+
+def test_cosine_restarts_with_fractional_periods_restarts_on_the_right_step():
+    lrs = lrs_of({"name": "cosine_restarts", "period_epochs": 0.3, "period_mult": 1, "min_lr_fraction": 0.0}, 10, 3)
+    restarts = [s for s in range(1, 30) if lrs[s] > lrs[s - 1]]
+    assert restarts == [3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert all(lrs[s] == 1.0 for s in [0, *restarts])
+
+
+@pytest.mark.parametrize(("mode", "peaks"), [("triangular", [1.0, 1.0, 1.0]),
+                                              ("triangular2", [1.0, 0.55, 0.325]),
+                                              ("exp_range", [0.1 + 0.9 * 0.5, 0.1 + 0.9 * 0.5 ** 3,
+                                                             0.1 + 0.9 * 0.5 ** 5])])
+def test_cyclic_peaks_and_troughs(mode, peaks):
+    cfg = {"name": "cyclic", "half_cycle_epochs": 1, "base_lr_fraction": 0.1, "mode": mode, "gamma": 0.5}
+    lrs = lrs_of(cfg, 4, 6)
+    assert [lrs[0], lrs[8], lrs[16]] == pytest.approx([0.1, 0.1, 0.1])  # troughs: every 2 half-cycles
+    assert [lrs[4], lrs[12], lrs[20]] == pytest.approx(peaks)  # peaks: in between
+    if mode == "triangular":
+        assert lrs[2] == pytest.approx(0.55) and lrs[6] == pytest.approx(0.55)  # straight lines up and down
+
+
+@pytest.mark.parametrize("strategy", ["cos", "linear"])
+def test_onecycle_start_peak_end(strategy):
+    cfg = {"name": "onecycle", "pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4,
+           "anneal_strategy": strategy}
+    lrs = lrs_of(cfg, 10, 10, lr=0.5)  # 100 steps, optimizer.lr is the max
+    assert lrs[0] == pytest.approx(0.5 / 25)
+    assert lrs[30] == pytest.approx(0.5)
+    assert max(lrs) == lrs[30]
+    assert lrs[15] == pytest.approx(0.5 * (1 / 25 + 1) / 2)  # halfway up: cos and linear agree at the midpoint
+    end = 0.5 / (25 * 1e4)
+    assert lrs[65] == pytest.approx((0.5 + end) / 2)  # halfway down
+    shape = (lambda pct: 0.5 * (1 - math.cos(math.pi * pct))) if strategy == "cos" else (lambda pct: pct)
+    expected = [0.5 / 25 + (0.5 - 0.5 / 25) * shape(s / 30) for s in range(30)]
+    expected += [0.5 + (end - 0.5) * shape((s - 30) / 70) for s in range(30, 100)]
+    assert lrs == pytest.approx(expected)
+    assert final_lr(cfg, 10, 10, lr=0.5) == pytest.approx(end)
+
+
+def test_plateau_reduces_after_exactly_patience_epochs_without_improvement_min():
+    cfg = {"name": "plateau", "factor": 0.5, "patience": 2, "min_delta": 0.0, "min_lr_fraction": 0.0}
+    metrics = [1.0, 0.9, 0.9, 0.9, 0.95, 0.8, 0.8, 0.8, 0.8, 0.8]
+    lrs = lrs_of(cfg, 3, 10, metrics=metrics)
+    per_epoch = [lrs[3 * e] for e in range(10)]
+    # bad epochs: 3, 4 -> reduce after epoch 4; 5 bad, 6 improves; 7, 8 bad -> reduce; 9, 10 bad -> reduce
+    assert per_epoch == [1.0] * 4 + [0.5] * 4 + [0.25] * 2
+    assert lrs[3 * 4 - 1] == 1.0  # the reduction takes effect at the next epoch's first step
+
+
+def test_plateau_respects_mode_max_min_delta_and_floor():
+    metrics = [0.5, 0.6, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9]
+    cfg = {"name": "plateau", "factor": 0.1, "patience": 1, "min_delta": 0.0, "min_lr_fraction": 0.005}
+    per_epoch = lrs_of(cfg, 2, 8, metrics=metrics, mode="max")[::2]
+    # max: 0.6 improves, 0.6 again does not -> reduce; 0.9 improves; then every epoch reduces, floored at 0.005
+    assert per_epoch == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.005, 0.005])
+    per_epoch_min = lrs_of(cfg, 2, 8, metrics=metrics, mode="min")[::2]
+    assert per_epoch_min == pytest.approx([1.0, 1.0, 0.1, 0.01, 0.005, 0.005, 0.005, 0.005])
+    delta = {**cfg, "min_delta": 0.2, "min_lr_fraction": 0.0}  # +0.1 is no improvement; +0.3 is
+    metrics = [0.5, 0.6, 0.9, 0.9, 0.9]
+    assert lrs_of(delta, 2, 5, metrics=metrics, mode="max")[::2] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_plateau_counts_a_nan_metric_as_no_improvement():
+    cfg = {"name": "plateau", "factor": 0.5, "patience": 1}
+    assert lrs_of(cfg, 1, 4, metrics=[1.0, math.nan, 0.5, 0.6]) == [1.0, 1.0, 0.5, 0.5]
+
+
+# --- warmup ------------------------------------------------------------------------------------------
+
+
+def ramp(lr: float, warmup_steps: int) -> list[float]:
+    return [lr * (k + 1) / warmup_steps for k in range(warmup_steps)]
+
+
+def test_warmup_then_step_decay_counts_epochs_from_the_end_of_warmup():
+    lrs = lrs_of({"name": "step", "warmup_epochs": 2, "step_epochs": 3, "gamma": 0.5}, 4, 10, lr=0.4)
+    assert lrs[:8] == pytest.approx(ramp(0.4, 8))
+    assert lrs[8:20] == pytest.approx([0.4] * 12)
+    assert lrs[20:32] == pytest.approx([0.2] * 12)
+
+
+def test_fractional_warmup_then_exponential():
+    lrs = lrs_of({"name": "exponential", "warmup_epochs": 0.5, "k": 0.2}, 4, 3, lr=0.4)
+    assert lrs[:2] == pytest.approx(ramp(0.4, 2))
+    assert lrs[2:] == pytest.approx([0.4 * math.exp(-0.2 * j / 4) for j in range(10)])
+
+
+def test_warmup_then_linear_runs_over_the_remaining_steps():
+    lrs = lrs_of({"name": "linear", "warmup_epochs": 1, "min_lr_fraction": 0.0}, 4, 3, lr=0.4)
+    assert lrs == pytest.approx(ramp(0.4, 4) + [0.4 * (1 - j / 8) for j in range(8)])
+
+
+def test_warmup_then_cosine_restarts_and_onecycle():
+    restarts = lrs_of({"name": "cosine_restarts", "warmup_epochs": 1, "period_epochs": 1, "period_mult": 1}, 4, 4)
+    assert restarts[:4] == pytest.approx(ramp(1.0, 4))
+    assert restarts[4] == restarts[8] == restarts[12] == 1.0
+    cycle = lrs_of({"name": "onecycle", "warmup_epochs": 1, "pct_start": 0.5}, 4, 5)
+    assert cycle[:4] == pytest.approx(ramp(1.0, 4))
+    assert cycle[4] == pytest.approx(1 / 25) and cycle[4 + 8] == pytest.approx(1.0)
+
+
+def test_warmup_then_plateau_ignores_the_epochs_of_warmup():
+    cfg = {"name": "plateau", "warmup_epochs": 2, "factor": 0.5, "patience": 1}
+    lrs = lrs_of(cfg, 2, 5, metrics=[3.0, 1.0, 1.0, 1.0, 1.0])
+    # epoch 1 ends inside warmup (ignored); epoch 2 sets the best; epochs 3, 4 are bad -> reduce after each
+    assert lrs == pytest.approx(ramp(1.0, 4) + [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+
+# --- the scheduler object ------------------------------------------------------------------------------
+
+
+def test_every_param_group_follows_the_schedule_and_get_last_lr_matches():
+    optimizer, scheduler = make({"name": "exponential", "k": 1.0}, 2, 3, lr=0.3, groups=3)
+    for step in range(1, 6):
+        scheduler.step()
+        expected = 0.3 * math.exp(-step / 2)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 3)
+        assert scheduler.get_last_lr() == pytest.approx([expected] * 3)
+
+
+RESUME_CASES = {
+    "cosine": {"name": "cosine", "warmup_epochs": 1, "min_lr_fraction": 0.1},
+    "step": {"name": "step", "step_epochs": 2, "gamma": 0.5},
+    "cosine_restarts": {"name": "cosine_restarts", "period_epochs": 1, "period_mult": 2},
+    "cyclic": {"name": "cyclic", "half_cycle_epochs": 1.5, "mode": "triangular2"},
+    "onecycle": {"name": "onecycle"},
+    "plateau": {"name": "plateau", "warmup_epochs": 0.5, "factor": 0.5, "patience": 2},
+}
+
+
+@pytest.mark.parametrize("name", RESUME_CASES)
+def test_state_dict_round_trip_resumes_identically(name):
+    cfg, spe, epochs = RESUME_CASES[name], 3, 8
+    metrics = [1.0, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.6]
+
+    def run(scheduler: schedules.Scheduler, optimizer: torch.optim.Optimizer, steps: range) -> list[float]:
+        out = []
+        for step in steps:
+            out.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            if (step + 1) % spe == 0:
+                scheduler.epoch_end(metrics[step // spe])
+        return out
+
+    optimizer, scheduler = make(cfg, spe, epochs)
+    uninterrupted = run(scheduler, optimizer, range(spe * epochs))
+    optimizer, scheduler = make(cfg, spe, epochs)
+    first = run(scheduler, optimizer, range(13))  # mid-run, mid-epoch, after one plateau reduction
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    optimizer, scheduler = make(cfg, spe, epochs)
+    scheduler.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(uninterrupted[13])
+    assert first + run(scheduler, optimizer, range(13, spe * epochs)) == pytest.approx(uninterrupted)
+    if name == "plateau":
+        assert state["plateau"]["reductions"] == 1
+
+
+# --- config errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_every_valid_name():
+    with pytest.raises(ConfigError, match=r"scheduler='cosin'.*choose one of none, cosine, step") as info:
+        make({"name": "cosin"}, 4, 3)
+    assert all(name in str(info.value) for name in SCHEDULER_OPTIONS)
+
+
+@pytest.mark.parametrize(("cfg", "knob"), [
+    ({"name": "step", "step_epoch": 10}, r"unexpected keyword scheduler\.step_epoch"),
+    ({"name": "plateau", "gamma": 0.5}, r"unexpected keyword scheduler\.gamma"),
+    ({"name": "step", "gamma": -0.5}, r"scheduler\.gamma=-0\.5: must be > 0"),
+    ({"name": "multistep", "milestones": [20, 10]}, r"scheduler\.milestones=\[20, 10\]"),
+    ({"name": "cyclic", "mode": "sawtooth"}, r"scheduler\.mode='sawtooth': must be one of triangular"),
+    ({"name": "onecycle", "anneal_strategy": "cosine"}, r"scheduler\.anneal_strategy='cosine'"),
+    ({"name": "onecycle", "pct_start": 1.0}, r"scheduler\.pct_start=1\.0"),
+    ({"name": "plateau", "patience": 0}, r"scheduler\.patience=0"),
+    ({"name": "cosine_restarts", "period_mult": 0.5}, r"scheduler\.period_mult=0\.5: must be >= 1"),
+    ({"name": "exponential", "k": "fast"}, r"scheduler\.k='fast'"),
+])
+def test_bad_knob_raises_config_error_naming_it(cfg, knob):
+    with pytest.raises(ConfigError, match=knob):
+        make(cfg, 4, 3)
+
+
+def test_bad_mode_raises():
+    with pytest.raises(ConfigError, match=r"early_stopping\.mode='up'"):
+        make({"name": "plateau"}, 4, 3, mode="up")
+
+
+# --- the YAML options --------------------------------------------------------------------------------
+
+
+def test_every_listed_schedule_has_a_yaml_option():
+    assert SCHEDULER_OPTIONS == sorted(schedules.SCHEDULES)
+
+
+@pytest.mark.parametrize("name", SCHEDULER_OPTIONS)
+def test_yaml_option_composes_builds_and_documents_every_knob(name):
+    cfg = compose_train([f"scheduler={name}"])
+    assert cfg.scheduler.name == name
+    assert set(cfg.scheduler) == {"name", "warmup_epochs", *schedules.knobs_of(name)}  # every knob, no others
+    text = (CONF_DIR / "scheduler" / f"{name}.yaml").read_text()
+    knob_lines = [line for line in text.splitlines() if line and not line.startswith(("#", "name:"))]
+    assert all("  # " in line for line in knob_lines), "every knob has a comment giving its unit"
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = schedules.build_scheduler(cfg.scheduler, optimizer, 10, cfg.trainer.max_epochs,
+                                          cfg.early_stopping.mode)
+    lrs = []
+    for _ in range(10 * cfg.trainer.max_epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
+    # a one-epoch run of two steps (the smallest run the other tests train) builds too
+    schedules.build_scheduler(cfg.scheduler, optimizer, 2, 1, cfg.early_stopping.mode).step()
+
+
+# --- dry run -----------------------------------------------------------------------------------------
+
+
+def test_dry_run_csv_equals_lr_curve(tmp_path, capsys):
+    cfg = compose_train(["scheduler=step", "scheduler.step_epochs=1", "trainer.max_epochs=3", "data.batch_size=256"])
+    curve = lr_curve(cfg)
+    spe = len(curve) // 3
+    assert len(curve) == 3 * spe and spe == (1797 - round(0.2 * 1797) - round(0.1 * (1797 - round(0.2 * 1797)))) // 256
+    assert curve == pytest.approx([0.1 * 0.5 ** (s // spe) for s in range(len(curve))])
+    path = dry_run(cfg, tmp_path / "out")
+    assert path == tmp_path / "out" / "lr_curve.csv"
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == curve
+    assert [int(r["step"]) for r in rows] == list(range(len(curve)))
+    assert [int(r["epoch"]) for r in rows] == [s // spe + 1 for s in range(len(curve))]
+    out = capsys.readouterr().out
+    assert "lr_curve.csv" in out and any(ch in out for ch in "▁█")
+    png = tmp_path / "out" / "lr_curve.png"
+    assert png.is_file() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_dry_run_of_plateau_shows_a_reduction_every_patience_epochs(capsys):
+    cfg = compose_train(["scheduler=plateau", "scheduler.patience=2", "scheduler.factor=0.5", "trainer.max_epochs=7",
+                         "data.batch_size=512"])
+    curve = lr_curve(cfg)
+    spe = len(curve) // 7
+    # the constant metric: epoch 1 sets the best, epochs 2-3 and 4-5 and 6-7 are bad
+    assert curve[::spe] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
