@@ -97,7 +97,7 @@ def _valid_keys(cls: Any) -> list[str] | None:
         return None
     names = [p.name for p in parameters if p.name not in ("self", "params", *DECAY_KEYS)
              and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    return names + list(TRAINLAB_KEYS)
+    return names + [key for key in TRAINLAB_KEYS if key == "decay_norm_and_bias" or "momentum" in names]
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:

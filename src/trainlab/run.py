@@ -30,7 +30,7 @@ from trainlab.initialization import initialize
 from trainlab.loop import StepParts, evaluate, train_one_epoch
 from trainlab.models import build_model
 from trainlab.monitor import RunMonitor, final_table
-from trainlab.optim import build_optimizer, needs_closure
+from trainlab.optim import build_optimizer, decayed_parameters, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler
 
@@ -157,7 +157,7 @@ class Run:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
         reg, model = self.cfg.regularization, self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=reg.label_smoothing)
-        decayed = [p for g in self.optimizer.param_groups if g.get("name") != "no_decay" for p in g["params"]]
+        decayed = decayed_parameters(self.optimizer)  # l1/l2 skip biases and norm parameters, like decay
         closure_step = needs_closure(self.optimizer)
         if closure_step and self.precision == "fp16":
             raise ConfigError(f"optimizer={type(self.optimizer).__name__} evaluates the loss several times per "
