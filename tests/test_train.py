@@ -211,3 +211,26 @@ def test_dry_run_writes_the_lr_curve_without_training(tmp_path):
     rows = read_csv(run_dir / "lr_curve.csv")
     assert len(rows) == 3 * 20 and float(rows[0]["lr"]) == pytest.approx(0.1)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_batch_size_at_multiplies_from_each_milestone():
+    from trainlab.data import batch_size_at
+
+    schedule = [[3, 2], [5, 2]]
+    assert [batch_size_at(e, 32, schedule) for e in range(1, 7)] == [32, 32, 64, 64, 128, 128]
+    assert batch_size_at(9, 32, None) == 32
+
+
+def test_batch_size_schedule_changes_the_steps_per_epoch(train_inprocess, tmp_path):
+    status, _, run = train_inprocess(["trainer.max_epochs=3", "data.batch_size=64", "data.batch_size_schedule=[[2,2],[3,2]]"])
+    assert status == "completed"
+    steps = [int(r["step"]) for r in read_csv(tmp_path / "run" / "metrics.csv")]
+    assert steps == [20, 20 + 10, 20 + 10 + 5]  # 1294 training images in batches of 64, 128, 256 (drop_last)
+
+
+def test_batch_size_schedule_refuses_a_decaying_schedule():
+    from conftest import compose_cfg
+    from trainlab.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="scheduler=cosine counts steps of a fixed batch size"):
+        validate(compose_cfg(["scheduler=cosine", "data.batch_size_schedule=[[10,2]]"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import types
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +34,9 @@ class DataConfig:
     val_fraction: float = 0.1  # share of the training split held out for validation
     split_seed: int = "${seed}"  # type: ignore[assignment]  # seeds the validation split
     drop_last: bool = True  # drop the last, smaller training batch of each epoch
+    # [[epoch, factor], ...]: from that (1-based) epoch on, the training batch size is multiplied by factor,
+    # cumulatively; [] = off. "Don't decay the learning rate, increase the batch size" (Smith et al. 2018)
+    batch_size_schedule: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -207,6 +210,15 @@ def _check_values(cfg: DictConfig) -> list[str]:
     data, trainer, stop = cfg.data, cfg.trainer, cfg.early_stopping
     check(data.batch_size >= 1, "data.batch_size", data.batch_size, "must be at least 1")
     check(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size, "must be at least 1")
+    schedule = data.batch_size_schedule
+    if len(schedule) > 0:
+        pairs = OmegaConf.to_container(schedule)
+        check(all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and p[0] >= 1
+                  and isinstance(p[1], (int, float)) and p[1] > 0 for p in pairs), "data.batch_size_schedule",
+              pairs, "give [[epoch, factor], ...] with epochs >= 1 and factors > 0, e.g. [[10,2],[20,2]]")
+        check(cfg.scheduler.name in ("none", "plateau"), "data.batch_size_schedule", pairs,
+              f"replaces a decaying learning rate, and scheduler={cfg.scheduler.name} counts steps of a fixed "
+              "batch size; use scheduler=none (warmup allowed) or scheduler=plateau with it")
     check(0.0 < data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be between 0 and 1")
     if "test_fraction" in data:
         check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "must be between 0 and 1")

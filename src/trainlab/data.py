@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,15 @@ def build_data(cfg: DictConfig) -> Dataset:
     return Dataset(cfg.name, train, val, test, num_classes, pixels.mean(dim=1), std)
 
 
+def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float]] | None) -> int:
+    """The training batch size of (1-based) `epoch`: batch_size times every factor whose epoch has come."""
+    factor = 1.0
+    for start, multiplier in schedule or []:
+        if epoch >= int(start):
+            factor *= multiplier
+    return max(1, round(batch_size * factor))
+
+
 class DeviceLoader:
     """Batches of one split, held on the device as uint8 and served as shuffled index slices.
 
@@ -117,10 +126,10 @@ class DeviceLoader:
         shape = (1, -1, 1, 1)
         self.mean = mean.to(device).view(shape)
         self.inv_std = (1.0 / std).to(device).view(shape)
-        self.batch_size = min(batch_size, len(self.labels))
         self.device = device
         self.shuffle = shuffle
-        self.drop_last = drop_last and len(self.labels) > self.batch_size
+        self._drop_last = drop_last
+        self.set_batch_size(batch_size)
         self.seed = seed
         self.augment = augment
         self.epoch = 0
@@ -132,6 +141,11 @@ class DeviceLoader:
     @property
     def num_examples(self) -> int:
         return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Serve batches of `batch_size` (at most the split) from the next iteration on."""
+        self.batch_size = min(batch_size, len(self.labels))
+        self.drop_last = self._drop_last and len(self.labels) > self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

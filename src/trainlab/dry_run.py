@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from trainlab.data import Dataset, DeviceLoader, build_data
+from trainlab.data import Dataset, DeviceLoader, batch_size_at, build_data
 from trainlab.models import build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler
@@ -27,8 +27,8 @@ def steps_per_epoch(cfg: DictConfig, d: Dataset) -> int:
                             drop_last=cfg.data.drop_last, seed=cfg.seed))
 
 
-def _curve(cfg: DictConfig) -> tuple[list[float], int]:
-    """(lr at every step, steps per epoch) from the real data size, model, optimizer and scheduler.
+def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
+    """(lr at every step, the step's position in epochs from 0) from the real data, model, optimizer, scheduler.
 
     1) steps per epoch from the training split; 2) the real optimizer and scheduler; 3) step the scheduler
     through every epoch (no optimizer step: weights never change), feeding plateau a constant metric;
@@ -47,15 +47,21 @@ def _curve(cfg: DictConfig) -> tuple[list[float], int]:
 
         first_swa = first_swa_epoch(swa_start, max_epochs)
     lrs: list[float] = []
+    positions: list[float] = []
+    loader = DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, torch.device("cpu"),
+                          drop_last=cfg.data.drop_last)
     for epoch in range(1, max_epochs + 1):
+        loader.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.get("batch_size_schedule")))
+        steps = len(loader)  # changes only under data.batch_size_schedule
+        positions += [epoch - 1 + i / steps for i in range(steps)]
         if epoch >= first_swa:
-            lrs += [float(cfg.regularization.swa_lr)] * spe
+            lrs += [float(cfg.regularization.swa_lr)] * steps
             continue
-        for _ in range(spe):
+        for _ in range(steps):
             lrs.append(optimizer.param_groups[0]["lr"])
             scheduler.step()
         scheduler.epoch_end(PLATEAU_METRIC)
-    return lrs, spe
+    return lrs, positions
 
 
 def lr_curve(cfg: DictConfig) -> list[float]:
@@ -75,22 +81,22 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(SPARK[round((v - low) / (high - low) * (len(SPARK) - 1))] for v in samples)
 
 
-def table_steps(total: int, spe: int, rows: int = TABLE_ROWS) -> list[int]:
+def table_steps(positions: list[float], rows: int = TABLE_ROWS) -> list[int]:
     """Steps shown in the table: the start, every k-th epoch boundary (at most `rows`), and the last step."""
-    epochs = total // spe
-    stride = max(1, math.ceil(epochs / rows))
-    return sorted({0, *(e * spe for e in range(stride, epochs, stride)), total - 1})
+    boundaries = [s for s in range(1, len(positions)) if int(positions[s]) != int(positions[s - 1])]
+    stride = max(1, math.ceil(len(boundaries) / rows))
+    return sorted({0, *boundaries[stride - 1 :: stride], len(positions) - 1})
 
 
 def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     """Write out_dir/lr_curve.csv (and .png when matplotlib is there), print a table and a sparkline."""
-    lrs, spe = _curve(cfg)
+    lrs, positions = _curve(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "lr_curve.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "epoch", "lr"])
-        writer.writerows([step, step // spe + 1, repr(lr)] for step, lr in enumerate(lrs))
+        writer.writerows([step, int(positions[step]) + 1, repr(lr)] for step, lr in enumerate(lrs))
 
     knobs = OmegaConf.to_container(cfg.scheduler, resolve=True)
     base = float(cfg.optimizer.lr)
@@ -99,12 +105,12 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
                         + " ".join(f"{k}={v}" for k, v in knobs.items()))
     for column in ("step", "epoch", "lr", "lr / optimizer.lr"):
         table.add_column(column, justify="right")
-    for step in table_steps(len(lrs), spe):
-        label = "end" if step == len(lrs) - 1 else f"{step / spe:g}"
+    for step in table_steps(positions):
+        label = "end" if step == len(lrs) - 1 else f"{positions[step]:g}"
         table.add_row(str(step), label, f"{lrs[step]:.6g}", f"{lrs[step] / base:.4g}")
     console.print(table)
     console.print(f"lr {sparkline(lrs)}  {min(lrs):.3g} .. {max(lrs):.3g}  "
-                  f"({len(lrs)} steps, {spe} per epoch)")
+                  f"({len(lrs)} steps over {cfg.trainer.max_epochs} epochs)")
     if cfg.scheduler.name == "plateau":
         console.print(f"plateau: the dry run holds the monitored metric constant, so the lr drops every "
                       f"{cfg.scheduler.patience} epochs after the first; a real run drops only when "
@@ -112,12 +118,12 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     if cfg.early_stopping.enabled:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
-    _plot(lrs, spe, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}")
+    _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}")
     console.print(f"wrote {path}")
     return path
 
 
-def _plot(lrs: list[float], spe: int, path: Path, title: str) -> None:
+def _plot(lrs: list[float], positions: list[float], path: Path, title: str) -> None:
     """lr against epoch as a PNG, only when matplotlib can be imported."""
     try:
         from matplotlib.figure import Figure
@@ -125,7 +131,7 @@ def _plot(lrs: list[float], spe: int, path: Path, title: str) -> None:
         return
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
-    ax.plot([s / spe for s in range(len(lrs))], lrs)
+    ax.plot(positions, lrs)
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title(title)

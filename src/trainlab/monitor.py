@@ -73,16 +73,17 @@ class RunMonitor:
                 self._swapped.append((handler, rich_handler))
         self.progress.start()
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, first_step: int, steps: int) -> None:
+        self._epoch_first_step = first_step
         if self.progress is not None:
-            self.progress.update(self.task, completed=0, epoch=epoch)
+            self.progress.update(self.task, completed=0, total=steps, epoch=epoch)
 
     def train_interval(self, step: int, loss: float, lr: float) -> None:
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("lr", lr, step)
         if self.progress is not None:
-            done = (step - 1) % self.steps_per_epoch + 1
+            done = step - self._epoch_first_step
             self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", lr=f"{lr:.3g}")
 
     def end_epoch(self, row: dict[str, Any]) -> None:

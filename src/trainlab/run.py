@@ -24,7 +24,7 @@ from torch import nn
 from trainlab import __version__, checkpoint
 from trainlab.augment import build_augment
 from trainlab.config import ConfigError, validate
-from trainlab.data import DeviceLoader, build_data
+from trainlab.data import DeviceLoader, batch_size_at, build_data
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
 from trainlab.loop import StepParts, evaluate, train_one_epoch
@@ -240,8 +240,9 @@ class Run:
         status, reason, epoch = "completed", f"reached trainer.max_epochs={max_epochs}", self.start_epoch - 1
         for epoch in range(self.start_epoch, max_epochs + 1):
             tic = time.perf_counter()
-            self.monitor.start_epoch(epoch)
             self.train_batches.set_epoch(epoch)
+            self.train_batches.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule))
+            self.monitor.start_epoch(epoch, self.step, len(self.train_batches))
             averaging = self.swa is not None and epoch >= self.swa_first_epoch
             if averaging:  # SWA epochs run at their own constant rate instead of the schedule
                 for group in self.optimizer.param_groups:
