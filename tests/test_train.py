@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,22 @@ def custom_charts(run_dir: Path) -> dict[str, list[str]]:
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+
+
+@contextmanager
+def interrupted_in_epoch(epoch: int, monkeypatch):
+    """Within the block, a Ctrl-C arrives at the end of training epoch `epoch` (at its validation)."""
+    evaluate, calls = trainlab.run.evaluate, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainlab.run, "evaluate", interrupting)
+    yield
+    monkeypatch.setattr(trainlab.run, "evaluate", evaluate)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -114,19 +131,9 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tra
     overrides = ["trainer.max_epochs=4", "regularization=dropout", "augmentation=crop", "scheduler=cosine"]
     _, _, whole = train_inprocess(overrides, name="whole")
 
-    calls = {"n": 0}
-    evaluate = trainlab.run.evaluate
-
-    def interrupt_in_epoch_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(trainlab.run, "evaluate", interrupt_in_epoch_3)
-    status, code, _ = train_inprocess(overrides, name="first")
+    with interrupted_in_epoch(3, monkeypatch):
+        status, code, _ = train_inprocess(overrides, name="first")
     assert (status, code) == ("interrupted", 130)
-    monkeypatch.setattr(trainlab.run, "evaluate", evaluate)
 
     last = tmp_path / "first" / "checkpoints" / "last.pt"
     status, code, resumed = train_inprocess([*overrides, f"checkpoint.resume={last}"], name="second")
@@ -148,18 +155,8 @@ def test_resume_refuses_a_finished_run_and_a_missing_file(train_inprocess, tmp_p
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(train_inprocess, monkeypatch, tmp_path):
-    evaluate = trainlab.run.evaluate
-    calls = {"n": 0}
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(trainlab.run, "evaluate", interrupt_in_epoch_2)
-    train_inprocess(["trainer.max_epochs=3"], name="wide")
-    monkeypatch.setattr(trainlab.run, "evaluate", evaluate)
+    with interrupted_in_epoch(2, monkeypatch):
+        train_inprocess(["trainer.max_epochs=3"], name="wide")
     last = tmp_path / "wide" / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 1
     status, code, run = train_inprocess(["trainer.max_epochs=3", "model.hidden=[32]", f"checkpoint.resume={last}"],
