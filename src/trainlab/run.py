@@ -123,6 +123,7 @@ class Run:
     def build(self) -> None:
         cfg = self.cfg
         validate(cfg)
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # stored in every checkpoint
         seed_everything(cfg.seed)
         self.device = select_device(cfg.trainer.device)
         self.precision = select_precision(cfg.trainer.precision, self.device)
@@ -195,8 +196,14 @@ class Run:
             "early_stopping": self.stopper.state_dict(),
             "best_row": self.best_row,
             "rng": checkpoint.rng_state(),
-            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "config": self.config_yaml,
         }
+
+    def save_weights(self, name: str, model: nn.Module, epoch: int, **extra: Any) -> None:
+        """checkpoints/<name>: one model's weights with the epoch and the run's config (best.pt, swa.pt)."""
+        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch,
+                                "model": model.state_dict(), "config": self.config_yaml, **extra},
+                               self.ckpt_dir / name)
 
     def resume(self, path: str) -> None:
         state = checkpoint.load(path)
@@ -266,11 +273,8 @@ class Run:
             row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)
             if row["best"]:
                 self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
-                checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch,
-                                        "metric": {self.stopper.monitor: row[self.stopper.monitor]},
-                                        "model": self.eval_model.state_dict(),
-                                        "config": OmegaConf.to_yaml(cfg, resolve=True)},
-                                       self.ckpt_dir / "best.pt")
+                self.save_weights("best.pt", self.eval_model, epoch,
+                                  metric={self.stopper.monitor: row[self.stopper.monitor]})
             self.monitor.end_epoch(row)
             self.summary["epochs_run"] = epoch
             stop = self.stopper.should_stop
@@ -296,9 +300,7 @@ class Run:
         val = evaluate(self.swa.module, self.val_batches, self.autocast)
         self.summary["swa"] = {"epochs_averaged": int(self.swa.n_averaged), "val/loss": val["loss"],
                                "val/acc": val["acc"]}
-        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": self.summary["epochs_run"],
-                                "model": self.swa.module.state_dict(),
-                                "config": OmegaConf.to_yaml(self.cfg, resolve=True)}, self.ckpt_dir / "swa.pt")
+        self.save_weights("swa.pt", self.swa.module, self.summary["epochs_run"])
         log.info(f"SWA over {int(self.swa.n_averaged)} epochs: val/loss {val['loss']:.4f}  val/acc {val['acc']:.4f}")
 
     def test(self) -> None:
