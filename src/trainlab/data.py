@@ -166,3 +166,10 @@ class DeviceLoader:
             if self.augment is not None:
                 x = self.augment(x, aug_gen)  # in pixel units, so zero padding is black as usual
             yield (x - self.mean) * self.inv_std, self.labels[index]
+
+
+def train_loader(cfg: DictConfig, data: Dataset, device: torch.device,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> DeviceLoader:
+    """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed."""
+    return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, shuffle=True,
+                        drop_last=cfg.data.drop_last, seed=cfg.seed, augment=augment)

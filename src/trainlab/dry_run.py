@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from trainlab.data import Dataset, DeviceLoader, batch_size_at, build_data
+from trainlab.data import batch_size_at, build_data, train_loader
 from trainlab.models import build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler
@@ -19,12 +19,6 @@ from trainlab.schedules import build_scheduler
 PLATEAU_METRIC = 1.0  # the constant metric a dry run feeds plateau: it never improves after epoch 1
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_ROWS = 20  # epoch boundaries shown at most, evenly spaced
-
-
-def steps_per_epoch(cfg: DictConfig, d: Dataset) -> int:
-    """Optimizer steps per epoch, as run.py counts them: batches of the training split (drop_last)."""
-    return len(DeviceLoader(d.train, d.mean, d.std, cfg.data.batch_size, torch.device("cpu"), shuffle=True,
-                            drop_last=cfg.data.drop_last, seed=cfg.seed))
 
 
 def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
@@ -35,7 +29,8 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
     SWA epochs (regularization.swa_start) hold regularization.swa_lr, as the loop does.
     """
     data = build_data(cfg.data)
-    spe = steps_per_epoch(cfg, data)
+    loader = train_loader(cfg, data, torch.device("cpu"))  # counts batches only; no batch is drawn
+    spe = len(loader)
     model = build_model(cfg, data.input_shape, data.num_classes)
     optimizer = build_optimizer(cfg, model, steps_per_epoch=spe)
     max_epochs = cfg.trainer.max_epochs
@@ -48,8 +43,6 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
         first_swa = first_swa_epoch(swa_start, max_epochs)
     lrs: list[float] = []
     positions: list[float] = []
-    loader = DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, torch.device("cpu"),
-                          drop_last=cfg.data.drop_last)
     for epoch in range(1, max_epochs + 1):
         loader.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.get("batch_size_schedule")))
         steps = len(loader)  # changes only under data.batch_size_schedule

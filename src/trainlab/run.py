@@ -24,7 +24,7 @@ from torch import nn
 from trainlab import __version__, checkpoint
 from trainlab.augment import build_augment
 from trainlab.config import ConfigError, validate
-from trainlab.data import DeviceLoader, batch_size_at, build_data
+from trainlab.data import DeviceLoader, batch_size_at, build_data, train_loader
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
 from trainlab.loop import StepParts, evaluate, train_one_epoch
@@ -134,9 +134,7 @@ class Run:
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
         self.model.to(self.device)
         d = self.data
-        self.train_batches = DeviceLoader(d.train, d.mean, d.std, cfg.data.batch_size, self.device, shuffle=True,
-                                          drop_last=cfg.data.drop_last, seed=cfg.seed,
-                                          augment=build_augment(cfg.augmentation))
+        self.train_batches = train_loader(cfg, d, self.device, augment=build_augment(cfg.augmentation))
         self.val_batches = DeviceLoader(d.val, d.mean, d.std, cfg.data.eval_batch_size, self.device)
         self.test_batches = DeviceLoader(d.test, d.mean, d.std, cfg.data.eval_batch_size, self.device)
         steps_per_epoch = len(self.train_batches)
