@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import CONF_DIR, GROUPS, compose_cfg, run_cli
-from trainlab.augment import build_augment
-from trainlab.config import ConfigError, validate
+from trainlab.augment import build_augment, build_v2_transform
+from trainlab.config import AUGMENT_POLICIES, ConfigError, validate
 from trainlab.data import build_data
 from trainlab.initialization import initialize
 from trainlab.models import build_model
@@ -17,8 +17,13 @@ from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler
 
 # Options that need another group's choice: instance norm is for feature maps (the default model is an MLP).
-NEEDS = {("normalization", "instance"): ["model=cnn", "model.width=8"]}
+NEEDS = {("normalization", "instance"): ["model=cnn", "model.width=8"],
+         **{("augmentation", policy): ["data.loader=dataloader"] for policy in AUGMENT_POLICIES}}
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+# Data options that read files (absent offline) are composed and validated here; tests/test_data.py writes tiny
+# files in each one's real format and builds and trains every one of them.
+FILE_DATA = {"mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "svhn", "image_folder"}
+NEEDS[("data", "image_folder")] = ["data.path=images"]
 
 
 def test_every_group_of_the_product_card_exists():
@@ -31,15 +36,21 @@ def test_every_group_of_the_product_card_exists():
 def test_option_composes_and_builds(group, option):
     cfg = compose_cfg([f"{group}={option}", *NEEDS.get((group, option), [])])
     validate(cfg)
+    if cfg.data.name in FILE_DATA:
+        pytest.skip("reads dataset files: composed and validated; built and trained in tests/test_data.py")
     data = build_data(cfg.data)
     model = build_model(cfg, data.input_shape, data.num_classes)
     initialize(model, cfg.initialization, model.activation)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=10, max_epochs=cfg.trainer.max_epochs)
-    augment = build_augment(cfg.augmentation)
     images = data.train.images[:8].float()
-    if augment is not None:
-        assert augment(images, torch.Generator().manual_seed(0)).shape == images.shape
+    if cfg.augmentation.policy is None:  # the device path: one batched function
+        augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape)
+        if augment is not None:
+            out, targets = augment(images, data.train.labels[:8], torch.Generator().manual_seed(0))
+            assert out.shape == images.shape and targets.shape[0] == 8
+    else:  # torchvision's per-image policies exist only on the DataLoader path
+        assert build_v2_transform(cfg.augmentation)(data.train.images[0]).shape == images.shape[1:]
     logits = model(images)
     assert logits.shape == (8, data.num_classes)
     assert scheduler.get_last_lr()[0] > 0
@@ -146,6 +157,8 @@ def test_regular_install_ships_the_config_tree(tmp_path):
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_trains_two_steps(group, option, train_inprocess):
     """Each option through the whole run: with batches of 512, one epoch of digits is two optimizer steps."""
+    if compose_cfg([f"{group}={option}", *NEEDS.get((group, option), [])]).data.name in FILE_DATA:
+        pytest.skip("reads dataset files: trained on tiny files in tests/test_data.py")
     overrides = [f"{group}={option}", "trainer.max_epochs=1", "data.batch_size=512", "logger.tensorboard=false",
                  *NEEDS.get((group, option), [])]
     if (group, option) == ("data", "synthetic"):

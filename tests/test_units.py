@@ -119,27 +119,40 @@ def aug_node(**kwargs):
     return OmegaConf.structured(AugmentationConfig(**kwargs))
 
 
+def build(**kwargs):
+    """The device-path augment of these keys, for 10 classes of 3x5x5 images."""
+    return augment.build_augment(aug_node(**kwargs), 10, (3, 5, 5))
+
+
+def apply(fn, images, generator):
+    """The augmented images of fn on `images` (labels 0..N-1), checking that the labels pass through."""
+    labels = torch.arange(images.shape[0])
+    out, targets = fn(images, labels, generator)
+    assert torch.equal(targets, labels)
+    return out
+
+
 def test_build_augment_all_off_is_none():
-    assert augment.build_augment(aug_node()) is None
+    assert build() is None
 
 
 def test_build_augment_flip_only_with_p1_flips_every_image():
-    fn = augment.build_augment(aug_node(hflip=1.0))
+    fn = build(hflip=1.0)
     assert callable(fn)
     images = distinct_images(4)
-    assert torch.equal(fn(images, gen(0)), images.flip(-1))
+    assert torch.equal(apply(fn, images, gen(0)), images.flip(-1))
 
 
 def test_build_augment_crop_only_matches_random_crop_with_same_generator():
-    fn = augment.build_augment(aug_node(crop_padding=2, crop_padding_mode="reflect"))
+    fn = build(crop_padding=2, crop_padding_mode="reflect")
     images = distinct_images(6)
-    assert torch.equal(fn(images, gen(9)), augment.random_crop(images, 2, gen(9), "reflect"))
+    assert torch.equal(apply(fn, images, gen(9)), augment.random_crop(images, 2, gen(9), "reflect"))
 
 
 def test_build_augment_crop_then_flip_order():
-    fn = augment.build_augment(aug_node(crop_padding=1, hflip=1.0))
+    fn = build(crop_padding=1, hflip=1.0)
     images = distinct_images(6)
-    assert torch.equal(fn(images, gen(4)), augment.random_crop(images, 1, gen(4)).flip(-1))
+    assert torch.equal(apply(fn, images, gen(4)), augment.random_crop(images, 1, gen(4)).flip(-1))
 
 
 # --- schedules -------------------------------------------------------------------------------------
@@ -722,8 +735,8 @@ def test_build_data_synthetic_invalid_raises(kwargs, message):
 
 
 def test_build_data_unknown_name_raises():
-    with pytest.raises(ConfigError, match=r"data.name='mnist'"):
-        data.build_data(OmegaConf.create({"name": "mnist"}))
+    with pytest.raises(ConfigError, match=r"data.name='imagenet'"):
+        data.build_data(OmegaConf.create({"name": "imagenet"}))
 
 
 def id_split(n: int) -> data.Split:
@@ -794,9 +807,9 @@ def test_device_loader_normalises_to_zero_mean_over_an_epoch(digits_seed0):
 def test_device_loader_calls_augment_in_pixel_units_only_when_given():
     calls = []
 
-    def spy(images, generator):
+    def spy(images, labels, generator):
         calls.append((images.clone(), generator))
-        return images + 1
+        return images + 1, labels
 
     mean, std = torch.tensor([2.0, 2.0]), torch.tensor([4.0, 4.0])
     split = id_split(10)
@@ -813,7 +826,7 @@ def test_device_loader_calls_augment_in_pixel_units_only_when_given():
 
 def test_device_loader_augment_generator_is_seeded_by_seed_and_epoch():
     images = id_split(16)
-    fn = augment.build_augment(aug_node(hflip=0.5, crop_padding=1))
+    fn = augment.build_augment(aug_node(hflip=0.5, crop_padding=1), 16, (2, 3, 3))
 
     def run(seed, epoch):
         dl = data.DeviceLoader(images, torch.zeros(2), torch.ones(2), 16, torch.device("cpu"), seed=seed, augment=fn)
@@ -848,7 +861,7 @@ def test_save_atomic_then_load_round_trips(tmp_path):
     checkpoint.save_atomic(state, path)
     loaded = checkpoint.load(path)
     assert loaded.keys() == state.keys()
-    assert loaded["format_version"] == 1 and loaded["epoch"] == 3
+    assert loaded["format_version"] == checkpoint.FORMAT_VERSION and loaded["epoch"] == 3
     assert torch.equal(loaded["weights"], state["weights"])
     assert loaded["nested"] == {"name": "x", "values": [1, 2.5, None]}
 

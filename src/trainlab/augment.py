@@ -1,14 +1,34 @@
-"""Batched training-time augmentation: pure functions of a batch tensor and an explicit generator."""
+"""Training-time augmentation: pure batched functions of [N, C, H, W] pixel tensors and an explicit generator
+(the device path), and the equivalent torchvision.transforms.v2 pipeline for the DataLoader path.
+
+Images are float tensors in pixel units (uint8 levels, before normalisation), so zero fill is black.
+Every random draw comes from the generator passed in, one value (or box, or angle) per image.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+from trainlab.config import AUGMENT_POLICIES, ConfigError
+
+# augment(images, labels, generator) -> (images, targets): int64 labels [N] in; out the same labels, or
+# float soft targets [N, num_classes] when mixup or cutmix ran.
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+PIXEL_MAX = 255.0  # colour adjustments clamp to the uint8 range, like torchvision's
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+# --- geometry --------------------------------------------------------------------------------------
 
 
 def hflip(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -17,33 +37,333 @@ def hflip(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.T
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def vflip(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image upside down with probability p, independently."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-2), images)
+
+
+def _windows(padded: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The h x w window of each padded image [N, C, H', W'] whose top-left corner is (top[i], left[i])."""
+    n, c, _, wp = padded.shape
+    rows = (top.view(n, 1) + torch.arange(h, device=padded.device)).view(n, 1, h, 1)
+    cols = (left.view(n, 1) + torch.arange(w, device=padded.device)).view(n, 1, 1, w)
+    index = (rows * wp + cols).expand(n, c, h, w).flatten(2)
+    return padded.flatten(2).gather(2, index).view(n, c, h, w)
+
+
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> torch.Tensor:
     """Pad each side of [N, C, H, W] by `padding` (zeros or reflect), then crop H x W at a random offset per image."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     padded = F.pad(images, (padding,) * 4, mode="constant" if mode == "zeros" else "reflect")
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=images.device)
-    rows = (dy + torch.arange(h, device=images.device)).view(n, 1, h, 1)
-    cols = (dx + torch.arange(w, device=images.device)).view(n, 1, 1, w)
-    flat = padded.flatten(2)  # [N, C, (H + 2p) * (W + 2p)]
-    index = (rows * (w + 2 * padding) + cols).expand(n, c, h, w).flatten(2)
-    return flat.gather(2, index).view(n, c, h, w)
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    return _windows(padded, top, left, h, w)
 
 
-def build_augment(cfg: DictConfig) -> Augment | None:
-    """The augmentation node as one function of (batch, generator), or None when it does nothing."""
-    padding, mode, flip_p = int(cfg.crop_padding), str(cfg.crop_padding_mode), float(cfg.hflip)
-    steps: list[Augment] = []
+def translate(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by round(U(-f·W, f·W)) pixels right and round(U(-f·H, f·H)) down; zero fill.
+
+    The same draw as torchvision's RandomAffine(translate=(f, f)).
+    """
+    n, _, h, w = images.shape
+    dx = _uniform(n, -fraction * w, fraction * w, generator, images.device).round().long()
+    dy = _uniform(n, -fraction * h, fraction * h, generator, images.device).round().long()
+    py, px = math.floor(fraction * h + 0.5), math.floor(fraction * w + 0.5)  # the largest |shift| possible
+    padded = F.pad(images, (px, px, py, py))
+    return _windows(padded, py - dy, px - dx, h, w)
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate image i counter-clockwise by degrees[i] about its centre; bilinear, zero fill (as torchvision)."""
+    n, _, h, w = images.shape
+    angle = torch.deg2rad(degrees.to(images.dtype))
+    cos, sin = angle.cos(), angle.sin()
+    zero = torch.zeros_like(cos)
+    # affine_grid maps each output point to the input point it samples, in coordinates normalised to
+    # [-1, 1] per axis; the aspect factors keep the rotation rigid on non-square images.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees]."""
+    return rotate(images, _uniform(images.shape[0], -max_degrees, max_degrees, generator, images.device))
+
+
+# --- occlusion and noise ---------------------------------------------------------------------------
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image (all channels), placed uniformly so that it lies wholly
+    inside the image: every image loses exactly size² pixels. (DeVries & Taylor 2017 centre the square
+    anywhere and clip it at the border, so theirs can be smaller; this is torchvision's RandomErasing
+    with a fixed square.)"""
+    n, _, h, w = images.shape
+    if size > min(h, w):
+        raise ValueError(f"a cutout of {size}x{size} pixels does not fit in {h}x{w} images")
+    top = torch.randint(0, h - size + 1, (n, 1, 1), generator=generator, device=images.device)
+    left = torch.randint(0, w - size + 1, (n, 1, 1), generator=generator, device=images.device)
+    rows = torch.arange(h, device=images.device).view(1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def gaussian_noise(images: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Add independent N(0, std²) noise to every pixel (std in pixel units); no clamping."""
+    return images + std * torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
+
+# --- colour ----------------------------------------------------------------------------------------
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """Luma [N, 1, H, W] of RGB images; a 1-channel image is its own."""
+    if images.shape[1] != 3:
+        return images
+    r, g, b = images.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    f = factors.view(-1, 1, 1, 1).to(images.dtype)
+    return (f * images + (1 - f) * other).clamp(0, PIXEL_MAX)
+
+
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Image i times factors[i] (blend with black), clamped to [0, 255]."""
+    return _blend(images, torch.zeros_like(images), factors)
+
+
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend image i with its mean grey level by factors[i] (0: flat grey, 1: unchanged), clamped."""
+    return _blend(images, _gray(images).mean(dim=(1, 2, 3), keepdim=True), factors)
+
+
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend image i with its own grey version by factors[i]; grey (1-channel) images are returned as they are."""
+    if images.shape[1] != 3:
+        return images
+    return _blend(images, _gray(images), factors)
+
+
+def color_jitter(images: torch.Tensor, brightness: float, contrast: float, saturation: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Brightness, then contrast, then saturation, each with a factor drawn per image from
+    U(max(0, 1 - s), 1 + s) for its strength s; a strength of 0 leaves that property alone."""
+    n, device = images.shape[0], images.device
+    for strength, adjust in ((brightness, adjust_brightness), (contrast, adjust_contrast),
+                             (saturation, adjust_saturation)):
+        if strength > 0:
+            images = adjust(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, device))
+    return images
+
+
+# --- label mixing ----------------------------------------------------------------------------------
+
+
+def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """n draws of Beta(alpha, alpha), as G1 / (G1 + G2) of two Gamma(alpha) draws from `generator`."""
+    concentration = torch.full((2, n), float(alpha), device=device)
+    gammas = torch._standard_gamma(concentration, generator=generator)
+    return gammas[0] / (gammas[0] + gammas[1]).clamp_min(torch.finfo(gammas.dtype).tiny)
+
+
+def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zhang et al. 2018, per image: x_i = λ_i·x_i + (1 − λ_i)·x_π(i) with λ_i ~ Beta(alpha, alpha) and π a
+    random permutation of the batch; the soft targets [N, K] mix with the same weights."""
+    n = images.shape[0]
+    lam = sample_beta(alpha, n, generator, images.device)
+    perm = torch.randperm(n, generator=generator, device=images.device)
+    mixed = torch.lerp(images[perm], images, lam.view(-1, 1, 1, 1).to(images.dtype))
+    return mixed, torch.lerp(targets[perm], targets, lam.view(-1, 1).to(targets.dtype))
+
+
+def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Yun et al. 2019, per image: paste a box of x_π(i) into x_i. λ_i ~ Beta(alpha, alpha) sets the box to
+    int(H·√(1−λ)) x int(W·√(1−λ)) around a uniform centre, clipped at the border; the targets take
+    the pasted share of the area, exactly, from y_π(i)."""
+    n, _, h, w = images.shape
+    device = images.device
+    ratio = (1 - sample_beta(alpha, n, generator, device)).sqrt()
+    cut_h, cut_w = (h * ratio).long(), (w * ratio).long()
+    cy = torch.randint(0, h, (n,), generator=generator, device=device)
+    cx = torch.randint(0, w, (n,), generator=generator, device=device)
+    y0, y1 = (cy - cut_h // 2).clamp(0, h), (cy + cut_h // 2).clamp(0, h)
+    x0, x1 = (cx - cut_w // 2).clamp(0, w), (cx + cut_w // 2).clamp(0, w)
+    perm = torch.randperm(n, generator=generator, device=device)
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    box = ((rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
+           & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1)))
+    pasted = ((y1 - y0) * (x1 - x0)).to(targets.dtype) / (h * w)  # the share of each image replaced
+    mixed = torch.where(box.unsqueeze(1), images[perm], images)
+    return mixed, torch.lerp(targets, targets[perm], pasted.view(-1, 1))
+
+
+# --- builders --------------------------------------------------------------------------------------
+
+
+def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> list[Step]:
+    """The per-image transforms of cfg, in the order they run: geometry, colour, occlusion, noise."""
+    _, h, w = input_shape
+    padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
+    if mode == "reflect" and padding >= min(h, w):
+        raise ConfigError(f"augmentation.crop_padding={padding}: reflect padding must be smaller than the "
+                          f"{h}x{w} images; choose at most {min(h, w) - 1} or crop_padding_mode=zeros")
+    if int(cfg.cutout_size) > min(h, w):
+        raise ConfigError(f"augmentation.cutout_size={cfg.cutout_size} is larger than the {h}x{w} images; "
+                          f"choose at most {min(h, w)}")
+    translate_f, degrees, flip_h, flip_v = float(cfg.translate), float(cfg.rotate), float(cfg.hflip), float(cfg.vflip)
+    colour = (float(cfg.brightness), float(cfg.contrast), float(cfg.saturation))
+    size, std = int(cfg.cutout_size), float(cfg.noise_std)
+    steps: list[Step] = []
     if padding > 0:
         steps.append(lambda x, g: random_crop(x, padding, g, mode))
-    if flip_p > 0:
-        steps.append(lambda x, g: hflip(x, flip_p, g))
-    if not steps:
+    if translate_f > 0:
+        steps.append(lambda x, g: translate(x, translate_f, g))
+    if degrees > 0:
+        steps.append(lambda x, g: random_rotate(x, degrees, g))
+    if flip_h > 0:
+        steps.append(lambda x, g: hflip(x, flip_h, g))
+    if flip_v > 0:
+        steps.append(lambda x, g: vflip(x, flip_v, g))
+    if max(colour) > 0:
+        steps.append(lambda x, g: color_jitter(x, *colour, g))
+    if size > 0:
+        steps.append(lambda x, g: cutout(x, size, g))
+    if std > 0:
+        steps.append(lambda x, g: gaussian_noise(x, std, g))
+    return steps
+
+
+def build_batch_mix(cfg: DictConfig, num_classes: int) -> Augment | None:
+    """mixup and/or cutmix of cfg as an augment function (labels in, soft targets out), or None when both
+    are off. With both on, each image is mixed by one of them, chosen with probability 1/2 (as timm)."""
+    mix_a, cut_a = float(cfg.mixup_alpha), float(cfg.cutmix_alpha)
+    if mix_a == 0 and cut_a == 0:
         return None
 
-    def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def mix(images: torch.Tensor, labels: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = F.one_hot(labels, num_classes).to(images.dtype)
+        if cut_a == 0:
+            return mixup(images, targets, mix_a, generator)
+        if mix_a == 0:
+            return cutmix(images, targets, cut_a, generator)
+        use_cut = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+        mixed_x, mixed_t = mixup(images, targets, mix_a, generator)
+        cut_x, cut_t = cutmix(images, targets, cut_a, generator)
+        return (torch.where(use_cut.view(-1, 1, 1, 1), cut_x, mixed_x),
+                torch.where(use_cut.view(-1, 1), cut_t, mixed_t))
+
+    return mix
+
+
+def build_augment(cfg: DictConfig, num_classes: int, input_shape: tuple[int, int, int]) -> Augment | None:
+    """The device path: the whole augmentation node as one batched function of (images, labels, generator),
+    or None when it does nothing. `input_shape` (C, H, W) lets sizes be checked before training."""
+    if cfg.policy is not None:
+        raise ConfigError(f"augmentation.policy={cfg.policy} exists only on the DataLoader path (torchvision's "
+                          "per-image implementation); set data.loader=dataloader, or pick a batched option")
+    steps = _per_sample_steps(cfg, input_shape)
+    mix = build_batch_mix(cfg, num_classes)
+    if not steps and mix is None:
+        return None
+
+    def augment(images: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         for step in steps:
             images = step(images, generator)
-        return images
+        return (images, labels) if mix is None else mix(images, labels, generator)
 
     return augment
+
+
+# --- the DataLoader path: torchvision.transforms.v2, one image at a time -----------------------------
+
+
+class PadRandomCrop:
+    """v2 counterpart of random_crop: pad by `padding` (zeros or reflect), crop back to the input size."""
+
+    def __init__(self, padding: int, mode: str):
+        self.padding, self.mode = padding, mode
+
+    def __repr__(self) -> str:
+        return f"PadRandomCrop(padding={self.padding}, mode={self.mode})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = image.shape[-2:]
+        padded = TF.pad(image, [self.padding] * 4, padding_mode="constant" if self.mode == "zeros" else "reflect")
+        top, left = torch.randint(0, 2 * self.padding + 1, (2,)).tolist()
+        return TF.crop(padded, top, left, h, w)
+
+
+class Cutout:
+    """v2 counterpart of cutout: zero one size x size square lying wholly inside the image."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"Cutout(size={self.size})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = image.shape[-2:]
+        top = int(torch.randint(0, h - self.size + 1, ()))
+        left = int(torch.randint(0, w - self.size + 1, ()))
+        return TF.erase(image, top, left, self.size, self.size, torch.zeros((), dtype=image.dtype))
+
+
+def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None.
+
+    In: one uint8 image [C, H, W]. Out: pixel units, uint8 (float32 when noise_std > 0); the loader
+    converts to float and normalises as on the device path. Randomness comes from torch's global
+    generator (seeded per DataLoader worker). mixup and cutmix act on batches: see build_batch_mix.
+    """
+    from torchvision.transforms import v2
+
+    steps: list[Callable] = []
+    if cfg.crop_padding > 0:
+        steps.append(PadRandomCrop(int(cfg.crop_padding), str(cfg.crop_padding_mode)))
+    if cfg.translate > 0:
+        steps.append(v2.RandomAffine(degrees=0.0, translate=(float(cfg.translate), float(cfg.translate))))
+    if cfg.rotate > 0:
+        steps.append(v2.RandomRotation(float(cfg.rotate), interpolation=v2.InterpolationMode.BILINEAR))
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(float(cfg.hflip)))
+    if cfg.vflip > 0:
+        steps.append(v2.RandomVerticalFlip(float(cfg.vflip)))
+    if max(cfg.brightness, cfg.contrast, cfg.saturation) > 0:
+        steps.append(v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast),
+                                    saturation=float(cfg.saturation)))
+    if cfg.policy is not None:
+        steps.append(build_policy(cfg))
+    if cfg.cutout_size > 0:
+        steps.append(Cutout(int(cfg.cutout_size)))
+    if cfg.noise_std > 0:
+        steps += [v2.ToDtype(torch.float32, scale=False), v2.GaussianNoise(0.0, float(cfg.noise_std), clip=False)]
+    return v2.Compose(steps) if steps else None
+
+
+def build_policy(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchvision's searched or random augmentation policy named by augmentation.policy."""
+    from torchvision.transforms import v2
+
+    if cfg.policy == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy(str(cfg.autoaugment_dataset)))
+    if cfg.policy == "randaugment":
+        return v2.RandAugment(num_ops=int(cfg.randaugment_num_ops), magnitude=int(cfg.randaugment_magnitude))
+    if cfg.policy == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    raise ConfigError(f"augmentation.policy={cfg.policy!r} is not a policy; choose one of "
+                      f"{', '.join(AUGMENT_POLICIES)} or null")

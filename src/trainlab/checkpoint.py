@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,22 +17,79 @@ import torch
 
 from trainlab.config import ConfigError
 
-FORMAT_VERSION = 1
+log = logging.getLogger("trainlab")
+
+FORMAT_VERSION = 2  # 2: mid-epoch position (in_epoch), the previous last.pt kept as last.prev.pt
+TMP_SUFFIX = ".tmp"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (read-only directory, full disk, ...): the run must stop."""
+
+
+def save_atomic(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it: never a half-written file.
+
+    keep_previous: first hard-link the current file as <stem>.prev<suffix> (no copy), so a fallback
+    survives even if the file system later loses the new one. Failures raise CheckpointWriteError.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.is_file():
+            _replace_with_link(path, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _fsync_dir(path.parent)
+    except OSError as error:
+        raise CheckpointWriteError(error.errno, f"could not write checkpoint {path}: {error.strerror or error}; "
+                                   "the run stops rather than continue unsaved (check free space and "
+                                   "permissions of the run directory)") from error
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _replace_with_link(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` atomically (a hard link; a copy where links are unsupported)."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(source, staging)
+    except OSError:
+        shutil.copy2(source, staging)
+    os.replace(staging, target)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: without it a power cut may bring back the old directory entry."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform that cannot open directories (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in `directory`; returns what was removed."""
+    stale = sorted(p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file()) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning(f"removed {len(stale)} incomplete checkpoint file(s) left by an interrupted write: "
+                    + ", ".join(p.name for p in stale))
+    return stale
 
 
 def load(path: str | Path) -> dict:
@@ -37,27 +97,32 @@ def load(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt, e.g. "
-                          "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt")
+                          "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt, or checkpoint.resume=auto "
+                          "with hydra.run.dir=<run directory>")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ConfigError(f"checkpoint {path} holds objects that are not plain tensors, numbers or strings; "
-                          f"refusing to unpickle it ({str(error).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ConfigError(f"checkpoint {path} is corrupted or incomplete ({error})") from None
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"pickled {found.group(1)}" if found else "a pickled object"
+        raise ConfigError(f"checkpoint {path} holds objects that are not plain tensors, numbers or strings "
+                          f"({what}); refusing to unpickle it, since that could run code. trainlab's own "
+                          "checkpoints hold none; load only files you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"checkpoint {path} is corrupted or incomplete ({detail})") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise ConfigError(f"checkpoint {path} is not a trainlab checkpoint (no format_version)")
     return state
 
 
 def rng_state() -> dict:
-    """Every random state the run uses, as tensors and plain numbers (loadable with weights_only)."""
+    """Every global random state the run uses, as tensors and plain numbers (loadable with weights_only)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -66,7 +131,7 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if len(state["cuda"]) > 0 and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

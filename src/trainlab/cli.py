@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -14,16 +15,12 @@ from omegaconf import DictConfig
 from trainlab.config import register_configs
 
 
-class JobFailed(RuntimeError):
-    """A sweep job that did not complete; Hydra records it and the sweep exits non-zero."""
-
-
 # An absolute path: found the same way from a source checkout, an editable and a regular install.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _train(cfg: DictConfig) -> str:
+def _train(cfg: DictConfig) -> str | float:
     from trainlab.run import execute  # torch is imported only once Hydra has parsed the command line
 
     hydra_cfg = HydraConfig.get()
@@ -32,11 +29,11 @@ def _train(cfg: DictConfig) -> str:
     live = {"bar": True, "lines": False}.get(cfg.logger.progress, sys.stdout.isatty() and not sweeping)
     if cfg.dry_run:
         return _dry_run(cfg, run_dir)
+    if sweeping:  # a failed job does not stop the sweep: the report at its end lists it (trainlab.sweep)
+        from trainlab.sweep import run_sweep_job
+
+        return run_sweep_job(cfg, run_dir, list(hydra_cfg.overrides.task), partial(execute, live=live))
     status, code, run = execute(cfg, run_dir, list(hydra_cfg.overrides.task), live=live)
-    if sweeping:
-        if code != 0:
-            raise JobFailed(f"job {hydra_cfg.job.num} ({run_dir}) ended {status}: {run.summary.get('stop_reason')}")
-        return status
     if code != 0 and not run.started:
         _remove_if_only_bookkeeping(run_dir)
     if code != 0:

@@ -13,7 +13,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 ALLOWED_TARGET_PREFIXES = ("torch.", "torchvision.", "trainlab.")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune")
 MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
+AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -37,6 +39,12 @@ class DataConfig:
     # [[epoch, factor], ...]: from that (1-based) epoch on, the training batch size is multiplied by factor,
     # cumulatively; [] = off. "Don't decay the learning rate, increase the batch size" (Smith et al. 2018)
     batch_size_schedule: List[Any] = field(default_factory=list)
+    # device: the whole dataset on the device as uint8, batches as index slices, batched augmentation;
+    # dataloader: torch DataLoader workers with per-image torchvision v2 transforms, for data that does not fit;
+    # auto: device when all splits as uint8 take at most device_max_gb
+    loader: str = "auto"
+    device_max_gb: float = 4.0  # GiB of uint8 images up to which loader=auto keeps the data on the device
+    num_workers: int = 2  # DataLoader worker processes (loader=dataloader); 0 = in the main process
 
 
 @dataclass
@@ -57,10 +65,67 @@ class SyntheticConfig(DataConfig):
 
 
 @dataclass
+class FileDataConfig(DataConfig):
+    """A dataset with its own train/test files under data.root, in torchvision's layout."""
+
+    root: str = "${oc.env:TRAINLAB_DATA,data}"  # the environment variable TRAINLAB_DATA, else data/ in the working dir
+    download: bool = False  # true: download through torchvision when absent (needs internet)
+
+
+@dataclass
+class MnistConfig(FileDataConfig):
+    name: str = "mnist"
+
+
+@dataclass
+class FashionMnistConfig(FileDataConfig):
+    name: str = "fashion_mnist"
+
+
+@dataclass
+class KmnistConfig(FileDataConfig):
+    name: str = "kmnist"
+
+
+@dataclass
+class Cifar10Config(FileDataConfig):
+    name: str = "cifar10"
+
+
+@dataclass
+class Cifar100Config(FileDataConfig):
+    name: str = "cifar100"
+
+
+@dataclass
+class SvhnConfig(FileDataConfig):
+    name: str = "svhn"
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    name: str = "image_folder"
+    path: str = "???"  # a folder of class subfolders, or one with train/ and test/ folders of class subfolders
+    image_size: int = 32  # pixels: every image is resized (bilinear) to image_size x image_size once, when decoded
+    channels: int = 3  # 3 = RGB, 1 = greyscale
+    test_fraction: float = 0.2  # share held out as the test split when there is no test/ folder (fixed, not seeded)
+    root: str = "${oc.env:TRAINLAB_DATA,data}"
+    cache_dir: Optional[str] = "${.root}/cache"  # decoded uint8 images, keyed by the folder's contents; null = off
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+    compile: str = "false"  # false | default | reduce-overhead | max-autotune: torch.compile the model (first steps slow)
+    channels_last: str = "auto"  # auto (conv models) | true | false: NHWC memory format for the model
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores
+    threads: Optional[int] = None  # CPU threads for torch; null: every available core (OMP_NUM_THREADS if set)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (an op without one fails); cuDNN autotuning off
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradient norm: stop (status diverged) | skip the step
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: steps skipped in the whole run before it stops as diverged
+    nonfinite_check: str = "auto"  # auto: step on CPU, interval on GPU | step: each step (a sync) | interval: no sync
 
 
 @dataclass
@@ -74,8 +139,9 @@ class EarlyStoppingConfig:
 
 @dataclass
 class CheckpointConfig:
-    resume: Optional[str] = None  # null: start fresh | PATH to a last.pt to continue from
+    resume: Optional[str] = None  # null: start fresh | auto: this run directory's last.pt, if any | PATH to a last.pt
     every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always after the last)
+    every_n_steps: Optional[int] = None  # also write last.pt every N optimizer steps, mid-epoch; null: off
 
 
 @dataclass
@@ -83,13 +149,34 @@ class LoggerConfig:
     every_n_steps: int = 10  # optimizer steps per train/loss point (one host sync per interval)
     tensorboard: bool = True
     progress: str = "auto"  # auto: a live bar on a terminal, plain lines elsewhere | bar | lines
+    grad_norm: bool = True  # train/grad_norm: the global gradient L2 norm at the last step of each interval
+    # every N epochs (N, 2N, ...), per-layer statistics of the epoch's first step: activation mean/std, dead ReLU
+    # fraction, gradient norm, update-to-weight ratio, first-layer filters; 0 = off
+    layer_stats_every_n_epochs: int = 10
+    histograms: bool = True  # with layer stats: histograms of weights, gradients and activations
+    graph: bool = False  # the model graph (traced once at start; a warning when a model cannot be traced)
 
 
 @dataclass
 class AugmentationConfig:
-    hflip: float = 0.0  # probability of flipping each training image left-right
+    # Training images only, per image, in this order; 0 = off for every knob.
     crop_padding: int = 0  # pixels of padding before a random crop back to full size; 0 = off
     crop_padding_mode: str = "zeros"  # zeros | reflect
+    translate: float = 0.0  # largest shift, as a fraction of the width (x) and height (y); zero fill
+    rotate: float = 0.0  # largest rotation in degrees: angle uniform in [-rotate, rotate]; bilinear, zero fill
+    hflip: float = 0.0  # probability of flipping each training image left-right
+    vflip: float = 0.0  # probability of flipping each training image upside down
+    brightness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]
+    contrast: float = 0.0  # likewise, blending with the image's mean grey level
+    saturation: float = 0.0  # likewise, blending with the image's grey version (3-channel images only)
+    cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
+    noise_std: float = 0.0  # std of additive gaussian noise, in pixel levels (0-255 scale; digits are 0-16)
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight per image; soft targets
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) sets the pasted box's area per image; soft targets
+    policy: Optional[str] = None  # data.loader=dataloader only: autoaugment | randaugment | trivialaugment
+    autoaugment_dataset: str = "cifar10"  # the dataset autoaugment's policy was searched on: cifar10 | imagenet | svhn
+    randaugment_num_ops: int = 2  # transforms applied in sequence per image
+    randaugment_magnitude: int = 9  # strength of each, 0 to 30
 
 
 @dataclass
@@ -110,6 +197,13 @@ SCHEMAS = {
     "schema_data": DataConfig,
     "schema_data_digits": DigitsConfig,
     "schema_data_synthetic": SyntheticConfig,
+    "schema_data_mnist": MnistConfig,
+    "schema_data_fashion_mnist": FashionMnistConfig,
+    "schema_data_kmnist": KmnistConfig,
+    "schema_data_cifar10": Cifar10Config,
+    "schema_data_cifar100": Cifar100Config,
+    "schema_data_svhn": SvhnConfig,
+    "schema_data_image_folder": ImageFolderConfig,
     "schema_trainer": TrainerConfig,
     "schema_early_stopping": EarlyStoppingConfig,
     "schema_checkpoint": CheckpointConfig,
@@ -222,20 +316,44 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(0.0 < data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be between 0 and 1")
     if "test_fraction" in data:
         check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "must be between 0 and 1")
+    check(data.loader in ("auto", "device", "dataloader"), "data.loader", data.loader,
+          "choose auto, device or dataloader")
+    check(data.device_max_gb > 0, "data.device_max_gb", data.device_max_gb, "must be > 0 GiB")
+    check(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0 (0: load in the main process)")
+    if "image_size" in data:
+        check(data.image_size >= 1, "data.image_size", data.image_size, "must be at least 1 pixel, e.g. 32")
+        check(data.channels in (1, 3), "data.channels", data.channels, "choose 3 (RGB) or 1 (greyscale)")
     check(trainer.max_epochs >= 1, "trainer.max_epochs", trainer.max_epochs, "must be at least 1")
     check(bool(_DEVICE_PATTERN.match(trainer.device)), "trainer.device", trainer.device,
           "choose auto, cpu, cuda, cuda:N or mps")
     check(trainer.precision in PRECISIONS, "trainer.precision", trainer.precision,
           f"choose one of {', '.join(PRECISIONS)}")
+    check(str(trainer.compile).lower() in COMPILE_MODES, "trainer.compile", trainer.compile,
+          f"choose one of {', '.join(COMPILE_MODES)}")
+    check(str(trainer.channels_last).lower() in ("auto", "true", "false"), "trainer.channels_last",
+          trainer.channels_last, "choose auto, true or false")
+    check(trainer.threads is None or trainer.threads >= 1, "trainer.threads", trainer.threads,
+          "must be at least 1, or null for every available core")
     check(stop.monitor in MONITORS, "early_stopping.monitor", stop.monitor, f"choose one of {', '.join(MONITORS)}")
     check(stop.mode in ("min", "max"), "early_stopping.mode", stop.mode, "choose min or max")
     check(stop.patience >= 1, "early_stopping.patience", stop.patience, "must be at least 1 epoch")
     check(stop.min_delta >= 0, "early_stopping.min_delta", stop.min_delta, "must be >= 0")
     check(cfg.checkpoint.every_n_epochs >= 1, "checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs,
           "must be at least 1")
+    check(cfg.checkpoint.every_n_steps is None or cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps",
+          cfg.checkpoint.every_n_steps, "must be at least 1, or null for epoch checkpoints only")
+    check(cfg.checkpoint.resume is None or cfg.checkpoint.resume.strip() != "", "checkpoint.resume",
+          cfg.checkpoint.resume, "give null, auto, or the path of a last.pt")
+    check(trainer.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", trainer.on_nonfinite, "choose stop or skip")
+    check(trainer.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", trainer.max_nonfinite_skips,
+          "must be >= 0")
+    check(trainer.nonfinite_check in ("auto", "step", "interval"), "trainer.nonfinite_check",
+          trainer.nonfinite_check, "choose auto, step or interval")
     check(cfg.logger.every_n_steps >= 1, "logger.every_n_steps", cfg.logger.every_n_steps, "must be at least 1")
     check(cfg.logger.progress in ("auto", "bar", "lines"), "logger.progress", cfg.logger.progress,
           "choose auto, bar or lines")
+    check(cfg.logger.layer_stats_every_n_epochs >= 0, "logger.layer_stats_every_n_epochs",
+          cfg.logger.layer_stats_every_n_epochs, "must be >= 0 epochs (0 = off)")
     check(0.0 <= cfg.regularization.dropout < 1.0, "regularization.dropout", cfg.regularization.dropout,
           "must be in [0, 1)")
     reg = cfg.regularization
@@ -255,4 +373,21 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(aug.crop_padding >= 0, "augmentation.crop_padding", aug.crop_padding, "must be >= 0 pixels")
     check(aug.crop_padding_mode in ("zeros", "reflect"), "augmentation.crop_padding_mode",
           aug.crop_padding_mode, "choose zeros or reflect")
+    check(0.0 <= aug.vflip <= 1.0, "augmentation.vflip", aug.vflip, "is a probability in [0, 1]")
+    check(0.0 <= aug.translate < 1.0, "augmentation.translate", aug.translate,
+          "is a fraction of the image size in [0, 1), e.g. 0.125")
+    check(0.0 <= aug.rotate <= 180.0, "augmentation.rotate", aug.rotate, "is in degrees, 0 to 180")
+    for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
+        check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
+    check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
+    check(aug.policy is None or aug.policy in AUGMENT_POLICIES, "augmentation.policy", aug.policy,
+          f"choose one of {', '.join(AUGMENT_POLICIES)}, or null")
+    check(aug.policy is None or data.get("loader") == "dataloader", "augmentation.policy", aug.policy,
+          "runs only on the DataLoader path (torchvision's per-image policies); set data.loader=dataloader")
+    check(aug.autoaugment_dataset in ("cifar10", "imagenet", "svhn"), "augmentation.autoaugment_dataset",
+          aug.autoaugment_dataset, "choose cifar10, imagenet or svhn")
+    check(aug.randaugment_num_ops >= 1, "augmentation.randaugment_num_ops", aug.randaugment_num_ops,
+          "must be at least 1")
+    check(0 <= aug.randaugment_magnitude <= 30, "augmentation.randaugment_magnitude", aug.randaugment_magnitude,
+          "must be in [0, 30]")
     return problems

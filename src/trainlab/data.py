@@ -1,14 +1,17 @@
-"""Datasets as uint8 tensors, deterministic splits, and batches served as index slices on the device."""
+"""Datasets as uint8 tensors, deterministic splits, and batches: index slices on the device, or DataLoader workers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from trainlab.augment import Augment, build_augment, build_batch_mix, build_v2_transform
 from trainlab.config import ConfigError
+from trainlab.datasets import SOURCES, load_image_folder, load_source
 
 
 @dataclass
@@ -71,25 +74,50 @@ def make_synthetic(num_samples: int, shape: list[int], num_classes: int, noise: 
     return images.round().clamp(0, 255).to(torch.uint8), labels
 
 
+DATASET_NAMES = ("digits", "synthetic", *SOURCES, "image_folder")
+
+
+def load_images(cfg: DictConfig) -> tuple[Split, Split | None, int]:
+    """(training images, the dataset's own test split or None, number of classes) of data.name."""
+    if cfg.name == "digits":
+        return Split(*load_digits()), None, 10
+    if cfg.name == "synthetic":
+        images, labels = make_synthetic(cfg.num_samples, list(cfg.shape), cfg.num_classes, cfg.noise, cfg.seed)
+        return Split(images, labels), None, cfg.num_classes
+    if cfg.name in SOURCES:
+        train, test, num_classes = load_source(cfg.name, Path(cfg.root).expanduser(), cfg.download)
+        return Split(*train), Split(*test), num_classes
+    if cfg.name == "image_folder":
+        train, test, num_classes = load_image_folder(cfg)
+        return Split(*train), (Split(*test) if test is not None else None), num_classes
+    raise ConfigError(f"data.name={cfg.name!r} is not a dataset; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of uint8 [N, C, H, W], in float64 chunks: no float copy of it all."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for part in images.split(chunk):
+        x = part.double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    var = (squares - count * mean.square()) / max(count - 1, 1)
+    return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-3)
+
+
 def build_data(cfg: DictConfig) -> Dataset:
     """The dataset named by data.name, split into train / val / test, with training-split statistics."""
-    if cfg.name == "digits":
-        images, labels = load_digits()
-        num_classes = 10
-    elif cfg.name == "synthetic":
-        images, labels = make_synthetic(cfg.num_samples, list(cfg.shape), cfg.num_classes, cfg.noise, cfg.seed)
-        num_classes = cfg.num_classes
-    else:
-        raise ConfigError(f"data.name={cfg.name!r} is not a dataset; choose digits or synthetic")
-    everything = Split(images, labels)
-    # The test split depends on nothing but the data, so every run of a study tests on the same images.
-    train_idx, test_idx = split_index(len(everything), cfg.test_fraction, seed=0)
-    train_all, test = everything.subset(train_idx), everything.subset(test_idx)
+    train_all, test, num_classes = load_images(cfg)
+    if test is None:
+        # The test split depends on nothing but the data, so every run of a study tests on the same images.
+        train_idx, test_idx = split_index(len(train_all), cfg.test_fraction, seed=0)
+        train_all, test = train_all.subset(train_idx), train_all.subset(test_idx)
     fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, seed=cfg.split_seed)
     train, val = train_all.subset(fit_idx), train_all.subset(val_idx)
-    pixels = train.images.float().transpose(0, 1).flatten(1)
-    std = pixels.std(dim=1).clamp_min(1e-3)
-    return Dataset(cfg.name, train, val, test, num_classes, pixels.mean(dim=1), std)
+    mean, std = channel_stats(train.images)
+    return Dataset(cfg.name, train, val, test, num_classes, mean, std)
 
 
 def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float]] | None) -> int:
@@ -119,7 +147,7 @@ class DeviceLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        augment: Augment | None = None,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -133,6 +161,9 @@ class DeviceLoader:
         self.seed = seed
         self.augment = augment
         self.epoch = 0
+        self.position = 0  # batches of the current epoch served so far
+        self._augment_rng: torch.Generator | None = None
+        self._resume_at: dict | None = None
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -150,6 +181,17 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict:
+        """Where the current epoch stands: its number, the batches served and the augmentation generator's state."""
+        rng = self._augment_rng.get_state() if self._augment_rng is not None else None
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size, "augment_rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration continues the saved epoch after its last served batch, with the same augmentation."""
+        self.set_epoch(int(state["epoch"]))
+        self.set_batch_size(int(state["batch_size"]))
+        self._resume_at = state
+
     def _generator(self, stream: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 4 + stream)
 
@@ -160,16 +202,120 @@ class DeviceLoader:
         else:
             order = torch.arange(n, device=self.device)
         aug_gen = self._generator(1) if self.augment is not None else None
-        for i in range(len(self)):
+        resume, self._resume_at = self._resume_at, None
+        if resume is not None and aug_gen is not None:
+            aug_gen.set_state(resume["augment_rng"])
+        self._augment_rng = aug_gen
+        self.position = 0 if resume is None else int(resume["position"])
+        for i in range(self.position, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[index].float()
+            x, y = self.images[index].float(), self.labels[index]
             if self.augment is not None:
-                x = self.augment(x, aug_gen)  # in pixel units, so zero padding is black as usual
-            yield (x - self.mean) * self.inv_std, self.labels[index]
+                x, y = self.augment(x, y, aug_gen)  # pixel units (zero padding is black); y: labels or soft targets
+            self.position = i + 1
+            yield (x - self.mean) * self.inv_std, y
 
 
-def train_loader(cfg: DictConfig, data: Dataset, device: torch.device,
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> DeviceLoader:
-    """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed."""
-    return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, shuffle=True,
-                        drop_last=cfg.data.drop_last, seed=cfg.seed, augment=augment)
+def fits_on_device(cfg: DictConfig, data: Dataset) -> bool:
+    """data.loader: device or dataloader as asked; auto: device when all splits as uint8 fit data.device_max_gb."""
+    if cfg.loader != "auto":
+        return cfg.loader == "device"
+    size = sum(split.images.numel() for split in (data.train, data.val, data.test))
+    return size <= cfg.device_max_gb * 2**30
+
+
+class _Samples(torch.utils.data.Dataset):
+    """One image at a time for DataLoader workers; key (epoch, i): the v2 transform's randomness is seeded by
+    (seed, epoch, i), so an epoch is the same however many workers serve it."""
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None, seed: int):
+        self.images, self.labels, self.transform, self.seed = split.images, split.labels, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = key
+        image = self.images[i]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2**63)
+                image = self.transform(image)
+        return image, self.labels[i]
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batch sampler of a WorkerLoader: the index lists its current epoch set, keyed by that epoch."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter([[(self.epoch, i) for i in batch] for batch in self.batches])
+
+
+class WorkerLoader(DeviceLoader):
+    """The DataLoader path, for data that does not fit on the device: the same batches as DeviceLoader.
+
+    Images stay on the host as uint8; DataLoader workers (data.num_workers) apply a per-image
+    torchvision.transforms.v2 `transform`, batches travel through pinned memory (CUDA) to the device,
+    and the batch-level `augment` (mixup, cutmix) runs there. Order, batch size, epochs and resume
+    positions are DeviceLoader's, so without augmentation both paths yield identical batches.
+    """
+
+    def __init__(self, split: Split, mean: torch.Tensor, std: torch.Tensor, batch_size: int, device: torch.device, *,
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Augment | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, num_workers: int = 0):
+        # DeviceLoader's bookkeeping (order, batch size, epoch, resume position) without its device copy of the images
+        super().__init__(Split(split.images[:0], split.labels), mean, std, batch_size, device, shuffle=shuffle,
+                         drop_last=drop_last, seed=seed, augment=augment)
+        self.sampler = _EpochBatches()
+        self.loader = torch.utils.data.DataLoader(
+            _Samples(split, transform, seed), batch_sampler=self.sampler, num_workers=num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            generator=torch.Generator())  # its own: each epoch's base seed is not drawn from the global generator
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self._generator(0), device=self.device).cpu()
+        else:
+            order = torch.arange(n)
+        aug_gen = self._generator(1) if self.augment is not None else None
+        resume, self._resume_at = self._resume_at, None
+        if resume is not None and aug_gen is not None:
+            aug_gen.set_state(resume["augment_rng"])
+        self._augment_rng = aug_gen
+        self.position = 0 if resume is None else int(resume["position"])
+        b = self.batch_size
+        self.sampler.epoch = self.epoch
+        self.sampler.batches = [order[i * b : (i + 1) * b].tolist() for i in range(self.position, len(self))]
+        for i, (images, labels) in enumerate(self.loader, start=self.position):
+            x = images.to(self.device, non_blocking=True).float()
+            y = labels.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x, y = self.augment(x, y, aug_gen)  # mixup / cutmix: soft targets
+            self.position = i + 1
+            yield (x - self.mean) * self.inv_std, y
+
+
+def train_loader(cfg: DictConfig, data: Dataset, device: torch.device) -> DeviceLoader:
+    """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed, with cfg.augmentation,
+    on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers."""
+    common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
+    if fits_on_device(cfg.data, data):
+        augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape)
+        return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, augment=augment, **common)
+    return WorkerLoader(data.train, data.mean, data.std, cfg.data.batch_size, device,
+                        augment=build_batch_mix(cfg.augmentation, data.num_classes),
+                        transform=build_v2_transform(cfg.augmentation), num_workers=cfg.data.num_workers, **common)
+
+
+def eval_loader(cfg: DictConfig, data: Dataset, split: Split, device: torch.device) -> DeviceLoader:
+    """Batches of a validation or test split in order, never augmented, on the path data.loader picks."""
+    if fits_on_device(cfg.data, data):
+        return DeviceLoader(split, data.mean, data.std, cfg.data.eval_batch_size, device)
+    return WorkerLoader(split, data.mean, data.std, cfg.data.eval_batch_size, device, num_workers=cfg.data.num_workers)

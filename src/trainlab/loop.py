@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,77 @@ class StepParts:
     clip: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
     closure_step: bool = False
+    # guard(loss, step) after backward: False skips the optimizer step (a non-finite loss or gradient), or raises
+    guard: Callable[[torch.Tensor, int], bool] | None = None
+    # on_step(step, totals) after every step: mid-epoch checkpoints and stop signals (may raise to end the run)
+    on_step: Callable[[int, EpochTotals], None] | None = None
+    # grad_norm() -> the global gradient L2 norm, on the device; read once per logging interval, at its last step
+    grad_norm: Callable[[], torch.Tensor] | None = None
+    # the model's outputs live in CUDA-graph memory that the next step overwrites (compile mode reduce-overhead)
+    copy_outputs: bool = False
+
+
+@dataclass
+class Interval:
+    """What the loop reports every `every_n_steps` optimizer steps, read from the device at once."""
+
+    step: int
+    loss: float  # mean data loss over the interval's steps
+    lrs: list[float]  # the learning rate each parameter group used at the interval's last step
+    grad_norm: float | None = None  # global gradient L2 norm at the interval's last step (after clipping)
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's running sums, kept on the host and filled without a kernel per step.
+
+    A step is recorded as references to its loss, logits and targets (no device work); `fold` reduces the
+    recorded steps in a handful of kernels and reads them in one transfer: once per logging interval, at
+    the end of the epoch and before a mid-epoch checkpoint (which saves these sums). So monitoring costs
+    the loop nothing per step on a GPU, where every kernel launch counts for small models.
+    """
+
+    loss_sum: float = 0.0  # sum over examples of the data loss
+    correct: int = 0
+    seen: int = 0
+    interval_loss: float = 0.0  # sum of the step losses of the current logging interval
+    interval_steps: int = 0
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    copy_outputs: bool = False  # CUDA-graph replays overwrite their outputs: keep copies of the logits
+
+    def record(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.detach()
+        self.pending.append((loss.detach(), logits.clone() if self.copy_outputs else logits, targets))
+        self.seen += targets.shape[0]
+        self.interval_steps += 1
+
+    def fold(self, *extra: torch.Tensor) -> list[float]:
+        """Add the pending steps to the sums (one read from the device); returns the values of `extra` scalars,
+        read in the same transfer."""
+        if not self.pending:
+            return torch.stack([e.float() for e in extra]).tolist() if extra else []
+        losses = torch.stack([loss.float() for loss, _, _ in self.pending])
+        targets = torch.cat([t for _, _, t in self.pending])
+        labels = targets if targets.ndim == 1 else targets.argmax(dim=1)  # soft (mixed) targets: the top class
+        hits = (torch.cat([logits for _, logits, _ in self.pending]).argmax(dim=1) == labels).sum()
+        values = torch.cat([losses, hits.float().view(1), *(e.float().view(1) for e in extra)]).tolist()
+        for (_, _, t), loss in zip(self.pending, values):
+            self.loss_sum += loss * t.shape[0]
+            self.interval_loss += loss
+        self.correct += round(values[len(self.pending)])
+        extras = values[len(self.pending) + 1:]
+        self.pending.clear()
+        return extras
+
+    def state_dict(self) -> dict[str, Any]:
+        self.fold()
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "interval_loss": self.interval_loss,
+                "seen": self.seen, "interval_steps": self.interval_steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochTotals:
+        return cls(float(state["loss_sum"]), int(state["correct"]), int(state["seen"]),
+                   float(state["interval_loss"]), int(state["interval_steps"]))
 
 
 def train_one_epoch(
@@ -45,20 +116,18 @@ def train_one_epoch(
     autocast: AbstractContextManager,
     step: int,
     every_n_steps: int,
-    on_interval: Callable[[int, float, float], None],
+    on_interval: Callable[[Interval], None],
     parts: StepParts = StepParts(),
+    totals: EpochTotals | None = None,
 ) -> EpochResult:
-    """One pass over `batches`; calls on_interval(step, mean loss, lr) every `every_n_steps` steps.
+    """One pass over `batches`; calls on_interval(Interval) every `every_n_steps` steps.
 
     The logged loss is the data loss (comparable with val/loss); the penalty is added only to the
-    objective that is differentiated.
+    objective that is differentiated. `totals` continues an epoch resumed from a mid-epoch checkpoint.
     """
     model.train()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    interval_loss = torch.zeros((), device=device)
-    seen = interval_steps = 0
+    totals = totals if totals is not None else EpochTotals()
+    totals.copy_outputs = parts.copy_outputs
     for images, labels in batches:
         out: dict[str, torch.Tensor] = {}
 
@@ -75,30 +144,40 @@ def train_one_epoch(
 
         if parts.closure_step:
             optimizer.step(closure)
+            if parts.guard is not None:  # the optimizer stepped inside; the run saves no non-finite weights
+                parts.guard(out["loss"], step + 1)
         else:
             closure()
+            if parts.guard is not None and not parts.guard(out["loss"], step + 1):
+                optimizer.zero_grad(set_to_none=True)  # a skipped non-finite step: no update, not counted
+                continue
             scaler.step(optimizer)
         scaler.update()
         if parts.after_step is not None:
             parts.after_step()
         logits, loss = out["logits"], out["loss"]
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used
         scheduler.step()
         step += 1
 
-        loss = loss.detach()
-        loss_sum += loss * labels.shape[0]
-        interval_loss += loss
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += labels.shape[0]
-        interval_steps += 1
+        totals.record(loss, logits, labels)
         if step % every_n_steps == 0:
-            on_interval(step, (interval_loss / interval_steps).item(), lr)  # the only host sync of a step
-            interval_loss.zero_()
-            interval_steps = 0
-    if seen == 0:
+            on_interval(_read_interval(step, totals, lrs, parts.grad_norm))  # the only host sync of a step
+        if parts.on_step is not None:
+            parts.on_step(step, totals)
+    if totals.seen == 0:
         raise ValueError("the training split yields no batch; lower data.batch_size")
-    return EpochResult(loss=(loss_sum / seen).item(), acc=(correct.float() / seen).item(), step=step)
+    totals.fold()
+    return EpochResult(loss=totals.loss_sum / totals.seen, acc=totals.correct / totals.seen, step=step)
+
+
+def _read_interval(step: int, totals: EpochTotals, lrs: list[float],
+                   grad_norm: Callable[[], torch.Tensor] | None) -> Interval:
+    """The interval's mean loss (and the gradient norm of its last step) in one read from the device."""
+    norm = totals.fold(*([grad_norm()] if grad_norm is not None else []))
+    interval = Interval(step, totals.interval_loss / totals.interval_steps, lrs, norm[0] if norm else None)
+    totals.interval_loss, totals.interval_steps = 0.0, 0
+    return interval
 
 
 @torch.inference_mode()

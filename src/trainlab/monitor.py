@@ -1,18 +1,29 @@
-"""What a run reports: TensorBoard scalars, metrics.csv, console lines or a live bar, and the final table."""
+"""What a run reports: TensorBoard (scalars, layer statistics, images, hparams), metrics.csv, the console."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
+import time
+import warnings
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import torch
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.tree import Tree
+from torch import nn
+
+from trainlab.layer_stats import LayerStats, global_norm
+from trainlab.loop import Interval
 
 log = logging.getLogger("trainlab")
 
@@ -24,18 +35,32 @@ CUSTOM_SCALARS = {
         "accuracy": ["Multiline", ["train/acc", "val/acc"]],
     }
 }
+FLUSH_SECONDS = 5  # how often the event file's writer thread flushes to disk
+# The groups whose keys are a run's hyper-parameters in TensorBoard's HPARAMS tab (with seed and the overrides).
+HPARAM_GROUPS = ("model", "optimizer", "scheduler", "normalization", "regularization", "augmentation",
+                 "initialization", "data", "trainer", "early_stopping")
+# The final metrics of the HPARAMS tab: scalar tags written once at the end of the run.
+HPARAM_METRICS = ("hparams/best_val_loss", "hparams/best_val_acc", "hparams/test_loss", "hparams/test_acc",
+                  "hparams/epochs_run")
 
 
 class RunMonitor:
-    """Writes one run's scalars to TensorBoard and metrics.csv and shows progress on the console."""
+    """Writes one run's TensorBoard events and metrics.csv and shows its progress on the console.
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, live: bool, max_epochs: int, steps_per_epoch: int):
+    `model` and `optimizer` give the weight norm and each parameter group's lr and momentum per interval.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, live: bool, max_epochs: int, steps_per_epoch: int,
+                 model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 device: torch.device | None = None):
         self.run_dir = run_dir
+        self.model, self.optimizer, self.device = model, optimizer, device
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            # The writer's thread flushes every few seconds; the loop never waits for the disk.
+            self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=FLUSH_SECONDS)
             self.writer.add_custom_scalars(CUSTOM_SCALARS)
         csv_path = run_dir / "metrics.csv"
         self._csv_file = csv_path.open("a", newline="")
@@ -43,25 +68,27 @@ class RunMonitor:
         if csv_path.stat().st_size == 0:
             self._csv.writeheader()
         self.max_epochs, self.steps_per_epoch = max_epochs, steps_per_epoch
+        self.last_step = 0
         self.console = Console()
         self.progress: Progress | None = None
         self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
+        self._mark = (time.perf_counter(), 0)  # (time, step) of the last interval, for samples/s
+        self._run_rate: float | None = None  # steps per second, smoothed, for the run's ETA
         if live:
             self._start_live()
 
     # --- live bar (terminal only) ---------------------------------------------------------------
     def _start_live(self) -> None:
-        self.progress = Progress(
+        self.progress = Progress(  # one line that fits 80 columns; the bar is the epoch's share of steps done
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[max_epochs]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"),
-            TimeRemainingColumn(),
+            BarColumn(bar_width=12),
+            TextColumn("step {task.fields[step]} loss {task.fields[loss]} lr {task.fields[lr]} "
+                       "{task.fields[speed]} samples/s ETA {task.fields[eta]}"),
             console=self.console,
             transient=True,
         )
-        self.task = self.progress.add_task("train", total=self.steps_per_epoch, epoch=0,
-                                           max_epochs=self.max_epochs, loss="-", lr="-")
+        self.task = self.progress.add_task("train", total=self.steps_per_epoch, epoch=0, max_epochs=self.max_epochs,
+                                           step=0, loss="-", lr="-", speed="-", eta="-")
         # Log lines go through the bar's console, so they print above the bar instead of through it.
         root = logging.getLogger()
         for handler in list(root.handlers):
@@ -73,28 +100,67 @@ class RunMonitor:
                 self._swapped.append((handler, rich_handler))
         self.progress.start()
 
-    def start_epoch(self, epoch: int, first_step: int, steps: int) -> None:
-        self._epoch_first_step = first_step
+    def start_epoch(self, epoch: int, first_step: int, steps: int, batch_size: int = 0) -> None:
+        """`steps` optimizer steps of `batch_size` examples follow, from global step `first_step`."""
+        self._epoch, self._epoch_first_step, self._epoch_steps = epoch, first_step, steps
+        self._batch_size = batch_size
+        self._mark = (time.perf_counter(), first_step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=0, total=steps, epoch=epoch)
+            self.progress.update(self.task, completed=0, total=steps, epoch=epoch, step=first_step)
 
-    def train_interval(self, step: int, loss: float, lr: float) -> None:
+    def train_interval(self, interval: Interval) -> None:
+        """Per logging interval: train/loss, lr and momentum per group, gradient and weight norms, samples/s."""
+        now = time.perf_counter()
+        steps_done = interval.step - self._mark[1]
+        rate = steps_done / max(now - self._mark[0], 1e-9)  # steps per second over the interval
+        self._mark = (now, interval.step)
+        self._run_rate = rate if self._run_rate is None else 0.7 * self._run_rate + 0.3 * rate
+        self.last_step = interval.step
         if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("lr", lr, step)
+            self._write_interval(interval, rate)
         if self.progress is not None:
-            done = step - self._epoch_first_step
-            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+            remaining = (self._epoch_first_step + self._epoch_steps - interval.step
+                         + (self.max_epochs - self._epoch) * self._epoch_steps)
+            self.progress.update(self.task, completed=interval.step - self._epoch_first_step, step=interval.step,
+                                 loss=f"{interval.loss:.4f}", lr=f"{interval.lrs[0]:.3g}",
+                                 speed=f"{rate * self._batch_size:,.0f}", eta=_clock(remaining / self._run_rate))
+
+    def _write_interval(self, interval: Interval, rate: float) -> None:
+        values = {"train/loss": interval.loss, "lr": interval.lrs[0]}
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        for i, (group, lr) in enumerate(zip(groups, interval.lrs)):
+            name = group.get("name", str(i))
+            values[f"lr/{name}"] = lr
+            momentum = group["betas"][0] if "betas" in group else group.get("momentum")
+            if momentum is not None:  # SGD's momentum, Adam's beta1: the value the last step used
+                values[f"momentum/{name}"] = momentum
+        if interval.grad_norm is not None:
+            values["train/grad_norm"] = interval.grad_norm
+        if self._batch_size > 0:
+            values["perf/samples_per_s"] = rate * self._batch_size
+        self._scalars(values, interval.step)
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars at one step as one event: a quarter of the cost of one add_scalar per value."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+        self.writer.file_writer.add_summary(summary, step)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         """Record one epoch: a metrics.csv row, TensorBoard scalars at the epoch's last step, a log line."""
         self._csv.writerow({k: row.get(k) for k in CSV_COLUMNS})
         self._csv_file.flush()
+        self.last_step = row["step"]
         if self.writer is not None:
-            for key in ("train/acc", "val/loss", "val/acc"):
-                self.writer.add_scalar(key, row[key], row["step"])
-            self.writer.add_scalar("epoch", row["epoch"], row["step"])
-            self.writer.flush()
+            values = {key: row[key] for key in ("train/acc", "val/loss", "val/acc", "epoch")}
+            values["perf/epoch_time_s"] = row["epoch_time_s"]
+            if self.model is not None:
+                values["train/weight_norm"] = global_norm(self.model.parameters()).item()
+            if self.device is not None and self.device.type == "cuda":
+                values["perf/gpu_max_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._scalars(values, row["step"])
         note = "  *best*" if row.get("best") else ""
         log.info(
             f"epoch {row['epoch']}/{self.max_epochs}  train/loss {row['train/loss']:.4f}  "
@@ -102,10 +168,57 @@ class RunMonitor:
             f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s{note}"
         )
 
+    def layer_stats(self, stats: LayerStats, step: int, filters: torch.Tensor | None) -> None:
+        """A recorded step's per-layer scalars and histograms, and the first layer's filters, at `step`."""
+        if self.writer is None:
+            return
+        self._scalars(stats.scalars, step)
+        for tag, h in stats.histograms.items():
+            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, h.bucket_limits,
+                                          h.bucket_counts, step)
+        if filters is not None:
+            self.writer.add_image("first_layer/filters", filters, step)
+
     def test_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
+            self._scalars(metrics, step)
+
+    def confusion(self, counts: torch.Tensor, step: int) -> None:
+        """The test split's confusion matrix as an image (rows: true class, columns: prediction)."""
+        if self.writer is not None:
+            self.writer.add_figure("test/confusion_matrix", confusion_figure(counts), step)
+
+    def graph(self, model: nn.Module, example: torch.Tensor) -> None:
+        """The model's graph (traced once in eval mode on `example`); a warning, not a failure, when tracing fails."""
+        if self.writer is None:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation: it still serves here
+                self.writer.add_graph(model, example)
+        except Exception as error:  # noqa: BLE001 - tracing fails for some models; the run goes on without a graph
+            log.warning(f"logger.graph: the model graph could not be traced ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); no graph in TensorBoard")
+        finally:
+            model.train(was_training)
+
+    def hparams(self, hyperparameters: dict[str, Any], summary: dict[str, Any]) -> None:
+        """The run's hyper-parameters and final metrics for the HPARAMS tab, in the run's own event file."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        best, test = summary.get("best") or {}, summary.get("test") or {}
+        metrics = {"hparams/best_val_loss": best.get("val/loss"), "hparams/best_val_acc": best.get("val/acc"),
+                   "hparams/test_loss": test.get("test/loss"), "hparams/test_acc": test.get("test/acc"),
+                   "hparams/epochs_run": summary.get("epochs_run")}
+        self._scalars({tag: value for tag, value in metrics.items() if value is not None}, self.last_step)
+        status = {"status": summary.get("status"), "stop_reason": summary.get("stop_reason") or ""}
+        for summary_proto in hparams({**hyperparameters, **status}, {tag: 0.0 for tag in HPARAM_METRICS}):
+            self.writer.file_writer.add_summary(summary_proto)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.progress is not None:
@@ -118,7 +231,106 @@ class RunMonitor:
         self._swapped.clear()
         if self.writer is not None:
             self.writer.close()
-        self._csv_file.close()
+            self.writer = None
+        if not self._csv_file.closed:
+            self._csv_file.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def hyperparameters(cfg: DictConfig, overrides: Iterable[str]) -> dict[str, Any]:
+    """The run's hyper-parameters as flat scalars: seed, every key of HPARAM_GROUPS, and each override.
+
+    Lists become their text and null "null"; an override adds what the config does not hold by key, such as
+    a group's option (`optimizer=adam`).
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {"seed": resolved.get("seed")}
+
+    def add(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key not in ("_target_", "_partial_"):
+                    add(value, f"{prefix}.{key}")
+        elif node is None:
+            flat[prefix] = "null"
+        elif isinstance(node, (bool, int, float, str)):
+            flat[prefix] = node
+        else:
+            flat[prefix] = str(node)
+
+    for group in HPARAM_GROUPS:
+        if group in resolved:
+            add(resolved[group], group)
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        flat.setdefault(key, value)
+    return flat
+
+
+@torch.inference_mode()
+def confusion_matrix(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     autocast: AbstractContextManager, num_classes: int) -> torch.Tensor:
+    """counts[true class, predicted class] of `model` in eval mode over `batches`, on the CPU."""
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    for images, labels in batches:
+        with autocast:
+            predicted = model(images).argmax(dim=1)
+        counts = counts + torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).cpu()
+    return counts.reshape(num_classes, num_classes)
+
+
+def write_confusion_csv(counts: torch.Tensor, path: Path) -> None:
+    """One row per true class, one column per predicted class."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true\\predicted", *range(counts.shape[1])])
+        for true, row in enumerate(counts.tolist()):
+            writer.writerow([true, *row])
+
+
+def confusion_figure(counts: torch.Tensor) -> Any:
+    """A heat map of the row-normalised confusion matrix, with the counts written in (up to 20 classes)."""
+    from matplotlib.figure import Figure
+
+    classes = counts.shape[0]
+    rates = counts.float() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    size = min(3 + 0.45 * classes, 14)
+    figure = Figure(figsize=(size, size), dpi=80)
+    axes = figure.add_subplot()
+    axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"test split: {int(counts.trace())}/{int(counts.sum())} correct")
+    if classes <= 20:
+        axes.set_xticks(range(classes))
+        axes.set_yticks(range(classes))
+        for (true, pred), count in zip(torch.cartesian_prod(torch.arange(classes), torch.arange(classes)).tolist(),
+                                       counts.flatten().tolist()):
+            axes.text(pred, true, str(count), ha="center", va="center", fontsize=8,
+                      color="white" if rates[true, pred] > 0.5 else "black")
+    figure.tight_layout()
+    return figure
+
+
+def config_tree(cfg: DictConfig) -> Tree:
+    """The resolved config as a tree: one branch per group, one leaf per key."""
+    tree = Tree("config", guide_style="dim")
+
+    def add(branch: Tree, node: Any) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                add(branch.add(f"[bold]{key}"), value)
+            else:
+                branch.add(f"{key}: {value}", highlight=False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    add(tree, {k: v for k, v in resolved.items() if k != "hydra"})
+    return tree
 
 
 def final_table(summary: dict[str, Any]) -> Table:

@@ -138,7 +138,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
         groups = [g for g in groups if g["params"]]
     own_decay = {"weight_decay": 0.0} if _accepts(cls, "weight_decay") else {}  # AdamW's default is 0.01
     try:
-        optimizer = factory(groups, **own_decay)
+        optimizer = factory(groups, **own_decay, **_fast_kernels(cls, options, decay + no_decay))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer={target}: {error}; check the keys of the optimizer group") from None
 
@@ -147,6 +147,15 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
     if wd > 0:
         optimizer.register_step_pre_hook(decoupled_weight_decay)
     return optimizer
+
+
+def _fast_kernels(cls: Any, options: dict[str, Any], params: list[nn.Parameter]) -> dict[str, bool]:
+    """fused=True on CUDA where the optimizer has a fused kernel (one launch for every parameter), unless the
+    config sets fused or foreach itself; elsewhere torch's own choice (foreach on CUDA, per-tensor on CPU)."""
+    on_cuda = bool(params) and params[0].is_cuda
+    if on_cuda and _accepts(cls, "fused") and "fused" not in options and "foreach" not in options:
+        return {"fused": True}
+    return {}
 
 
 def _add_momentum_ramp(optimizer: torch.optim.Optimizer, target: Any, ramp: dict[str, Any],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
 def penalty(params: list[nn.Parameter], l1: float, l2: float) -> Callable[[], torch.Tensor] | None:
@@ -45,10 +47,49 @@ def gradient_clipper(params: list[nn.Parameter], optimizer: torch.optim.Optimize
     return clip
 
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Polyak averaging: after each step, avg = decay * avg + (1 - decay) * w (buffers such as batch-norm
-    statistics averaged alike); the first update copies the weights."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class EMA(nn.Module):
+    """Polyak averaging: after each step, avg = decay * avg + (1 - decay) * w, buffers such as batch-norm
+    statistics averaged alike (integer buffers copied); the first update copies the weights.
+
+    Unlike torch's AveragedModel, the update count is a Python integer (saved as extra state), so an
+    update never reads a device tensor back to the host: no synchronisation per step.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        self.n_averaged = 0
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(mine, theirs)
+        elif floats:
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay)
+            for a, b in zip(mine, theirs):
+                if not a.is_floating_point():
+                    a.copy_(b)
+        self.n_averaged += 1
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"n_averaged": self.n_averaged}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.n_averaged = int(state["n_averaged"])
+
+
+def ema_model(model: nn.Module, decay: float) -> EMA:
+    """The exponential moving average of `model`'s weights with per-step `decay` (see EMA)."""
+    return EMA(model, decay)
 
 
 def swa_model(model: nn.Module) -> AveragedModel:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import platform
 import random
+import shlex
 import shutil
 import time
 import traceback
-from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from trainlab import __version__, checkpoint
-from trainlab.augment import build_augment
+from trainlab import __version__, checkpoint, faults
 from trainlab.config import ConfigError, validate
-from trainlab.data import DeviceLoader, batch_size_at, build_data, train_loader
+from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
+from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
+                             uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
-from trainlab.loop import StepParts, evaluate, train_one_epoch
+from trainlab.loop import EpochTotals, StepParts, evaluate, train_one_epoch
 from trainlab.models import build_model
-from trainlab.monitor import RunMonitor, final_table
+from trainlab.layer_stats import LayerRecorder, first_layer_filters, gradient_norm
+from trainlab.monitor import (RunMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
+                              write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler
@@ -37,39 +41,7 @@ from trainlab.schedules import build_scheduler
 log = logging.getLogger("trainlab")
 
 EXIT_CODES = {"completed": 0, "stopped_early": 0, "failed": 1, "config_error": 2, "diverged": 3,
-              "interrupted": 130}
-
-
-def select_device(name: str) -> torch.device:
-    """auto: CUDA, then MPS, then CPU; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ConfigError(f"trainer.device={name}: no CUDA device is available here; use trainer.device=cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"trainer.device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"trainer.device={name}: MPS is not available here; use trainer.device=cpu or auto")
-    return device
-
-
-def select_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on a GPU that supports it, else fp32."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return name
-
-
-def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+              "interrupted": 130}  # interrupted by SIGTERM or SIGUSR1: 143 (faults.INTERRUPT_EXIT_CODES)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +60,8 @@ def versions() -> dict[str, str]:
 
 def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig, data: Any,
              device: torch.device, precision: str) -> None:
-    """Announce once what was built."""
+    """Announce once what was built: the resolved config as a tree, then one line per part."""
+    Console().print(config_tree(cfg))
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"data: {data.name}  train {len(data.train)} / val {len(data.val)} / test {len(data.test)}  "
              f"input {list(data.input_shape)}  classes {data.num_classes}")
@@ -102,6 +75,10 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
              f"augmentation: {_knobs(cfg.augmentation)}")
     log.info(f"device: {device}  precision: {precision}  max_epochs: {cfg.trainer.max_epochs}  "
              f"seed: {cfg.seed}")
+    every = cfg.logger.layer_stats_every_n_epochs
+    log.info(f"monitoring: tensorboard {cfg.logger.tensorboard}  every_n_steps {cfg.logger.every_n_steps}  "
+             f"grad_norm {cfg.logger.grad_norm}  layer stats {f'every {every} epochs' if every > 0 else 'off'}  "
+             f"histograms {cfg.logger.histograms}  graph {cfg.logger.graph}")
 
 
 def _knobs(node: DictConfig) -> str:
@@ -114,11 +91,15 @@ class Run:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, live: bool = False):
         self.cfg, self.run_dir, self.live = cfg, run_dir, live
+        # read every step by on_step: plain ints, since an OmegaConf lookup costs tens of microseconds
+        self.log_every, self.ckpt_every_steps = int(cfg.logger.every_n_steps), cfg.checkpoint.every_n_steps
         self.ckpt_dir = run_dir / "checkpoints"
         self.summary: dict[str, Any] = {"status": "failed", "stop_reason": None, "best_epoch": None,
                                         "epochs_run": 0, "best": None, "test": None}
         self.monitor: RunMonitor | None = None
         self.started = False  # True once training has begun (the run directory then holds a real run)
+        self.signals = faults.StopSignals()  # entered by execute, from build to summary.json
+        self.resume_in_epoch: dict[str, Any] | None = None  # the rest of an epoch a mid-epoch last.pt left
 
     def build(self) -> None:
         cfg = self.cfg
@@ -127,16 +108,17 @@ class Run:
         seed_everything(cfg.seed)
         self.device = select_device(cfg.trainer.device)
         self.precision = select_precision(cfg.trainer.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("trainer.precision=bf16: this GPU has no bf16; use trainer.precision=fp16 or fp32")
+        self.threads = configure_backends(cfg.trainer, self.device)
         self.data = build_data(cfg.data)
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
-        self.model.to(self.device)
+        self.channels_last = uses_channels_last(cfg.trainer, self.model)
+        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.forward = compiled(self.model, cfg.trainer.compile)  # the module the loop calls; shares the weights
         d = self.data
-        self.train_batches = train_loader(cfg, d, self.device, augment=build_augment(cfg.augmentation))
-        self.val_batches = DeviceLoader(d.val, d.mean, d.std, cfg.data.eval_batch_size, self.device)
-        self.test_batches = DeviceLoader(d.test, d.mean, d.std, cfg.data.eval_batch_size, self.device)
+        self.train_batches = train_loader(cfg, d, self.device)  # with cfg.augmentation, on data.loader's path
+        self.val_batches = eval_loader(cfg, d, d.val, self.device)
+        self.test_batches = eval_loader(cfg, d, d.test, self.device)
         steps_per_epoch = len(self.train_batches)
         self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
@@ -148,8 +130,9 @@ class Run:
         self.stopper = EarlyStopping(stop.monitor, stop.mode, stop.patience, stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
         self.start_epoch, self.step = 1, 0
-        if cfg.checkpoint.resume is not None:
-            self.resume(cfg.checkpoint.resume)
+        found = find_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        if found is not None:
+            self.resume(*found)
         describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
 
     def build_regularization(self) -> None:
@@ -161,6 +144,15 @@ class Run:
         if closure_step and self.precision == "fp16":
             raise ConfigError(f"optimizer={type(self.optimizer).__name__} evaluates the loss several times per "
                               "step, which fp16 loss scaling cannot follow; use trainer.precision=bf16 or fp32")
+        trainer = self.cfg.trainer
+        if closure_step and trainer.on_nonfinite == "skip":
+            raise ConfigError(f"trainer.on_nonfinite=skip: optimizer={type(self.optimizer).__name__} steps inside "
+                              "its closure, so a non-finite step cannot be skipped; use trainer.on_nonfinite=stop")
+        self.guard = faults.NonfiniteGuard(
+            [p for g in self.optimizer.param_groups for p in g["params"]], self.device,
+            check=faults.check_mode(trainer.nonfinite_check, trainer.on_nonfinite, self.device),
+            policy=trainer.on_nonfinite, max_skips=trainer.max_nonfinite_skips,
+            check_grads=self.precision != "fp16")  # under fp16 the scaler skips inf-gradient steps itself
         self.ema = ema_model(model, reg.ema_decay) if reg.ema_decay is not None else None
         self.swa = swa_model(model) if reg.swa_start is not None else None
         self.swa_first_epoch = (first_swa_epoch(reg.swa_start, self.cfg.trainer.max_epochs)
@@ -171,7 +163,18 @@ class Run:
                                   self.scaler, reg.grad_clip_norm, reg.grad_clip_value),
             after_step=(lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None,
             closure_step=closure_step,
+            guard=self.guard,
+            on_step=self.on_step,
+            grad_norm=self.grad_norm_reader(),
+            copy_outputs=str(self.cfg.trainer.compile).lower() == "reduce-overhead",
         )
+
+    def grad_norm_reader(self) -> Any:
+        """train/grad_norm's measurement (at the last step of each logging interval), or None when not logged."""
+        if not (self.cfg.logger.grad_norm and self.cfg.logger.tensorboard):
+            return None
+        params = list(self.model.parameters())
+        return lambda: gradient_norm(params)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -179,12 +182,14 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def training_state(self, epoch: int, finished: bool) -> dict[str, Any]:
+    def training_state(self, epoch: int, finished: bool, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything exact resumption needs; `epoch` is the last completed one, `in_epoch` where the next stands."""
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "epoch": epoch,
             "step": self.step,
             "finished": finished,
+            "in_epoch": in_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -197,24 +202,37 @@ class Run:
             "config": self.config_yaml,
         }
 
+    def save_last(self, epoch: int, finished: bool, in_epoch: dict[str, Any] | None = None) -> None:
+        """checkpoints/last.pt (the one before kept as last.prev.pt); never from weights a non-finite step touched."""
+        self.guard.raise_if_diverged()
+        checkpoint.save_atomic(self.training_state(epoch, finished, in_epoch), self.ckpt_dir / "last.pt",
+                               keep_previous=True)
+
     def save_weights(self, name: str, model: nn.Module, epoch: int, **extra: Any) -> None:
         """checkpoints/<name>: one model's weights with the epoch and the run's config (best.pt, swa.pt)."""
         checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch,
                                 "model": model.state_dict(), "config": self.config_yaml, **extra},
                                self.ckpt_dir / name)
 
-    def resume(self, path: str) -> None:
-        state = checkpoint.load(path)
+    def resume(self, path: Path, state: dict[str, Any]) -> None:
+        """Continue the run `state` (loaded from `path`) saved: weights, optimizer, schedule, random states, position."""
+        if state["format_version"] > checkpoint.FORMAT_VERSION:
+            raise ConfigError(f"checkpoint.resume={path}: written by a newer trainlab (format "
+                              f"{state['format_version']}, this one reads up to {checkpoint.FORMAT_VERSION}); upgrade")
         if state.get("finished") or state["epoch"] >= self.cfg.trainer.max_epochs:
             raise ConfigError(f"checkpoint.resume={path}: that run already finished (epoch {state['epoch']}, "
                               f"trainer.max_epochs={self.cfg.trainer.max_epochs}); raise trainer.max_epochs to "
                               "train further, or drop checkpoint.resume to start fresh")
+        mismatch = model_mismatch(self.model.state_dict(), state["model"])
+        if mismatch is not None:
+            raise ConfigError(f"checkpoint.resume={path} holds a different model: {mismatch}. Resume with the model "
+                              f"options it was trained with: {saved_model_options(state.get('config'))}")
+        self.model.load_state_dict(state["model"])
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ConfigError(f"checkpoint.resume={path} holds a different model: {error}. Use the model options "
-                              "that the checkpoint was trained with (its config is saved inside it).") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise ConfigError(f"checkpoint.resume={path} was trained with another optimizer setup ({error}); "
+                              "resume with the optimizer and regularization options it was trained with") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for name in ("ema", "swa"):
@@ -229,62 +247,117 @@ class Run:
         self.best_row = dict(state.get("best_row", {}))
         checkpoint.set_rng_state(state["rng"])
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
-        best = Path(path).expanduser().parent / "best.pt"
+        self.resume_in_epoch = state.get("in_epoch")
+        self.summary["epochs_run"] = state["epoch"]
+        best = path.parent / "best.pt"
         if best.is_file() and best.resolve() != (self.ckpt_dir / "best.pt").resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(best, self.ckpt_dir / "best.pt")
-        log.info(f"resumed from {path} at epoch {self.start_epoch} (step {self.step})")
+        keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])  # rows written after this checkpoint go
+        where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
+                 if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
+        log.info(f"resumed from {path} {where} (step {self.step})")
 
     # --- the loop -------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg
         max_epochs = cfg.trainer.max_epochs
         self.monitor = RunMonitor(self.run_dir, tensorboard=cfg.logger.tensorboard, live=self.live,
-                                  max_epochs=max_epochs, steps_per_epoch=len(self.train_batches))
+                                  max_epochs=max_epochs, steps_per_epoch=len(self.train_batches),
+                                  model=self.model, optimizer=self.optimizer, device=self.device)
+        every = cfg.logger.layer_stats_every_n_epochs
+        self.recorder = (LayerRecorder(self.model, self.optimizer, cfg.logger.histograms)
+                         if every > 0 and cfg.logger.tensorboard else None)
+        if cfg.logger.graph:
+            self.monitor.graph(self.model, next(iter(self.val_batches))[0][:2])
         self.started = True
-        status, reason, epoch = "completed", f"reached trainer.max_epochs={max_epochs}", self.start_epoch - 1
-        for epoch in range(self.start_epoch, max_epochs + 1):
-            tic = time.perf_counter()
-            self.train_batches.set_epoch(epoch)
-            self.train_batches.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule))
-            self.monitor.start_epoch(epoch, self.step, len(self.train_batches))
-            averaging = self.swa is not None and epoch >= self.swa_first_epoch
-            if averaging:  # SWA epochs run at their own constant rate instead of the schedule
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.cfg.regularization.swa_lr
-            lr = self.optimizer.param_groups[0]["lr"]
-            result = train_one_epoch(self.model, self.train_batches, self.loss_fn, self.optimizer,
-                                     NO_SCHEDULE if averaging else self.scheduler, self.scaler, self.autocast,
-                                     self.step, cfg.logger.every_n_steps, self.monitor.train_interval, self.parts)
-            self.step = result.step
-            if not math.isfinite(result.loss):
-                status, reason = "diverged", f"training loss became {result.loss} in epoch {epoch}"
-                log.error(f"{reason}; checkpoints keep the last finite state")
-                break
-            if averaging:
-                self.swa.update_parameters(self.model)
-            val = evaluate(self.eval_model, self.val_batches, self.autocast)
-            row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
-                   "val/loss": val["loss"], "val/acc": val["acc"], "lr": lr,
-                   "epoch_time_s": time.perf_counter() - tic}
-            self.scheduler.epoch_end(row[self.stopper.monitor])
-            row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)
-            if row["best"]:
-                self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
-                self.save_weights("best.pt", self.eval_model, epoch,
-                                  metric={self.stopper.monitor: row[self.stopper.monitor]})
-            self.monitor.end_epoch(row)
-            self.summary["epochs_run"] = epoch
-            stop = self.stopper.should_stop
-            finished = stop or epoch == max_epochs
-            if finished or epoch % cfg.checkpoint.every_n_epochs == 0:
-                checkpoint.save_atomic(self.training_state(epoch, finished), self.ckpt_dir / "last.pt")
-            if stop:
-                status, reason = "stopped_early", self.stopper.reason()
-                break
+        self.signals.defer = True  # from here a stop signal ends the run after its current step, last.pt saved
+        checkpoint.remove_stale_temporaries(self.ckpt_dir)
+        status, reason = "completed", f"reached trainer.max_epochs={max_epochs}"
+        try:  # a stop signal (see execute) ends the run after the current step, with last.pt saved
+            log.info(f"training started: epochs {self.start_epoch} to {max_epochs}, "
+                     f"{len(self.train_batches)} steps per epoch, from step {self.step}")
+            for epoch in range(self.start_epoch, max_epochs + 1):
+                if self.train_epoch(epoch):
+                    status, reason = "stopped_early", self.stopper.reason()
+                    break
+        except faults.Diverged as error:
+            status, reason = "diverged", f"non-finite training step: {error}"
+            log.error(f"{reason}; checkpoints keep the last finite state (last.pt, best.pt)")
         self.summary.update(status=status, stop_reason=reason)
         self.finish_swa()
         self.test()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Train, validate, log, keep the best weights and last.pt; True when early stopping ends the run."""
+        cfg = self.cfg
+        tic = time.perf_counter()
+        self.epoch = self.guard.epoch = epoch
+        self.train_batches.set_epoch(epoch)
+        self.train_batches.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule))
+        averaging = self.swa is not None and epoch >= self.swa_first_epoch
+        if averaging:  # SWA epochs run at their own constant rate instead of the schedule
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.regularization.swa_lr
+        self.epoch_lr = self.optimizer.param_groups[0]["lr"]
+        totals, done = None, 0
+        if self.resume_in_epoch is not None:  # the rest of an epoch that a mid-epoch last.pt interrupted
+            resumed, self.resume_in_epoch = self.resume_in_epoch, None
+            self.train_batches.load_state_dict(resumed["loader"])
+            totals = EpochTotals.from_state(resumed["totals"])
+            self.epoch_lr, done = resumed["lr"], int(resumed["loader"]["position"])
+        self.monitor.start_epoch(epoch, self.step - done, len(self.train_batches), self.train_batches.batch_size)
+        recording = self.recorder is not None and epoch % cfg.logger.layer_stats_every_n_epochs == 0
+        if recording:  # hooks for the epoch's first step only; they remove themselves after it
+            self.recorder.attach()
+        first_step = self.step + 1
+        result = train_one_epoch(self.forward, self.train_batches, self.loss_fn, self.optimizer,
+                                 NO_SCHEDULE if averaging else self.scheduler, self.scaler, self.autocast,
+                                 self.step, cfg.logger.every_n_steps, self.monitor.train_interval, self.parts, totals)
+        self.step = result.step
+        if recording:
+            self.recorder.detach()
+            if self.recorder.result is not None:
+                self.monitor.layer_stats(self.recorder.result, first_step,
+                                         first_layer_filters(self.model, self.data.input_shape))
+        self.guard.raise_if_diverged()
+        if not math.isfinite(result.loss):
+            raise faults.Diverged(f"the mean training loss of epoch {epoch} is {result.loss}")
+        if averaging:
+            self.swa.update_parameters(self.model)
+        val = evaluate(self.eval_model, self.val_batches, self.autocast)
+        row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
+               "val/loss": val["loss"], "val/acc": val["acc"], "lr": self.epoch_lr,
+               "epoch_time_s": time.perf_counter() - tic}
+        self.scheduler.epoch_end(row[self.stopper.monitor])
+        row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)  # only a better, finite value
+        if row["best"]:
+            self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
+            self.save_weights("best.pt", self.eval_model, epoch,
+                              metric={self.stopper.monitor: row[self.stopper.monitor]})
+        self.monitor.end_epoch(row)
+        self.summary["epochs_run"] = epoch
+        stop = self.stopper.should_stop
+        finished = stop or epoch == cfg.trainer.max_epochs
+        received = self.signals.received
+        if finished or epoch % cfg.checkpoint.every_n_epochs == 0 or received is not None:
+            self.save_last(epoch, finished)
+        if received is not None and not finished:
+            raise faults.Interrupted(received, f"the end of epoch {epoch}, step {self.step}")
+        return stop
+
+    def on_step(self, step: int, totals: EpochTotals) -> None:
+        """After every optimizer step: the interval divergence verdict, stop signals, mid-epoch checkpoints."""
+        self.step = step
+        if step % self.log_every == 0:
+            self.guard.raise_if_diverged()  # trainer.nonfinite_check=interval: read beside the logging sync
+        every, received = self.ckpt_every_steps, self.signals.received
+        if received is not None or (every is not None and step % every == 0):
+            in_epoch = {"epoch": self.epoch, "loader": self.train_batches.state_dict(),
+                        "totals": totals.state_dict(), "lr": self.epoch_lr}
+            self.save_last(self.epoch - 1, False, in_epoch)
+        if received is not None:
+            raise faults.Interrupted(received, f"epoch {self.epoch}, step {step}")
 
     def finish_swa(self) -> None:
         """Recompute batch-norm statistics for the SWA average, evaluate it and save it as swa.pt."""
@@ -315,8 +388,11 @@ class Run:
         self.summary["best_epoch"] = self.stopper.best_epoch
         self.summary["best"] = {"epoch": self.stopper.best_epoch, self.stopper.monitor: self.stopper.best,
                                 **self.best_row}
+        counts = confusion_matrix(self.model, self.test_batches, self.autocast, self.data.num_classes)
+        write_confusion_csv(counts, self.run_dir / "confusion_matrix.csv")
         if self.monitor is not None:
             self.monitor.test_metrics(self.summary["test"], self.step)
+            self.monitor.confusion(counts, self.step)
         log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
                  f"acc {metrics['acc']:.4f}")
 
@@ -331,29 +407,124 @@ class _NoSchedule:
 NO_SCHEDULE = _NoSchedule()
 
 
-def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False) -> tuple[str, int, Run]:
-    """Run training in `run_dir` and write summary.json; returns (status, exit code, run)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tic = time.time()
-    run = Run(cfg, run_dir, live)
-    code_key = None
+def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """checkpoint.resume as (path, loaded state); auto: the newest loadable last.pt of `ckpt_dir`, None to start fresh."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        return path, checkpoint.load(path)
+    last = ckpt_dir / "last.pt"
+    for path in (last, checkpoint.previous_path(last)):  # newest first: last.prev.pt is the one before
+        if path.is_file():
+            try:
+                return path, checkpoint.load(path)
+            except ConfigError as error:
+                log.warning(f"checkpoint.resume=auto: skipping {path}: {error}")
+    log.info(f"checkpoint.resume=auto: no usable last.pt in {ckpt_dir}; starting fresh")
+    return None
+
+
+def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], show: int = 6) -> str | None:
+    """The missing, unexpected and shape-mismatched keys between two state dicts, or None when they fit."""
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    mismatched = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(v.shape)})"
+                  for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    parts = [f"{name}: {listed(keys)}" for name, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", mismatched)) if keys]
+    return "; ".join(parts) if parts else None
+
+
+def saved_model_options(config_yaml: str | None) -> str:
+    """The model node of a checkpoint's embedded config, as overrides; read as data, never instantiated."""
     try:
-        run.build()
-        run.fit()
+        model = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get("model", {})
+    except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
+        return "(the config saved in the checkpoint cannot be read)"
+    return " ".join(f"model.{k}={v}" for k, v in model.items() if k not in ("_target_", "_partial_"))
+
+
+def keep_metrics_up_to(path: Path, epoch: int) -> None:
+    """Drop metrics.csv rows after `epoch`: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
+    if len(kept) < len(rows):
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+
+
+def resume_command(overrides: list[str], run_dir: Path) -> str:
+    """The command that continues this run in its own directory."""
+    kept = [shlex.quote(o) for o in overrides if not o.startswith(("checkpoint.resume=", "hydra.run.dir="))]
+    return " ".join(["train", *kept, shlex.quote(f"hydra.run.dir={run_dir}"), "checkpoint.resume=auto"])
+
+
+def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False) -> tuple[str, int, Run]:
+    """Run training in `run_dir` and write summary.json; returns (status, exit code, run).
+
+    SIGTERM, SIGUSR1 and Ctrl-C only record themselves from here until summary.json is written: the loop
+    finishes its step, saves last.pt and ends (faults.Interrupted), and a second signal cannot cut short
+    the saving or the summary.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, run_dir, live)
+    with run.signals:
+        return _execute(run, cfg, run_dir, overrides)
+
+
+def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[str, int, Run]:
+    tic = time.time()
+    code = None
+    earlier_summary = (run_dir / "summary.json").is_file()  # a resume refused before training keeps it
+    try:
+        with faults.deterministic(cfg.trainer.deterministic is True):
+            run.build()
+            run.fit()
     except ConfigError as error:
         log.error(str(error))
         run.summary.update(status="failed", stop_reason="invalid config", error=str(error))
-        code_key = "config_error"
-    except KeyboardInterrupt:
-        log.warning("interrupted: checkpoints/last.pt holds the last completed epoch")
+        code = EXIT_CODES["config_error"]
+    except faults.Interrupted as stop:
+        name = faults.signal_name(stop.signum)
+        command = resume_command(overrides, run_dir)
+        saved = f"{run.ckpt_dir / 'last.pt'} saved. Continue with" if run.started else "nothing to save. Start again with"
+        log.warning(f"interrupted by {name} at {stop.where}: {saved}:\n  {command}")
+        run.summary.update(status="interrupted", stop_reason=f"{name} at {stop.where}", resume_command=command)
+        code = stop.exit_code
+    except KeyboardInterrupt:  # raised outside the epoch loop's signal handlers
+        log.warning("interrupted: checkpoints/last.pt holds the last state saved")
         run.summary.update(status="interrupted", stop_reason="interrupted by the user (Ctrl-C)")
+    except checkpoint.CheckpointWriteError as error:
+        log.error(str(error))
+        run.summary.update(status="failed", stop_reason=str(error), error=str(error))
+    except torch.OutOfMemoryError:
+        message = faults.out_of_memory_message(run.train_batches.batch_size if hasattr(run, "train_batches")
+                                               else cfg.data.batch_size, getattr(run, "device", torch.device("cpu")))
+        log.error(message)
+        run.summary.update(status="failed", stop_reason=message, error=traceback.format_exc())
     except Exception as error:  # noqa: BLE001 - any failure is recorded in summary.json, then reported
-        log.error("run failed:\n" + traceback.format_exc())
-        run.summary.update(status="failed", stop_reason=f"error: {type(error).__name__}: {error}",
-                           error=traceback.format_exc())
+        refused = faults.nondeterministic_op(error)
+        if refused is not None and cfg.trainer.deterministic is True:
+            message = (f"trainer.deterministic=true: {refused} Set trainer.deterministic=false, or choose a model "
+                       "or device whose ops all have deterministic implementations")
+            log.error(message)
+            run.summary.update(status="failed", stop_reason=message, error=traceback.format_exc())
+        else:
+            log.error("run failed:\n" + traceback.format_exc())
+            run.summary.update(status="failed", stop_reason=f"error: {type(error).__name__}: {error}",
+                               error=traceback.format_exc())
     finally:
         if run.monitor is not None:
-            run.monitor.close()
+            run.monitor.hparams(hyperparameters(cfg, overrides), run.summary)
+            run.monitor.close()  # flushes TensorBoard and metrics.csv, also after a signal
     status = run.summary["status"]
     run.summary.update(
         wall_time_s=round(time.time() - tic, 3),
@@ -364,7 +535,8 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = F
         run_dir=str(run_dir),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
+    if run.started or not earlier_summary:
+        (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
     if run.started:
         Console().print(final_table(run.summary))
-    return status, EXIT_CODES[code_key or status], run
+    return status, EXIT_CODES[status] if code is None else code, run

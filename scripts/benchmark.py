@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""trainlab's performance benchmarks. Each prints ratios against a baseline run in the same process.
+
+    python scripts/benchmark.py loop [--quick]   trainlab's loop vs a hand-written loop (steps/s ratio)
+    python scripts/benchmark.py syncs            host syncs on ordinary training steps (CUDA only)
+    python scripts/benchmark.py data [--quick]   device-resident batches + flip_crop vs DataLoader + v2 transforms
+    python scripts/benchmark.py throughput       images/s of a residual CNN with flip_crop, per precision and compile
+    python scripts/benchmark.py tta [--seeds N]  time to accuracy of experiment=cifar10_fast
+
+Options: --device (auto | cpu | cuda), --quick (fewer, shorter blocks: about a minute on 2 CPU cores).
+Every result line starts with the benchmark's name, so `| grep ^loop_overhead_ratio` picks the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from trainlab.cli import CONF_DIR
+from trainlab.config import register_configs
+from trainlab.device import autocast_for, select_device
+
+QUIET = ["logger.progress=lines"]
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """The config `train <overrides>` composes."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def build_run(overrides: list[str], run_dir: Path):
+    """A built (not yet trained) trainlab Run for `train <overrides>` writing into run_dir."""
+    import logging
+
+    from trainlab.run import Run
+
+    logging.getLogger("trainlab").setLevel(logging.WARNING)  # keep the benchmark's own output readable
+    run = Run(compose_cfg(overrides), run_dir)
+    run.build()
+    return run
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- 1. loop overhead ------------------------------------------------------------------------------
+
+# Workloads: (name, trainlab overrides, steps per epoch). Validation and test splits are made tiny, since the
+# hand-written loop evaluates nothing; what remains of them is counted against trainlab.
+WORKLOADS = {
+    "mlp": ["model=mlp", "data=synthetic", "data.shape=[1,8,8]", "data.batch_size=64", "optimizer=momentum"],
+    "cnn": ["model=cnn", "model.depth=20", "data=synthetic", "data.shape=[3,32,32]", "data.batch_size=128",
+            "optimizer=momentum", "augmentation=none"],
+}
+
+
+def loop_overrides(name: str, steps_per_epoch: int, epochs: int, device: str) -> list[str]:
+    batch = int(next(o for o in WORKLOADS[name] if o.startswith("data.batch_size=")).split("=")[1])
+    # train is (1 - test) * (1 - val) of the samples: solve for steps_per_epoch full batches (drop_last).
+    val = test = 0.01
+    samples = math.ceil((steps_per_epoch * batch + 0.5) / ((1 - val) * (1 - test)))
+    return WORKLOADS[name] + [
+        f"data.num_samples={samples}", f"data.val_fraction={val}", f"data.test_fraction={test}",
+        "scheduler=cosine", f"trainer.max_epochs={epochs}", f"trainer.device={device}", *QUIET,
+    ]
+
+
+def hand_written_block(run, epochs: int) -> float:
+    """Seconds for `epochs` epochs of the minimal loop, on the run's model architecture, data tensors and
+    optimizer settings: index slices of the device tensors, forward, cross-entropy, zero_grad, backward, step."""
+    from trainlab.initialization import initialize
+    from trainlab.models import build_model
+
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, run.data.input_shape, run.data.num_classes)
+    initialize(model, cfg.initialization, getattr(model, "activation", "relu"))
+    model.to(device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
+    kernels = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum, **kernels)
+    images, labels = run.train_batches.images, run.train_batches.labels
+    mean, inv_std = run.train_batches.mean, run.train_batches.inv_std
+    batch, n = run.train_batches.batch_size, len(labels)
+    autocast = autocast_for(device, run.precision)
+    model.train()
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(n, device=device)
+        for i in range(n // batch):
+            index = order[i * batch:(i + 1) * batch]
+            x, y = (images[index].float() - mean) * inv_std, labels[index]
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    sync(device)
+    return time.perf_counter() - tic
+
+
+def trainlab_block(overrides: list[str]) -> tuple[float, object]:
+    """Seconds of Run.fit() (training, per-epoch validation, logging, early stopping, checkpoints, the final
+    test) for a freshly built run; building (data, model) is not timed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(overrides, Path(tmp))
+        sync(run.device)
+        tic = time.perf_counter()
+        run.fit()
+        sync(run.device)
+        elapsed = time.perf_counter() - tic
+        run.monitor.close()
+    return elapsed, run
+
+
+def bench_loop(args: argparse.Namespace) -> None:
+    device = str(select_device(args.device))
+    # workload: (steps per epoch, epochs per block, blocks of each loop)
+    plan = {"mlp": (600, 2, 3), "cnn": (12, 2, 3)} if args.quick else {"mlp": (2000, 3, 7), "cnn": (40, 3, 7)}
+    if device.startswith("cuda"):
+        plan = {"mlp": (2000, 3, 3 if args.quick else 9), "cnn": (200, 3, 3 if args.quick else 9)}
+    if args.smoke:
+        plan = {"mlp": (4, 1, 1), "cnn": (2, 1, 1)}
+    ratios = {}
+    for name, (steps_per_epoch, epochs, repeats) in plan.items():
+        overrides = loop_overrides(name, steps_per_epoch, epochs, device)
+        _, run = trainlab_block(overrides)  # warm-up of both (allocator, kernels, caches)
+        hand_written_block(run, 1)
+        pairs = []
+        for r in range(repeats):  # ABBA order cancels slow drift of the machine's speed
+            if r % 2 == 0:
+                a, run = trainlab_block(overrides)
+                b = hand_written_block(run, epochs)
+            else:
+                b = hand_written_block(run, epochs)
+                a, run = trainlab_block(overrides)
+            pairs.append(b / a)  # steps/s of trainlab over steps/s of the hand-written loop (same steps)
+            steps = steps_per_epoch * epochs
+            print(f"loop {name} block {r + 1}/{repeats}: trainlab {steps / a:8.1f} steps/s  "
+                  f"hand-written {steps / b:8.1f} steps/s  ratio {b / a:.3f}", flush=True)
+        ratios[name] = statistics.median(pairs)
+        print(f"loop {name}: median ratio {ratios[name]:.3f}  spread {min(pairs):.3f}-{max(pairs):.3f}  "
+              f"({repeats} blocks of {steps_per_epoch * epochs} steps, device {device}, precision {run.precision})")
+    print(f"loop_overhead_ratio mlp={ratios['mlp']:.3f} cnn={ratios['cnn']:.3f}")
+
+
+# --- 2. host syncs ----------------------------------------------------------------------------------
+
+
+def bench_syncs(args: argparse.Namespace) -> None:
+    """100 ordinary training steps under torch.cuda.set_sync_debug_mode('warn'); every sync is counted."""
+    from trainlab.loop import train_one_epoch
+
+    if not torch.cuda.is_available():
+        print("syncs: needs a CUDA device (host syncs are free on CPU); skipped")
+        return
+    steps = 100
+    for name, extra in (("default", []), ("ema+clip+cosine", ["regularization=ema", "regularization.grad_clip_norm=1.0",
+                                                               "scheduler=cosine"]),
+                        ("cnn flip_crop", ["model=cnn", "data=synthetic", "augmentation=flip_crop"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = build_run([*extra, "logger.every_n_steps=1000", "trainer.device=cuda"], Path(tmp))
+
+            def watched():  # the loader's own work (order, slices, augmentation) is watched too
+                torch.cuda.set_sync_debug_mode("warn")
+                yield from batches_for(run, steps)
+                torch.cuda.set_sync_debug_mode(0)  # the epoch-end read of the totals is allowed
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_one_epoch(run.forward, watched(), run.loss_fn, run.optimizer, run.scheduler, run.scaler,
+                                run.autocast, 0, 1000, lambda *a: None, run.parts)
+            torch.cuda.set_sync_debug_mode(0)
+            # each sync warns "called a synchronizing CUDA operation"; the mode's own notice is not one
+            syncs = [w for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
+            print(f"syncs {name}: {len(syncs)} host syncs in {steps} ordinary steps")
+            for w in syncs[:5]:
+                print(f"  {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}")
+
+
+def batches_for(run, steps: int):
+    """`steps` training batches from the run's loader, epoch after epoch."""
+    epoch = 0
+    while True:
+        epoch += 1
+        run.train_batches.set_epoch(epoch)
+        for batch in run.train_batches:
+            yield batch
+            steps -= 1
+            if steps == 0:
+                return
+
+
+# --- 3. data path -----------------------------------------------------------------------------------
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """Samples/s of serving CIFAR-shaped training batches with flip_crop, ready on the device, two ways."""
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    from trainlab.augment import hflip, random_crop
+    from trainlab.device import available_cores
+
+    device = select_device(args.device)
+    n, batch = (512 if args.smoke else 5000 if args.quick else 20000), 256
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    mean, std = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1), torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1)
+
+    def device_path() -> float:
+        gen = torch.Generator(device=device).manual_seed(0)
+        imgs, labs, m, s = images.to(device), labels.to(device), mean.to(device), std.to(device)
+        sync(device)
+        tic = time.perf_counter()
+        order = torch.randperm(n, generator=gen, device=device)
+        for i in range(n // batch):
+            index = order[i * batch:(i + 1) * batch]
+            x = hflip(random_crop(imgs[index].float(), 4, gen, "reflect"), 0.5, gen)
+            x, y = (x - m) / s, labs[index]
+        sync(device)
+        return n // batch * batch / (time.perf_counter() - tic)
+
+    transform = v2.Compose([v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(),
+                            v2.ToDtype(torch.float32), v2.Normalize(mean.flatten().tolist(), std.flatten().tolist())])
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, i: int):
+            return transform(images[i]), labels[i]
+
+    workers = 1 if args.smoke else available_cores()
+    loader = DataLoader(Images(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=True)
+
+    def dataloader_path() -> float:
+        sync(device)
+        tic = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync(device)
+        return n // batch * batch / (time.perf_counter() - tic)
+
+    dataloader_path(), device_path()  # warm-up: workers started, kernels loaded
+    repeats = 1 if args.smoke else 3 if args.quick else 5
+    ratios = []
+    for r in range(repeats):
+        fast, slow = device_path(), dataloader_path()
+        ratios.append(fast / slow)
+        print(f"data block {r + 1}/{repeats}: device-resident {fast:10.0f} samples/s  DataLoader "
+              f"({workers} workers) {slow:8.0f} samples/s  ratio {fast / slow:.1f}", flush=True)
+    print(f"data_speedup_ratio {statistics.median(ratios):.1f} (median of {repeats}; spread "
+          f"{min(ratios):.1f}-{max(ratios):.1f}; device {device}; target >= 5)")
+
+
+# --- 4. throughput of a whole run -------------------------------------------------------------------
+
+
+def bench_throughput(args: argparse.Namespace) -> None:
+    """Training images/s of ResNet-20 with flip_crop on CIFAR-shaped data, from Run.fit's epoch times."""
+    device = select_device(args.device)
+    if device.type == "cuda":
+        combos = [(p, c) for p in ("fp32", "bf16", "fp16") for c in ("false", "default")]
+        samples, epochs = (20000, 3) if args.quick else (50000, 4)
+    else:
+        combos = [("fp32", "false")] if args.quick else [("fp32", "false"), ("fp32", "default")]
+        samples, epochs = (1200, 2) if args.quick else (5000, 3)
+    if args.smoke:
+        combos, samples, epochs = combos[:1], 300, 2
+    for precision, mode in combos:
+        overrides = ["model=cnn", "data=synthetic", f"data.num_samples={samples}", "data.batch_size=512",
+                     "augmentation=flip_crop", "optimizer=nesterov", f"trainer.precision={precision}",
+                     f"trainer.compile={mode}", f"trainer.max_epochs={epochs}", f"trainer.device={device}",
+                     *QUIET]
+        with tempfile.TemporaryDirectory() as tmp:
+            run = build_run(overrides, Path(tmp))
+            run.fit()
+            run.monitor.close()
+            with (Path(tmp) / "metrics.csv").open() as handle:
+                times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
+            steady = statistics.median(times[1:]) if len(times) > 1 else times[0]  # epoch 1 compiles
+            per_s = run.train_batches.num_examples / steady
+            print(f"throughput resnet20 flip_crop precision={precision} compile={mode}: {per_s:9.0f} images/s "
+                  f"(epoch incl. validation {steady:.2f} s, first epoch {times[0]:.2f} s, device {device})",
+                  flush=True)
+
+
+# --- 5. time to accuracy ----------------------------------------------------------------------------
+
+
+def bench_tta(args: argparse.Namespace) -> None:
+    """Wall time and test accuracy of `train experiment=cifar10_fast` over seeds (plus --override ...)."""
+    from trainlab.run import execute
+
+    results = []
+    for seed in range(args.seeds):
+        overrides = ["experiment=cifar10_fast", f"seed={seed}", f"trainer.device={args.device}", *QUIET,
+                     *args.override]
+        with tempfile.TemporaryDirectory() as tmp:
+            tic = time.perf_counter()
+            status, _, run = execute(compose_cfg(overrides), Path(tmp), overrides)
+            wall = time.perf_counter() - tic
+            acc = (run.summary.get("test") or {}).get("test/acc", float("nan"))
+            results.append((wall, acc))
+            print(f"tta seed {seed}: {status}  test/acc {acc:.4f}  wall {wall:.1f} s  "
+                  f"({run.summary.get('epochs_run')} epochs, device {run.summary.get('device')})", flush=True)
+    walls, accs = [r[0] for r in results], [r[1] for r in results]
+    spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+    print(f"tta_result wall_s={statistics.median(walls):.1f} test_acc_mean={statistics.mean(accs):.4f} "
+          f"test_acc_std={spread:.4f} seeds={len(results)}")
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "loop": bench_loop, "syncs": bench_syncs, "data": bench_data, "throughput": bench_throughput, "tta": bench_tta,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter blocks (about a minute on CPU)")
+    parser.add_argument("--smoke", action="store_true", help="a handful of steps of each part (the tests use it)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seeds", type=int, default=3, help="tta: seeds to run")
+    parser.add_argument("--override", nargs="*", default=[], help="tta: extra train overrides (e.g. data.root=...)")
+    args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    print(json.dumps({"benchmark": args.benchmark, "torch": torch.__version__, "device": str(select_device(args.device)),
+                      "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}))
+    BENCHMARKS[args.benchmark](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Datasets read from files: the MNIST family, CIFAR-10/100 and SVHN (downloads included), and image folders."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from trainlab.config import ConfigError
+
+log = logging.getLogger("trainlab")
+
+DOWNLOAD_TIMEOUT_S = 10.0  # per blocking socket operation: an unreachable network fails in seconds, not minutes
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CACHE_FORMAT = 1
+
+Images = tuple[torch.Tensor, torch.Tensor]  # uint8 [N, C, H, W], int64 [N]
+
+
+# --- file formats ----------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An idx file (MNIST's format, raw or gzipped) of unsigned bytes as a uint8 tensor of its shape."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise ConfigError(f"{path} cannot be read ({error}); delete it and get the file again") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise ConfigError(f"{path} is not an idx file of unsigned bytes (magic {raw[:4].hex()}); delete it and get "
+                          "the file again")
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    header = 4 + 4 * ndim
+    if len(raw) != header + int(np.prod(shape)):
+        raise ConfigError(f"{path} is truncated or corrupt: shape {shape} needs {header + int(np.prod(shape))} "
+                          f"bytes, the file has {len(raw)}; delete it and get the file again")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(shape)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: a CIFAR batch cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path, label_key: bytes) -> Images:
+    """One CIFAR python batch (a pickled dict of b'data' [N, 3072] and labels) as [N, 3, 32, 32] images."""
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArrayUnpickler(handle, encoding="bytes").load()
+        images = torch.from_numpy(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+        labels = torch.as_tensor(np.asarray(batch[label_key], dtype=np.int64))
+    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"{path} is not a readable CIFAR batch ({type(error).__name__}: {error}); delete it and "
+                          "get the file again") from None
+    if len(labels) != len(images):
+        raise ConfigError(f"{path}: {len(images)} images but {len(labels)} labels; delete it and get it again")
+    return images, labels
+
+
+def read_svhn_mat(path: Path) -> Images:
+    """An SVHN cropped-digits .mat file (X [32, 32, 3, N], y [N, 1] with 10 for the digit 0)."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path)
+        images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8))
+        labels = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path} is not a readable SVHN .mat file ({type(error).__name__}: {error}); delete it "
+                          "and get the file again") from None
+    return images, labels
+
+
+def _mnist_split(folder: Path, prefix: str) -> Images:
+    images = read_idx(_present(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_present(folder, f"{prefix}-labels-idx1-ubyte")).long()
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise ConfigError(f"{folder}: {prefix} images {list(images.shape)} and labels {list(labels.shape)} do not "
+                          "match; delete the files and get them again")
+    return images.unsqueeze(1).contiguous(), labels
+
+
+def _read_mnist(folder: Path) -> tuple[Images, Images]:
+    return _mnist_split(folder, "train"), _mnist_split(folder, "t10k")
+
+
+def _read_cifar(train_files: list[str], test_file: str, label_key: bytes) -> Callable[[Path], tuple[Images, Images]]:
+    def read(folder: Path) -> tuple[Images, Images]:
+        parts = [read_cifar_batch(folder / name, label_key) for name in train_files]
+        train = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return train, read_cifar_batch(folder / test_file, label_key)
+
+    return read
+
+
+def _read_svhn(folder: Path) -> tuple[Images, Images]:
+    return read_svhn_mat(folder / "train_32x32.mat"), read_svhn_mat(folder / "test_32x32.mat")
+
+
+# --- downloadable datasets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a downloadable dataset lives under data.root (torchvision's layout) and how to read it."""
+
+    folder: str  # relative to data.root
+    files: tuple[str, ...]  # expected in that folder (the idx files may also be gzipped: name + .gz)
+    torchvision_class: str  # torchvision.datasets.<class> downloads it
+    read: Callable[[Path], tuple[Images, Images]]  # folder -> (train, test)
+    num_classes: int
+    origin: str  # where to get the files by hand
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+SOURCES = {
+    "mnist": Source("MNIST/raw", MNIST_FILES, "MNIST", _read_mnist, 10,
+                    "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four .gz files)"),
+    "fashion_mnist": Source("FashionMNIST/raw", MNIST_FILES, "FashionMNIST", _read_mnist, 10,
+                            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ (the four .gz files)"),
+    "kmnist": Source("KMNIST/raw", MNIST_FILES, "KMNIST", _read_mnist, 10,
+                     "http://codh.rois.ac.jp/kmnist/dataset/kmnist/ (the four .gz files)"),
+    "cifar10": Source("cifar-10-batches-py", (*CIFAR10_TRAIN, "test_batch"), "CIFAR10",
+                      _read_cifar(CIFAR10_TRAIN, "test_batch", b"labels"), 10,
+                      "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it into data.root)"),
+    "cifar100": Source("cifar-100-python", ("train", "test"), "CIFAR100",
+                       _read_cifar(["train"], "test", b"fine_labels"), 100,
+                       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it into data.root)"),
+    "svhn": Source(".", ("train_32x32.mat", "test_32x32.mat"), "SVHN", _read_svhn, 10,
+                   "http://ufldl.stanford.edu/housenumbers/ (train_32x32.mat and test_32x32.mat)"),
+}
+
+
+def _present(folder: Path, name: str) -> Path:
+    """The file `name` in `folder`, or its gzipped twin when only that one exists."""
+    plain = folder / name
+    return plain if plain.is_file() or not (folder / f"{name}.gz").is_file() else folder / f"{name}.gz"
+
+
+def missing_files(source: Source, folder: Path) -> list[str]:
+    """The expected files of `source` that `folder` lacks (an idx file may be present gzipped)."""
+    return [name for name in source.files if not _present(folder, name).is_file()]
+
+
+def _absent_message(name: str, source: Source, root: Path, missing: list[str]) -> str:
+    folder = (root / source.folder).resolve()
+    return (f"data={name}: the dataset is not in data.root={root.resolve()}. Expected in {folder}: "
+            f"{', '.join(source.files)} (missing: {', '.join(missing)}). Get them with data.download=true on a "
+            f"machine with internet (then copy data.root here), or download {source.origin} and place the files "
+            f"in {folder}, or point data.root (or the TRAINLAB_DATA environment variable) at a directory that "
+            "holds them.")
+
+
+def load_source(name: str, root: Path, download: bool) -> tuple[Images, Images, int]:
+    """(train, test, number of classes) of a downloadable dataset, downloading it first when asked and absent."""
+    source = SOURCES[name]
+    folder = root / source.folder
+    missing = missing_files(source, folder)
+    if len(missing) > 0 and not download:
+        raise ConfigError(_absent_message(name, source, root, missing))
+    if len(missing) > 0:
+        download_source(name, root)
+    train, test = source.read(folder)
+    return train, test, source.num_classes
+
+
+def download_source(name: str, root: Path) -> None:
+    """Download through torchvision into a temporary folder, then move the complete files into place.
+
+    Every socket operation times out after DOWNLOAD_TIMEOUT_S. On any failure nothing is left behind:
+    the temporary folder and any directories created for it are removed.
+    """
+    import torchvision
+
+    source = SOURCES[name]
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    done = False
+    try:
+        log.info(f"downloading {name} into {root.resolve()} (torchvision.datasets.{source.torchvision_class})")
+        dataset_class = getattr(torchvision.datasets, source.torchvision_class)
+        splits = [{"split": "train"}, {"split": "test"}] if name == "svhn" else [{"train": True}, {"train": False}]
+        for kwargs in splits:
+            dataset_class(str(tmp), download=True, **kwargs)
+        still_missing = missing_files(source, tmp / source.folder)
+        if len(still_missing) > 0:
+            raise RuntimeError(f"the download did not produce {', '.join(still_missing)}")
+        (root / source.folder).mkdir(parents=True, exist_ok=True)
+        for file in source.files:
+            found = _present(tmp / source.folder, file)
+            os.replace(found, root / source.folder / found.name)
+        done = True
+    except Exception as error:  # noqa: BLE001 - any failure (no network, timeout, bad archive) means the same
+        raise ConfigError(_absent_message(name, source, root, list(source.files))
+                          + f" Downloading failed: {type(error).__name__}: {error}") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for path in created:  # deepest first; only directories this call created, and only when empty
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+
+
+# --- image folders ---------------------------------------------------------------------------------
+
+
+def scan_tree(tree: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image file, class index)]) of a directory of class subfolders, sorted by name."""
+    classes = sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise ConfigError(f"data.path: {tree} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+                          "an image folder needs one subfolder of images per class, at least 2 classes")
+    files = []
+    for index, name in enumerate(classes):
+        images = sorted(p for p in (tree / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                        and not p.name.startswith("."))
+        if len(images) == 0:
+            raise ConfigError(f"data.path: the class folder {tree / name} holds no images "
+                              f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        files += [(p, index) for p in images]
+    return classes, files
+
+
+def decode_images(files: list[tuple[Path, int]], size: int, channels: int) -> Images:
+    """Decode and resize (bilinear, to size x size) every file once, into uint8 [N, channels, size, size]."""
+    from PIL import Image
+
+    mode = {1: "L", 3: "RGB"}[channels]
+    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode)
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ConfigError(f"data.path: cannot read the image {path} ({type(error).__name__}: {error}); "
+                              "replace or remove the file") from None
+        images[i] = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return images, torch.tensor([label for _, label in files], dtype=torch.long)
+
+
+def cache_key(root: Path, files: list[tuple[Path, int]], size: int, channels: int) -> str:
+    """A digest of the folder's contents (relative paths, byte sizes, modification times, labels) and the size."""
+    entries = []
+    for path, label in files:
+        stat = path.stat()
+        entries.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns, label])
+    text = json.dumps([CACHE_FORMAT, size, channels, entries])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
+    """(train, test or None, classes) of data.path: train/ and test/ trees, or one tree split by test_fraction."""
+    from trainlab.checkpoint import save_atomic
+
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.path={cfg.path}: no such directory ({root.resolve()}); give a folder of class "
+                          "subfolders, or one with train/ and test/ subfolders of class subfolders")
+    trees = {"train": root / "train", "test": root / "test"}
+    if not all(t.is_dir() for t in trees.values()):
+        trees = {"train": root}
+    scanned = {split: scan_tree(tree) for split, tree in trees.items()}
+    classes = scanned["train"][0]
+    if "test" in scanned and scanned["test"][0] != classes:
+        raise ConfigError(f"data.path={cfg.path}: train/ and test/ have different class folders "
+                          f"({', '.join(classes)} vs {', '.join(scanned['test'][0])}); give both the same classes")
+    size, channels = int(cfg.image_size), int(cfg.channels)
+    all_files = [f for _, files in scanned.values() for f in files]
+    cache = None
+    if cfg.cache_dir is not None:
+        key = cache_key(root, all_files, size, channels)
+        cache = Path(cfg.cache_dir).expanduser() / f"image_folder_{root.resolve().name}_{size}px_{channels}ch_{key}.pt"
+        if cache.is_file():
+            try:
+                stored = torch.load(cache, weights_only=True)
+                log.info(f"image_folder: {len(all_files)} images from the cache {cache}")
+                return _cached_splits(stored, len(classes))
+            except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+                log.warning(f"image_folder: ignoring the unreadable cache {cache} ({error}); decoding again")
+    tic = time.perf_counter()
+    decoded = {split: decode_images(files, size, channels) for split, (_, files) in scanned.items()}
+    log.info(f"image_folder: decoded {len(all_files)} images from {root} in {time.perf_counter() - tic:.1f} s")
+    stored = {"format": CACHE_FORMAT, "classes": classes}
+    for split, (images, labels) in decoded.items():
+        stored[f"{split}_images"], stored[f"{split}_labels"] = images, labels
+    if cache is not None:
+        save_atomic(stored, cache)
+        log.info(f"image_folder: cached as {cache}")
+    return _cached_splits(stored, len(classes))
+
+
+def _cached_splits(stored: dict, num_classes: int) -> tuple[Images, Images | None, int]:
+    train = stored["train_images"], stored["train_labels"]
+    test = (stored["test_images"], stored["test_labels"]) if "test_images" in stored else None
+    return train, test, num_classes

@@ -1,0 +1,110 @@
+"""Sweep jobs: skip or resume a job of an earlier sweep, return a search's objective, report at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from trainlab.config import ConfigError
+
+log = logging.getLogger("trainlab")
+
+DONE = ("completed", "stopped_early")  # statuses a resumed sweep does not run again
+OBJECTIVE_SECTIONS = ("best", "test")  # sweep.objective = <section>/<metric>, read from summary.json
+
+
+class JobFailed(RuntimeError):
+    """A search trial that did not complete: the search sweeper records it as failed, not as a value."""
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The job's summary.json, or None when it has none (never ran, or killed before the end)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def objective_value(summary: dict[str, Any], objective: str) -> float | None:
+    """`best/val/loss` -> summary["best"]["val/loss"]; None when the run has no such value."""
+    section, _, metric = objective.partition("/")
+    if section not in OBJECTIVE_SECTIONS or not metric:
+        raise ConfigError(f"sweep.objective={objective!r}: name a summary.json metric as <section>/<metric> with "
+                          f"section {' or '.join(OBJECTIVE_SECTIONS)}, e.g. best/val/loss, best/val/acc, test/test/acc")
+    value = (summary.get(section) or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
+                  execute: Callable[..., tuple[str, int, Any]]) -> str | float:
+    """One job of a sweep. Returns its status, or its objective value when `sweep.objective` is set.
+
+    With sweep.resume=true a job that completed in an earlier sweep into the same directory is skipped,
+    and one that did not continues from its own checkpoints/last.pt (checkpoint.resume=auto). A job that fails returns "failed"
+    (the report at the end lists it and the sweep exits 1); only a search (sweep.objective set) raises
+    JobFailed, so that its sweeper records the trial as failed instead of a value.
+    """
+    if cfg.sweep.objective is not None:
+        objective_value({}, cfg.sweep.objective)  # a misspelt objective fails before training, not after
+    previous = read_summary(run_dir) if cfg.sweep.resume else None
+    if previous is not None and previous.get("status") in DONE:
+        log.info(f"sweep.resume: skipped, {previous['status']} in an earlier sweep ({run_dir})")
+        summary, status = previous, previous["status"]
+    else:
+        if cfg.sweep.resume and cfg.checkpoint.resume is None:
+            with open_dict(cfg):
+                cfg.checkpoint.resume = "auto"  # its own last.pt (or last.prev.pt); fresh when it has none
+        status, _, run = execute(cfg, run_dir, overrides)
+        summary = run.summary
+        _record_process(run_dir)
+    if cfg.sweep.objective is None:
+        return status
+    value = objective_value(summary, cfg.sweep.objective)
+    if status not in DONE or value is None or not math.isfinite(value):
+        raise JobFailed(f"{run_dir.name} ended {status} ({summary.get('stop_reason')}); "
+                        f"sweep.objective={cfg.sweep.objective} = {value}")
+    return value
+
+
+def _record_process(run_dir: Path) -> None:
+    """Add the process, its torch threads and its visible GPUs to summary.json (where the launcher put it)."""
+    summary = read_summary(run_dir)
+    if summary is None:
+        return
+    import torch
+
+    summary["process"] = {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+class ReportCallback(Callback):
+    """At the end of every sweep: the report (table, CSV, Markdown, PNG); exit 1 naming the failed jobs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.dry_run:
+            return
+        from trainlab.report import build_report, publish
+
+        report = build_report(Path(config.hydra.sweep.dir))
+        try:
+            publish(report)
+        except Exception:  # noqa: BLE001 - a report that cannot be drawn must not hide the jobs' outcome
+            log.exception("the sweep's report could not be written; `trainlab report <sweep_dir>` retries it")
+        failed = [job for job in report.jobs if job.status not in DONE]
+        if failed:
+            log.error(f"{len(failed)} of {len(report.jobs)} jobs did not complete:\n" +
+                      "\n".join(f"  {job.name}: {job.status} ({job.reason})" for job in failed))
+            sys.exit(1)  # SystemExit passes through Hydra's callback guard, which turns exceptions into warnings

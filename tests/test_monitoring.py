@@ -1,0 +1,307 @@
+"""Monitoring: what the event file holds (read back with TensorBoard's own reader), layer statistics, console."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from conftest import compose_cfg, run_cli
+from trainlab.config import ConfigError, validate
+from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, histogram
+
+STEPS_PER_EPOCH = (1797 - 359 - 144) // 64  # digits: 1294 training images, drop_last
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0,
+                                                                "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(acc: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def hparams_content(acc: EventAccumulator) -> tuple[dict, list[str]]:
+    """The run's hyper-parameters (name -> value) and the experiment's metric tags, from the HParams plugin data."""
+    from google.protobuf.json_format import MessageToDict
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    values = {k: MessageToDict(v) for k, v in start.session_start_info.hparams.items()}  # google.protobuf.Value
+    return values, [m.name.tag for m in experiment.experiment.metric_infos]
+
+
+@pytest.fixture(scope="module")
+def momentum_run(tmp_path_factory):
+    """4 epochs of SGD with momentum, the lr halved every epoch, layer statistics every 2 epochs."""
+    from trainlab.run import execute
+
+    overrides = ["trainer.max_epochs=4", "logger.every_n_steps=5", "optimizer=momentum", "scheduler=step",
+                 "scheduler.step_epochs=1", "logger.layer_stats_every_n_epochs=2", "early_stopping.enabled=false"]
+    run_dir = tmp_path_factory.mktemp("momentum") / "run"
+    status, code, _ = execute(compose_cfg(overrides), run_dir, overrides)
+    assert (status, code) == ("completed", 0)
+    return run_dir, events(run_dir), json.loads((run_dir / "summary.json").read_text())
+
+
+def test_interval_scalars_follow_the_run(momentum_run):
+    run_dir, acc, _ = momentum_run
+    tags = scalars(acc)
+    interval_steps = list(range(5, 4 * STEPS_PER_EPOCH + 1, 5))
+    for tag in ("train/loss", "lr", "lr/decay", "lr/no_decay", "momentum/decay", "momentum/no_decay",
+                "train/grad_norm", "perf/samples_per_s"):
+        assert [s for s, _ in tags[tag]] == interval_steps, tag
+    # the lr of each point is the rate its step used: 0.01 halved at every epoch boundary
+    for step, lr in tags["lr"]:
+        assert lr == pytest.approx(0.01 * 0.5 ** ((step - 1) // STEPS_PER_EPOCH)), step
+    assert tags["lr/decay"] == tags["lr"] and tags["lr/no_decay"] == tags["lr"]
+    assert all(v == pytest.approx(0.9) for _, v in tags["momentum/decay"])
+    assert all(0 < v < 100 and math.isfinite(v) for _, v in tags["train/grad_norm"])
+    assert all(v > 0 for _, v in tags["perf/samples_per_s"])
+
+
+def test_epoch_scalars_match_metrics_csv_and_the_weights(momentum_run):
+    run_dir, acc, summary = momentum_run
+    tags = scalars(acc)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    epoch_ends = [STEPS_PER_EPOCH * e for e in range(1, 5)]
+    for tag in ("train/acc", "val/loss", "val/acc", "epoch", "perf/epoch_time_s", "train/weight_norm"):
+        assert [s for s, _ in tags[tag]] == epoch_ends, tag
+    assert [v for _, v in tags["perf/epoch_time_s"]] == pytest.approx([float(r["epoch_time_s"]) for r in rows])
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    params = [v for k, v in last.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert tags["train/weight_norm"][-1][1] == pytest.approx(float(global_norm(params)), rel=1e-5)
+    assert ("perf/gpu_max_memory_mib" in tags) == torch.cuda.is_available()  # on CUDA only
+    assert tags["test/acc"] == [(epoch_ends[-1], pytest.approx(summary["test"]["test/acc"]))]
+
+
+def test_layer_statistics_histograms_and_filters_only_on_recorded_epochs(momentum_run):
+    _, acc, _ = momentum_run
+    recorded = [STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH + 1]  # the first step of epochs 2 and 4
+    tags = scalars(acc)
+    kinds = ("act_mean", "act_std", "dead_relu", "grad_norm", "update_ratio")
+    layer_tags = [t for t in tags if t.split("/")[0] in kinds]
+    assert {"act_std/3.relu", "act_std/6.relu", "dead_relu/3.relu", "grad_norm/1.weight", "update_ratio/7.weight"} \
+        <= set(layer_tags)
+    for tag in layer_tags:
+        assert [s for s, _ in tags[tag]] == recorded, tag
+    # SGD's update is lr * velocity: a small fraction of the weights, never zero
+    assert all(0 < v < 0.5 for t in layer_tags if t.startswith("update_ratio") for _, v in tags[t])
+    histograms = acc.Tags()["histograms"]
+    assert {"weights/1.weight", "grads/1.weight", "activations/3.relu", "activations/6.relu"} <= set(histograms)
+    for tag in histograms:
+        assert [e.step for e in acc.Histograms(tag)] == recorded, tag
+    weights = acc.Histograms("weights/1.weight")[0].histogram_value
+    assert weights.num == 64 * 256 and sum(weights.bucket) == 64 * 256 and weights.min < 0 < weights.max
+    filters = acc.Images("first_layer/filters")  # the MLP's first layer reads whole 8x8 images
+    assert [e.step for e in filters] == recorded and filters[0].width == 2 + 8 * (8 + 2)  # the first 64 units, 8x8
+
+
+def test_confusion_matrix_image_and_csv(momentum_run):
+    run_dir, acc, summary = momentum_run
+    assert [e.step for e in acc.Images("test/confusion_matrix")] == [4 * STEPS_PER_EPOCH]
+    rows = list(csv.reader((run_dir / "confusion_matrix.csv").open()))
+    counts = torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert counts.shape == (10, 10) and int(counts.sum()) == 359
+    assert int(counts.trace()) / 359 == pytest.approx(summary["test"]["test/acc"])
+
+
+def test_hparams_hold_the_overrides_and_final_metrics(momentum_run):
+    _, acc, summary = momentum_run
+    hparams, metric_tags = hparams_content(acc)
+    assert hparams["optimizer"] == "momentum" and hparams["scheduler"] == "step"  # group choices from overrides
+    assert hparams["optimizer.lr"] == pytest.approx(0.01) and hparams["optimizer.momentum"] == pytest.approx(0.9)
+    assert hparams["scheduler.step_epochs"] == 1 and hparams["model.hidden"] == "[256, 256]"
+    assert hparams["seed"] == 0 and hparams["status"] == "completed"
+    assert set(metric_tags) == {"hparams/best_val_loss", "hparams/best_val_acc", "hparams/test_loss",
+                                "hparams/test_acc", "hparams/epochs_run"}
+    tags = scalars(acc)
+    assert tags["hparams/test_acc"][0][1] == pytest.approx(summary["test"]["test/acc"])
+    assert tags["hparams/best_val_loss"][0][1] == pytest.approx(summary["best"]["val/loss"])
+    assert tags["hparams/epochs_run"][0][1] == 4
+
+
+def test_custom_scalars_layout_puts_train_and_val_on_one_chart(momentum_run):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    _, acc, _ = momentum_run
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts == {"loss": ["train/loss", "val/loss"], "accuracy": ["train/acc", "val/acc"]}
+
+
+def test_logger_switches(train_inprocess, tmp_path):
+    base = ["trainer.max_epochs=1", "logger.every_n_steps=5", "logger.layer_stats_every_n_epochs=1"]
+    train_inprocess([*base, "logger.grad_norm=false", "logger.histograms=false", "logger.graph=true"], "a")
+    acc = events(tmp_path / "a")
+    assert "train/grad_norm" not in acc.Tags()["scalars"] and "act_std/3.relu" in acc.Tags()["scalars"]
+    assert acc.Tags()["histograms"] == [] and acc.Tags()["graph"]
+    train_inprocess([*base[:2], "logger.layer_stats_every_n_epochs=0"], "b")
+    acc = events(tmp_path / "b")
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith(("act_", "dead_relu", "update_ratio"))]
+    assert acc.Tags()["images"] == ["test/confusion_matrix"] and not acc.Tags()["graph"]
+
+
+def test_clipped_gradient_norm_is_the_clip_threshold(train_inprocess, tmp_path):
+    train_inprocess(["trainer.max_epochs=1", "logger.every_n_steps=5", "regularization.grad_clip_norm=0.001"])
+    points = scalars(events(tmp_path / "run"))["train/grad_norm"]
+    assert len(points) == STEPS_PER_EPOCH // 5 and all(v == pytest.approx(0.001, rel=1e-3) for _, v in points)
+
+
+def test_momentum_tag_follows_the_momentum_ramp(train_inprocess, tmp_path):
+    train_inprocess(["trainer.max_epochs=1", "logger.every_n_steps=5", "optimizer=momentum_schedule",
+                     "optimizer.momentum_warmup_epochs=2"])
+    momentum = [v for _, v in scalars(events(tmp_path / "run"))["momentum/decay"]]
+    assert 0.5 <= momentum[0] < momentum[-1] < 0.9 and momentum == sorted(momentum)  # half-way up the ramp
+    assert momentum[-1] == pytest.approx(0.5 + 0.4 * (STEPS_PER_EPOCH - 1) / (2 * STEPS_PER_EPOCH), abs=0.02)
+
+
+def test_each_run_keeps_its_hparams_in_its_own_event_file(train_inprocess, tmp_path):
+    """A sweep directory's HPARAMS tab lists one row per job: no sub-run directories, different values."""
+    for name, lr in (("job0", "0.05"), ("job1", "0.2")):
+        train_inprocess(["trainer.max_epochs=1", f"optimizer.lr={lr}", "logger.layer_stats_every_n_epochs=0"], name)
+    values = []
+    for name in ("job0", "job1"):
+        run_dir = tmp_path / name
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+        assert not [p for p in run_dir.rglob("events.out.tfevents.*") if p.parent != run_dir]
+        values.append(hparams_content(events(run_dir))[0]["optimizer.lr"])
+    assert values == [pytest.approx(0.05), pytest.approx(0.2)]
+
+
+def test_small_normal_init_shows_vanishing_activations(train_inprocess, tmp_path):
+    """A deep plain MLP: N(0, 0.01^2) weights shrink the signal layer by layer; Kaiming keeps its scale."""
+    deep = ["trainer.max_epochs=1", "model.hidden=[64,64,64,64,64,64]", "normalization=none",
+            "logger.layer_stats_every_n_epochs=1", "logger.histograms=false"]
+    train_inprocess([*deep, "initialization=normal", "initialization.std=0.01"], "small")
+    train_inprocess([*deep, "initialization=kaiming_normal"], "kaiming")
+    small, kaiming = (scalars(events(tmp_path / name)) for name in ("small", "kaiming"))
+    last = "act_std/18.relu"  # the sixth hidden layer's activation
+    assert last in small
+    assert small[last][0][1] < 1e-6 < 0.1 < kaiming[last][0][1]
+    assert small["act_std/3.relu"][0][1] > 100 * small[last][0][1]  # shrinks with depth
+
+
+def test_layer_recorder_dead_units_gradients_and_update_ratio():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[2].bias.fill_(-1e3)  # every unit of the second layer is dead
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = LayerRecorder(model, optimizer, histograms=True)
+    recorder.attach()
+    before = model[0].weight.detach().clone()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = model[0].weight.grad.clone()
+    optimizer.step()
+    stats = recorder.result.scalars
+    assert stats["dead_relu/3.relu"] == 1.0 and stats["act_std/3.relu"] == 0.0
+    assert stats["dead_relu/1.relu"] < 1.0
+    assert stats["grad_norm/0.weight"] == pytest.approx(float(grad.norm()))
+    assert stats["update_ratio/0.weight"] == pytest.approx(float(0.1 * grad.norm() / before.norm()), rel=1e-5)
+    assert "grad_norm/0.bias" not in stats  # weights of linear and conv layers only
+    hist = recorder.result.histograms["activations/1.relu"]
+    assert hist.num == 32 * 8 and sum(hist.bucket_counts) == 32 * 8 and hist.min == 0.0
+    # every hook is gone after the recorded step: the next steps run without them
+    assert not recorder.attached and not model._forward_pre_hooks and not model[1]._forward_hooks
+    assert not optimizer._optimizer_step_post_hooks
+
+
+def test_a_module_applied_twice_per_forward_is_recorded_per_call():
+    from torchvision.models.resnet import BasicBlock
+
+    block = BasicBlock(4, 4)  # applies its one self.relu twice
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    recorder = LayerRecorder(block, optimizer, histograms=False)
+    recorder.attach()
+    block(torch.randn(2, 4, 5, 5)).square().mean().backward()
+    optimizer.step()
+    assert {"act_std/relu", "act_std/relu#2", "dead_relu/relu#2", "update_ratio/conv1.weight"} \
+        <= set(recorder.result.scalars)
+    assert recorder.result.histograms == {}
+
+
+def test_histogram_counts_every_value_between_min_and_max():
+    values = torch.tensor([0.0, 1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0])
+    row = histogram(values, bins=4).tolist()
+    assert row[:4] == [0.0, 4.0, 17.0, 49.0]
+    assert row[4:] == [1.0, 2.0, 1.0, 4.0]  # [0,1) [1,2) [2,3) [3,4]
+
+
+def test_first_layer_filters_of_a_conv_model_are_one_image():
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU())
+    grid = first_layer_filters(conv, (3, 32, 32))
+    assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
+    assert grid.shape[1] == grid.shape[2] == 2 + 4 * (3 * 2 + 2)  # 4x4 tiles of 3x3 kernels scaled 2x, 2px apart
+    assert first_layer_filters(nn.Sequential(nn.Flatten(), nn.Linear(10, 2)), (10,)) is None
+
+
+def test_image_grid_matches_torchvision_make_grid():
+    from torchvision.utils import make_grid
+
+    from trainlab.layer_stats import image_grid
+
+    tiles = torch.rand(10, 3, 4, 5)
+    assert torch.equal(image_grid(tiles, padding=2), make_grid(tiles, nrow=4, padding=2, pad_value=1.0))
+
+
+def test_layer_stats_every_n_epochs_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"logger.layer_stats_every_n_epochs=-1.*>= 0"):
+        validate(compose_cfg(["logger.layer_stats_every_n_epochs=-1"]))
+
+
+def test_live_bar_shows_step_loss_lr_speed_and_eta(tmp_path):
+    from trainlab.loop import Interval
+    from trainlab.monitor import RunMonitor
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = RunMonitor(tmp_path, tensorboard=False, live=True, max_epochs=3, steps_per_epoch=10,
+                         model=model, optimizer=optimizer)
+    try:
+        monitor.start_epoch(2, 10, 10, batch_size=32)
+        monitor.train_interval(Interval(step=15, loss=0.25, lrs=[0.1]))
+        fields = monitor.progress.tasks[0].fields
+        assert monitor.progress.tasks[0].completed == 5
+        assert (fields["epoch"], fields["step"], fields["loss"], fields["lr"]) == (2, 15, "0.2500", "0.1")
+        assert float(fields["speed"].replace(",", "")) > 0 and fields["eta"].count(":") == 2
+    finally:
+        monitor.close()
+
+
+def test_console_off_a_terminal_is_plain_text(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["trainer.max_epochs=1", "logger.progress=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "\x1b" not in out and "\r" not in out  # no colours, no cursor moves, no redrawn bar
+    assert "config" in result.stdout and "optimizer" in result.stdout and "max_epochs: 1" in result.stdout  # tree
+    assert "monitoring: tensorboard True" in out and "epoch 1/1" in out
+    table = re.sub(r"[\s│]", "", result.stdout)  # the table folds long paths over several rows
+    assert "bestval/loss" in table and f"tensorboard--logdir{run_dir}" in table
+
+
+@pytest.mark.slow
+def test_monitor_benchmark_prints_the_ratio():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "monitor_benchmark.py"
+    result = subprocess.run([sys.executable, str(script), "--blocks", "1", "--epochs", "2"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ratio" in result.stdout and "target >= 0.97" in result.stdout

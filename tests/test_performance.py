@@ -1,0 +1,134 @@
+"""The fast path: memory format, threads, fused kernels, compile, sync-free metrics and EMA."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import compose_cfg
+from trainlab.config import ConfigError, validate
+from trainlab.device import compiled, configure_backends, uses_channels_last
+from trainlab.loop import EpochTotals, StepParts, train_one_epoch
+from trainlab.optim import _fast_kernels
+from trainlab.regularization import ema_model
+
+
+def conv_weights(run) -> list[torch.Tensor]:
+    return [m.weight for m in run.model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("choice, expected", [("auto", True), ("true", True), ("false", False)])
+def test_channels_last_for_conv_models(train_inprocess, choice, expected):
+    status, _, run = train_inprocess(["model=cnn", "model.depth=8", "data=synthetic", "data.num_samples=200",
+                                      "data.shape=[3,8,8]", "trainer.max_epochs=1", f"trainer.channels_last={choice}"])
+    assert status == "completed" and run.channels_last is expected
+    weights = conv_weights(run)
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in weights)
+
+
+def test_channels_last_auto_leaves_an_mlp_alone():
+    cfg = compose_cfg([])
+    assert uses_channels_last(cfg.trainer, nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is False
+    assert uses_channels_last(compose_cfg(["trainer.channels_last=true"]).trainer, nn.Linear(4, 2)) is True
+
+
+def test_threads_are_set_from_the_config():
+    before = torch.get_num_threads()
+    try:
+        assert configure_backends(compose_cfg(["trainer.threads=1"]).trainer, torch.device("cpu")) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_kernels_only_on_cuda_and_only_where_the_optimizer_has_them():
+    on_gpu, on_cpu = [SimpleNamespace(is_cuda=True)], [SimpleNamespace(is_cuda=False)]
+    assert _fast_kernels(torch.optim.Adam, {}, on_gpu) == {"fused": True}
+    assert _fast_kernels(torch.optim.SGD, {}, on_gpu) == {"fused": True}
+    assert _fast_kernels(torch.optim.Adam, {}, on_cpu) == {}
+    assert _fast_kernels(torch.optim.LBFGS, {}, on_gpu) == {}  # no fused kernel
+    assert _fast_kernels(torch.optim.Adam, {"foreach": True}, on_gpu) == {}  # the config's own choice wins
+
+
+@pytest.mark.parametrize("key, value", [("trainer.compile", "fast"), ("trainer.channels_last", "maybe"),
+                                        ("trainer.threads", "0")])
+def test_invalid_fast_path_values_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg([f"{key}={value}"]))
+
+
+def test_compile_false_is_the_model_itself():
+    model = nn.Linear(2, 2)
+    assert compiled(model, "false") is model
+    assert compiled(model, False) is model  # YAML's false
+
+
+def _fixed_batches(n_batches: int, batch: int, soft: bool = False):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n_batches):
+        x = torch.randn(batch, 5, generator=g)
+        y = torch.randint(0, 3, (batch,), generator=g)
+        yield x, (F.one_hot(y, 3).float() * 0.8 + 0.2 / 3 if soft else y)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_epoch_metrics_and_intervals_match_a_direct_computation(soft):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: the metrics can be recomputed
+    intervals = []
+    result = train_one_epoch(model, list(_fixed_batches(7, 8, soft)), nn.CrossEntropyLoss(), optimizer,
+                             SimpleNamespace(step=lambda: None), torch.amp.GradScaler("cpu", enabled=False),
+                             nullcontext(), 0, 3, intervals.append, StepParts())
+    losses, hits = [], 0
+    with torch.no_grad():
+        for x, y in _fixed_batches(7, 8, soft):
+            logits = model(x)
+            losses.append(F.cross_entropy(logits, y).item())
+            hits += (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum().item()
+    assert result.step == 7
+    assert result.loss == pytest.approx(sum(losses) / 7, rel=1e-6)
+    assert result.acc == hits / 56
+    assert [i.step for i in intervals] == [3, 6]
+    assert intervals[0].loss == pytest.approx(sum(losses[:3]) / 3, rel=1e-6)
+    assert intervals[1].loss == pytest.approx(sum(losses[3:6]) / 3, rel=1e-6)
+
+
+def test_epoch_totals_fold_on_checkpoint_and_restore_exactly():
+    totals = EpochTotals()
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    totals.record(torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
+    state = totals.state_dict()  # folds the pending step
+    assert state == {"loss_sum": 1.5, "correct": 2, "interval_loss": 0.5, "seen": 3, "interval_steps": 1}
+    assert not totals.pending
+    assert EpochTotals.from_state(state).state_dict() == state
+
+
+def test_ema_keeps_its_count_through_a_state_dict_and_copies_integer_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = ema_model(model, decay=0.5)
+    ema.update_parameters(model)
+    model[1].num_batches_tracked.fill_(7)
+    with torch.no_grad():
+        model[0].weight.add_(2.0)
+    ema.update_parameters(model)
+    assert ema.module[1].num_batches_tracked.item() == 7
+    expected = ema.module[0].weight.clone()
+    other = ema_model(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.n_averaged == 2 and torch.equal(other.module[0].weight, expected)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(train_inprocess):
+    common = ["trainer.max_epochs=1", "model.hidden=[32]"]
+    _, _, eager = train_inprocess(common, name="eager")
+    status, _, fast = train_inprocess([*common, "trainer.compile=default"], name="compiled")
+    assert status == "completed"
+    for key, value in eager.model.state_dict().items():
+        assert torch.allclose(value.float(), fast.model.state_dict()[key].float(), atol=1e-4), key

@@ -1,0 +1,667 @@
+"""Reliability: atomic checkpoints under kill -9, exact resume, signals, divergence, safe loading, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import trainlab.run
+from conftest import compose_cfg, run_cli
+from trainlab import checkpoint, faults
+from trainlab.config import ConfigError
+from trainlab.early_stopping import EarlyStopping
+from trainlab.run import execute
+
+SRC = Path(trainlab.__file__).resolve().parents[1]
+
+# Shuffling, dropout, flip-and-crop augmentation, Adam's state and a cosine schedule: everything that
+# must come back exactly. 20 steps per epoch on digits (1294 training images, batch 64, drop_last).
+EXACT = ["trainer.max_epochs=2", "regularization=dropout", "augmentation=flip_crop", "optimizer=adam",
+         "scheduler=cosine", "logger.every_n_steps=5", "trainer.device=cpu"]
+STEPS_PER_EPOCH = 20
+
+
+def train(tmp_path: Path, overrides: list[str], name: str = "run"):
+    return execute(compose_cfg(overrides), tmp_path / name, overrides)
+
+
+def assert_equal_state(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(handle)]
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return sorted((e.step, e.value) for e in events.Scalars("train/loss"))
+
+
+def signal_at_step(monkeypatch, signum: int, step: int) -> None:
+    """A real signal to this process right after optimizer step `step` (before the run looks for one)."""
+    on_step = trainlab.run.Run.on_step
+
+    def sending(self, s, totals):
+        if s == step:
+            os.kill(os.getpid(), signum)
+        on_step(self, s, totals)
+
+    monkeypatch.setattr(trainlab.run.Run, "on_step", sending)
+
+
+def signal_at_validation(monkeypatch, signum: int, epoch: int) -> None:
+    """A real signal to this process while epoch `epoch` is being validated (between two epochs)."""
+    evaluate, calls = trainlab.run.evaluate, {"n": 0}
+
+    def sending(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            os.kill(os.getpid(), signum)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainlab.run, "evaluate", sending)
+
+
+def poison_loss(monkeypatch, bad_calls: set[int], how: str, record: dict | None = None) -> None:
+    """Make the training loss non-finite (how: nan | inf | grad, the last a finite loss with NaN gradients)
+    at the given 1-based calls of the loss; `record` gets the checkpoint files' bytes at the first bad call."""
+    build = trainlab.run.Run.build_regularization
+
+    def poisoned_build(self):
+        build(self)
+        loss_fn, calls = self.loss_fn, {"n": 0}
+
+        def loss(logits, labels):
+            calls["n"] += 1
+            value = loss_fn(logits, labels)
+            if calls["n"] in bad_calls:
+                if record is not None and not record:
+                    record.update({p.name: p.read_bytes() for p in self.ckpt_dir.glob("*.pt")})
+                if how == "grad":  # d sqrt(s)/ds is inf at s = 0: the loss stays finite, the gradient is NaN
+                    return value + 0.0 * torch.sqrt((logits * 0.0).sum())
+                return value * float(how)
+            return value
+
+        self.loss_fn = loss
+
+    monkeypatch.setattr(trainlab.run.Run, "build_regularization", poisoned_build)
+
+
+def all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# --- atomic checkpoints under kill -9 --------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from trainlab import checkpoint
+    path, n = Path(sys.argv[1]), 0
+    while True:
+        n += 1  # ~2 MB of weights whose values encode n, so a mixed or torn file would show
+        checkpoint.save_atomic({"format_version": 2, "n": n, "w": torch.full((512, 1024), float(n))}, path,
+                               keep_previous=True)
+        if n == 1:
+            print("ready", flush=True)
+""")
+
+
+def kill_writers_at_random(tmp_path: Path, kills: int, parallel: int) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    rng = random.Random(0)
+    for batch in range(0, kills, parallel):
+        procs = []
+        for i in range(batch, min(batch + parallel, kills)):
+            path = tmp_path / f"w{i}" / "last.pt"
+            procs.append((path, subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
+                                                 env=env, text=True)))
+        for path, proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.0, 0.3))  # a random moment: most of the writer's time is spent writing
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            state = checkpoint.load(path)  # never torn: always one complete version
+            assert state["n"] >= 1 and torch.equal(state["w"], torch.full((512, 1024), float(state["n"])))
+            checkpoint.remove_stale_temporaries(path.parent)
+            assert {p.name for p in path.parent.iterdir()} <= {"last.pt", "last.prev.pt"}
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_last_pt_unloadable(tmp_path):
+    kill_writers_at_random(tmp_path, kills=6, parallel=6)
+
+
+@pytest.mark.slow
+def test_kill_9_many_times_during_checkpoint_writes(tmp_path):
+    kill_writers_at_random(tmp_path, kills=40, parallel=4)
+
+
+def test_stale_temporary_files_are_removed_and_ignored(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"format_version": 2, "epoch": 1}, path)
+    stale = tmp_path / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert checkpoint.load(path)["epoch"] == 1
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_keep_previous_keeps_the_one_before(tmp_path):
+    path = tmp_path / "last.pt"
+    for epoch in (1, 2, 3):
+        checkpoint.save_atomic({"format_version": 2, "epoch": epoch}, path, keep_previous=True)
+    assert checkpoint.load(path)["epoch"] == 3
+    assert checkpoint.load(tmp_path / "last.prev.pt")["epoch"] == 2
+
+
+def test_a_failed_write_names_the_path_and_the_os_error(tmp_path):
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("a file where the checkpoint directory should be")
+    with pytest.raises(checkpoint.CheckpointWriteError, match=rf"could not write checkpoint {blocker}/last.pt: "):
+        checkpoint.save_atomic({"format_version": 2}, blocker / "last.pt")
+
+
+def test_a_failed_write_stops_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a directory")  # root ignores permissions, so block it this way
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2"])
+    assert (status, code) == ("failed", 1)
+    assert run.summary["epochs_run"] == 0  # stopped at the first save, not after training on unsaved
+    assert f"could not write checkpoint {run_dir / 'checkpoints'}/best.pt" in run.summary["stop_reason"]
+    assert "File exists" in run.summary["stop_reason"] or "Not a directory" in run.summary["stop_reason"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_checkpoint_directory_stops_the_run(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    ckpt.chmod(0o500)
+    try:
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2"])
+    finally:
+        ckpt.chmod(0o700)
+    assert (status, code) == ("failed", 1)
+    assert str(ckpt) in run.summary["stop_reason"] and "Permission denied" in run.summary["stop_reason"]
+
+
+# --- exact resume ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: EXACT trained without interruption."""
+    tmp = tmp_path_factory.mktemp("whole")
+    status, code, run = train(tmp, EXACT)
+    assert (status, code) == ("completed", 0)
+    return run
+
+
+def assert_resumed_run_equals(resumed, whole) -> None:
+    assert_equal_state(resumed.model.state_dict(), whole.model.state_dict(), "model")
+    assert_equal_state(resumed.optimizer.state_dict(), whole.optimizer.state_dict(), "optimizer")
+    assert metrics_rows(resumed.run_dir) == metrics_rows(whole.run_dir)  # epoch losses, accuracies, lr: exact
+    assert logged_losses(resumed.run_dir) == logged_losses(whole.run_dir)  # every logged train/loss point
+    assert resumed.summary["test"] == whole.summary["test"]
+
+
+def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path, monkeypatch, uninterrupted):
+    with monkeypatch.context() as patch:
+        signal_at_validation(patch, signal.SIGTERM, epoch=1)
+        status, code, run = train(tmp_path, EXACT)
+    assert (status, code) == ("interrupted", 143)
+    last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["step"], last["in_epoch"]) == (1, STEPS_PER_EPOCH, None)
+
+    status, code, resumed = train(tmp_path, [*EXACT, "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0) and resumed.summary["epochs_run"] == 2
+    assert_resumed_run_equals(resumed, uninterrupted)
+
+
+def test_resume_mid_epoch_is_bitwise_exact_and_consecutive_checkpoints_differ(tmp_path, monkeypatch, uninterrupted):
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=27)  # epoch 2, after its 7th batch
+        status, code, run = train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5"])
+    assert (status, code) == ("interrupted", 143)
+    assert "epoch 2, step 27" in run.summary["stop_reason"]
+    ckpt = tmp_path / "run" / "checkpoints"
+    last, before = checkpoint.load(ckpt / "last.pt"), checkpoint.load(ckpt / "last.prev.pt")
+    assert (last["epoch"], last["step"], last["in_epoch"]["loader"]["position"]) == (1, 27, 7)
+    assert before["step"] == 25  # the every_n_steps checkpoint before the signal
+    # Negative control: two consecutive checkpoints differ, so equality below is not trivially true.
+    assert any(not torch.equal(last["model"][k], before["model"][k]) for k in last["model"])
+    assert not torch.equal(last["in_epoch"]["loader"]["augment_rng"], before["in_epoch"]["loader"]["augment_rng"])
+
+    status, code, resumed = train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0)
+    assert_resumed_run_equals(resumed, uninterrupted)
+
+
+def test_resume_auto_skips_a_truncated_last_pt_and_is_still_exact(tmp_path, monkeypatch, uninterrupted, caplog):
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGUSR1, step=33)
+        status, code, _ = train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5"])
+    assert (status, code) == ("interrupted", 143)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    raw = last.read_bytes()
+    last.write_bytes(raw[: len(raw) // 3])  # what a disk that lost the last write leaves
+    status, code, resumed = train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0)
+    assert f"skipping {last}" in caplog.text and "corrupted or incomplete" in caplog.text
+    assert_resumed_run_equals(resumed, uninterrupted)  # resumed from last.prev.pt (step 30)
+
+
+def test_same_seed_is_bitwise_equal_and_another_seed_differs(tmp_path, uninterrupted):
+    _, _, again = train(tmp_path, EXACT, name="again")
+    assert_equal_state(again.model.state_dict(), uninterrupted.model.state_dict())
+    _, _, other = train(tmp_path, [*EXACT, "seed=1"], name="other")
+    assert any(not torch.equal(v, uninterrupted.model.state_dict()[k]) for k, v in other.model.state_dict().items())
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_refuses_a_finished_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trainlab")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0) and run.summary["epochs_run"] == 1
+    assert "starting fresh" in caplog.text
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "checkpoint.resume=auto"])
+    assert (status, code) == ("failed", 2) and "already finished" in run.summary["error"]
+    assert (tmp_path / "run" / "summary.json").read_text() == summary  # the finished run's record stays
+
+
+# --- signals --------------------------------------------------------------------------------------
+
+
+def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainlab", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:  # wait until the first step is about to run
+        if "training started" in line:
+            return proc
+    raise AssertionError(f"training never started (exit {proc.wait()})")
+
+
+# 161 steps per epoch (batch 8): the signal lands inside epoch 1.
+SLOW_EPOCHS = ["trainer.max_epochs=2", "data.batch_size=8", "logger.progress=lines", "trainer.device=cpu",
+               "logger.tensorboard=false"]
+
+
+def test_sigterm_twice_saves_exits_143_and_resume_auto_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training([*SLOW_EPOCHS, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # a second signal, likely while last.pt is being written
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stop_reason"].startswith("SIGTERM at epoch 1, step ")
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert last["in_epoch"]["epoch"] == 1 and 0 < last["step"] < 161
+    assert f"hydra.run.dir={run_dir} checkpoint.resume=auto" in output  # the message says how to continue
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+    result = run_cli([*SLOW_EPOCHS, f"hydra.run.dir={run_dir}", "checkpoint.resume=auto"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_run"] == 2
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} inside epoch 1" in (run_dir / "train.log").read_text()
+    assert [int(r["epoch"]) for r in metrics_rows(run_dir)] == [1, 2]
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training([*SLOW_EPOCHS, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "Ctrl-C (SIGINT)" in summary["stop_reason"]
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["in_epoch"]["epoch"] == 1
+
+
+def test_signal_handlers_are_restored_after_the_run(tmp_path):
+    before = {s: signal.getsignal(s) for s in faults.STOP_SIGNALS}
+    train(tmp_path, ["trainer.max_epochs=1"])
+    assert {s: signal.getsignal(s) for s in faults.STOP_SIGNALS} == before
+
+
+# --- divergence -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "grad"])
+def test_non_finite_step_stops_before_the_optimizer_step(tmp_path, monkeypatch, how):
+    files: dict[str, bytes] = {}
+    poison_loss(monkeypatch, {30}, how, record=files)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=3", "checkpoint.every_n_steps=4", "trainer.device=cpu"])
+    assert (status, code) == ("diverged", 3)
+    assert "epoch 2, step 30" in run.summary["stop_reason"] and "before its optimizer step" in run.summary["stop_reason"]
+    assert ("gradient norm nan" if how == "grad" else f"loss {how}") in run.summary["stop_reason"]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert {p.name: p.read_bytes() for p in ckpt.glob("*.pt")} == files  # untouched since the bad step
+    last = checkpoint.load(ckpt / "last.pt")
+    assert last["step"] == 28 and all_finite(last) and all_finite(checkpoint.load(ckpt / "best.pt"))
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())  # the bad step never reached the weights
+
+
+def test_interval_check_is_sync_free_and_still_saves_no_non_finite_weights(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {23}, "nan")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=3", "trainer.nonfinite_check=interval",
+                                         "logger.every_n_steps=5", "checkpoint.every_n_steps=5", "trainer.device=cpu"])
+    assert (status, code) == ("diverged", 3)
+    assert "step 23" in run.summary["stop_reason"]
+    last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["step"] == 20 and all_finite(last)  # the step-25 checkpoint was refused: it would hold NaN
+
+
+def test_skip_policy_skips_a_bounded_number_of_steps(tmp_path, monkeypatch, caplog):
+    poison_loss(monkeypatch, {5, 9}, "nan")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.on_nonfinite=skip", "trainer.device=cpu"])
+    assert (status, code) == ("completed", 0)
+    assert caplog.text.count("non-finite step skipped") == 2
+    assert int(checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"]) == STEPS_PER_EPOCH - 2
+
+    monkeypatch.undo()
+    poison_loss(monkeypatch, {5, 9}, "inf")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.on_nonfinite=skip",
+                                         "trainer.max_nonfinite_skips=1"], name="bounded")
+    assert (status, code) == ("diverged", 3) and "after skipping 1" in run.summary["stop_reason"]
+
+
+def test_fp16_loss_scale_skips_are_not_divergence(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {3, 4}, "grad")  # inf/NaN gradients: the GradScaler skips these steps itself
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.precision=fp16", "trainer.device=cpu"])
+    assert (status, code) == ("completed", 0)
+    assert run.scaler.get_scale() < 2.0**16  # the scaler saw the inf gradients and backed off
+
+
+def test_best_pt_is_replaced_only_by_a_better_finite_metric():
+    stopper = EarlyStopping(mode="min", patience=5)
+    assert [stopper.update(v, e) for e, v in enumerate([1.0, float("nan"), 0.5, float("-inf"), 0.7], 1)] == \
+        [True, False, True, False, False]
+    assert (stopper.best, stopper.best_epoch) == (0.5, 3)
+
+
+# --- safe loading and configuration -----------------------------------------------------------------
+
+
+class CreatesFile:
+    """Unpickling this opens (creates) a file: what a malicious checkpoint would do with a worse call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_poisoned_checkpoint_is_refused_by_name_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 2, "epoch": 0, "payload": CreatesFile(marker)}, evil)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={evil}"])
+    assert (status, code) == ("failed", 2)
+    assert f"checkpoint {evil} holds objects that are not plain tensors" in run.summary["error"]
+    assert re.search(r"\(pickled \S*open\)", run.summary["error"])  # the object it would have called, by name
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory) -> Path:
+    """checkpoints/last.pt of the default config interrupted after epoch 1 of 2."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at_validation(patch, signal.SIGTERM, epoch=1)
+        status, _, _ = train(tmp, ["trainer.max_epochs=2"])
+    assert status == "interrupted"
+    return tmp / "run" / "checkpoints" / "last.pt"
+
+
+def test_a_checkpoint_of_another_model_lists_the_keys_and_a_hint(tmp_path, interrupted_run):
+    for hidden, kinds in (("[32]", ("unexpected keys", "size mismatch")), ("[256,256,16]", ("missing keys",))):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2", f"model.hidden={hidden}",
+                                             f"checkpoint.resume={interrupted_run}"])
+        assert (status, code) == ("failed", 2)
+        error = run.summary["error"]
+        assert "holds a different model" in error and all(kind in error for kind in kinds), error
+        assert "model.hidden=[256, 256]" in error  # the hint: the options it was trained with
+
+
+def test_a_truncated_checkpoint_is_corrupted_or_incomplete(tmp_path, interrupted_run):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(interrupted_run.read_bytes()[:5000])
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={cut}"])
+    assert (status, code) == ("failed", 2)
+    assert f"checkpoint {cut} is corrupted or incomplete" in run.summary["error"]
+    assert "Traceback" not in run.summary["error"]
+
+
+def test_a_checkpoints_embedded_config_is_never_instantiated(tmp_path, interrupted_run):
+    marker = tmp_path / "pwned"
+    state = checkpoint.load(interrupted_run)
+    config = OmegaConf.create(state["config"])
+    config.model = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+    state["config"] = OmegaConf.to_yaml(config)
+    doctored = tmp_path / "ckpt" / "last.pt"
+    checkpoint.save_atomic(state, doctored)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={doctored}"])
+    assert (status, code) == ("completed", 0)  # trained from the weights; the config inside is a record only
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2", "model.hidden=[8]",
+                                         f"checkpoint.resume={doctored}"], name="mismatch")
+    assert code == 2 and "model.file=" in run.summary["error"]  # read as data for the hint, nothing more
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["os.system", "subprocess.run", "torch.os.system"])
+def test_target_outside_the_allowlist_is_refused_from_the_command_line(tmp_path, target):
+    status, code, run = train(tmp_path, [f"model._target_={target}"])
+    assert (status, code) == ("failed", 2)
+    assert "_target_ at model" in run.summary["error"] and "not allowed" in run.summary["error"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_target_outside_the_allowlist_is_refused_from_a_yaml_file(tmp_path):
+    conf = tmp_path / "myconf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "evil.yaml").write_text("# @package _global_\noptimizer:\n  _target_: subprocess.run\n")
+    run_dir = tmp_path / "run"
+    result = run_cli([f"--config-dir={tmp_path / 'myconf'}", "experiment=evil", f"hydra.run.dir={run_dir}"],
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "_target_ at optimizer: 'subprocess.run' is not allowed" in result.stdout + result.stderr
+    assert not run_dir.exists()
+
+
+def test_every_missing_value_is_reported_at_once(tmp_path):
+    status, code, run = train(tmp_path, ["data.batch_size=???", "optimizer.lr=???", "trainer.max_epochs=0"])
+    assert (status, code) == ("failed", 2)
+    assert "missing values" in run.summary["error"]
+    assert "data.batch_size" in run.summary["error"] and "optimizer.lr" in run.summary["error"]
+
+
+@pytest.mark.parametrize("override, key", [("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0"),
+                                           ("trainer.on_nonfinite=ignore", "trainer.on_nonfinite='ignore'"),
+                                           ("trainer.max_nonfinite_skips=-1", "trainer.max_nonfinite_skips=-1"),
+                                           ("trainer.nonfinite_check=sometimes", "trainer.nonfinite_check='sometimes'")])
+def test_bad_reliability_values_name_the_key(override, key):
+    from trainlab.config import validate
+
+    with pytest.raises(ConfigError, match=rf"{key}: "):
+        validate(compose_cfg([override]))
+
+
+# --- determinism and out of memory ------------------------------------------------------------------
+
+
+def test_deterministic_sets_the_flags_for_the_run_and_restores_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cuda_started = torch.cuda.is_initialized()  # then the variable would come too late, and is not set
+    seen = {}
+    evaluate = trainlab.run.evaluate
+
+    def looking(*args, **kwargs):
+        seen.update(algorithms=torch.are_deterministic_algorithms_enabled(),
+                    cudnn=torch.backends.cudnn.deterministic, benchmark=torch.backends.cudnn.benchmark)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainlab.run, "evaluate", looking)
+    status, _, _ = train(tmp_path, ["trainer.max_epochs=1", "trainer.deterministic=true"])
+    assert status == "completed"
+    assert seen == {"algorithms": True, "cudnn": True, "benchmark": False}
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (None if cuda_started else ":4096:8")
+    assert not torch.are_deterministic_algorithms_enabled()  # process state restored after the run
+
+
+def test_deterministic_fails_clearly_on_an_op_without_a_deterministic_implementation(tmp_path, monkeypatch):
+    build = trainlab.run.Run.build_regularization
+
+    def with_nondeterministic_op(self):
+        build(self)
+        loss_fn = self.loss_fn
+
+        def loss(logits, labels):
+            if torch.are_deterministic_algorithms_enabled():  # what such an op raises (CPU ops all have one)
+                raise RuntimeError("scatter_reduce_cuda_kernel does not have a deterministic implementation, but "
+                                   "you set 'torch.use_deterministic_algorithms(True)'.")
+            return loss_fn(logits, labels)
+
+        self.loss_fn = loss
+
+    monkeypatch.setattr(trainlab.run.Run, "build_regularization", with_nondeterministic_op)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.deterministic=true"])
+    assert (status, code) == ("failed", 1)
+    assert run.summary["stop_reason"].startswith("trainer.deterministic=true: scatter_reduce_cuda_kernel does not "
+                                                 "have a deterministic implementation")
+    assert "trainer.deterministic=false" in run.summary["stop_reason"]
+
+
+def test_out_of_memory_names_the_batch_size_and_the_override_to_try(tmp_path, monkeypatch):
+    build = trainlab.run.Run.build_regularization
+
+    def out_of_memory(self):
+        build(self)
+
+        def loss(logits, labels):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        self.loss_fn = loss
+
+    monkeypatch.setattr(trainlab.run.Run, "build_regularization", out_of_memory)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "data.batch_size=64", "trainer.device=cpu"])
+    assert (status, code) == ("failed", 1)
+    assert "out of memory on cpu at data.batch_size=64" in run.summary["stop_reason"]
+    assert "try data.batch_size=32" in run.summary["stop_reason"]
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_interval_check_adds_no_host_sync_to_a_training_step_on_cuda(tmp_path):
+    """Whole steps (loader, augmentation, forward, guard, optimizer, on_step) under CUDA's sync detector."""
+    from trainlab.loop import train_one_epoch
+
+    overrides = ["trainer.device=cuda", "augmentation=flip_crop", "regularization=dropout", "optimizer=adam",
+                 "logger.every_n_steps=1000000"]  # no logging interval inside the epoch: not one sync is expected
+    run = trainlab.run.Run(compose_cfg(overrides), tmp_path / "run")
+    run.build()
+    assert run.guard.check == "interval"  # auto on a GPU
+    run.epoch = run.guard.epoch = 1
+    run.epoch_lr = run.optimizer.param_groups[0]["lr"]
+    run.train_batches.set_epoch(1)
+
+    def strict(batches):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside a step raises
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    result = train_one_epoch(run.forward, strict(run.train_batches), run.loss_fn, run.optimizer, run.scheduler,
+                             run.scaler, run.autocast, 0, 10**9, lambda *args: None, run.parts)
+    assert result.step == len(run.train_batches)
+    run.guard.raise_if_diverged()  # finite: nothing raised
+
+    run.guard(torch.tensor(float("nan"), device="cuda"), 99)
+    with pytest.raises(faults.Diverged, match="step 99"):
+        run.guard.raise_if_diverged()
+
+
+@cuda
+def test_step_check_on_cuda_stops_before_the_optimizer_step(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {7}, "nan")
+    status, code, run = train(tmp_path, ["trainer.device=cuda", "trainer.max_epochs=1", "trainer.nonfinite_check=step"])
+    assert (status, code) == ("diverged", 3) and "epoch 1, step 7" in run.summary["stop_reason"]
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+@cuda
+def test_deterministic_on_cuda_names_a_real_op_without_a_deterministic_implementation(tmp_path, monkeypatch):
+    build = trainlab.run.Run.build_regularization
+
+    def with_histc(self):
+        build(self)
+        loss_fn = self.loss_fn
+
+        def loss(logits, labels):
+            torch.histc(logits.float())  # no deterministic CUDA kernel for floating-point input
+            return loss_fn(logits, labels)
+
+        self.loss_fn = loss
+
+    monkeypatch.setattr(trainlab.run.Run, "build_regularization", with_histc)
+    status, code, run = train(tmp_path, ["trainer.device=cuda", "trainer.max_epochs=1", "trainer.deterministic=true"])
+    assert (status, code) == ("failed", 1)
+    assert "trainer.deterministic=true: _histc_cuda" in run.summary["stop_reason"]
+    _, _, free = train(tmp_path, ["trainer.device=cuda", "trainer.max_epochs=1"], name="free")
+    assert free.summary["status"] == "completed"  # the same op runs when determinism is not asked for
+
+
+def test_stop_signals_end_start_up_at_once_but_only_record_themselves_during_training():
+    stop = faults.StopSignals()
+    with stop:
+        with pytest.raises(faults.Interrupted, match="start-up"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        stop.defer = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal is swallowed: the first one is what counts
+        time.sleep(0.01)
+        assert stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
