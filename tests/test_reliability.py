@@ -665,3 +665,15 @@ def test_stop_signals_end_start_up_at_once_but_only_record_themselves_during_tra
         time.sleep(0.01)
         assert stop.received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_a_resumed_run_replaces_the_events_logged_after_its_checkpoint(tmp_path, monkeypatch):
+    overrides = ["trainer.max_epochs=2", "logger.every_n_steps=1", "checkpoint.every_n_steps=10", "trainer.device=cpu"]
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=13)
+        train(tmp_path, overrides)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])  # lost: the run resumes from last.prev.pt, at step 10
+    status, _, _ = train(tmp_path, [*overrides, "checkpoint.resume=auto"])
+    steps = [step for step, _ in logged_losses(tmp_path / "run")]
+    assert status == "completed" and steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # 11-13 once, not twice

@@ -91,23 +91,19 @@ class NonfiniteGuard:
         self.check, self.policy, self.max_skips, self.check_grads = check, policy, max_skips, check_grads
         self.epoch, self.skipped = 0, 0
         self._recorded: list[tuple[int, torch.Tensor]] = []  # interval mode: (step, loss) not yet read
+        self._found, self._one = torch.zeros((), device=device), torch.ones((), device=device)  # step mode
 
     def __call__(self, loss: torch.Tensor, step: int) -> bool:
         """True: take the optimizer step. False: skip it (policy skip). Raises Diverged to stop."""
         if self.check == "interval":  # no device work at all: the losses and the weights are read later, at once
             self._recorded.append((step, loss.detach()))
             return True
-        loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        norm = None
-        if self.check_grads:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                norm = torch.nn.utils.get_total_norm(grads)
-                finite = finite & torch.isfinite(norm)
-        if bool(finite):  # the per-step sync of check=step
+        value = loss.detach().float().item()  # the per-step sync of check=step (free on a CPU)
+        grads = [p.grad for p in self.params if p.grad is not None] if self.check_grads else []
+        if math.isfinite(value) and not (grads and self._any_nonfinite(grads)):
             return True
-        what = f"loss {loss.item()}" + (f", gradient norm {norm.item()}" if norm is not None else "")
+        norm = torch.nn.utils.get_total_norm(grads).item() if grads else None  # only for the message
+        what = f"loss {value}" + (f", gradient norm {norm}" if norm is not None else "")
         where = f"epoch {self.epoch}, step {step}"
         if self.policy == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
@@ -117,6 +113,12 @@ class NonfiniteGuard:
         budget = (f" after skipping {self.skipped} (trainer.max_nonfinite_skips={self.max_skips})"
                   if self.policy == "skip" else "")
         raise Diverged(f"{what} at {where}, stopped before its optimizer step{budget}")
+
+    def _any_nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether any element of `tensors` is NaN or infinite: one fused pass (the kernel GradScaler uses)."""
+        self._found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, self._found, self._one)
+        return bool(self._found.item())
 
     def raise_if_diverged(self) -> None:
         """Interval mode: read the losses recorded since the last call and the weights' norm (one sync); stop at

@@ -52,7 +52,7 @@ class RunMonitor:
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, live: bool, max_epochs: int, steps_per_epoch: int,
                  model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, resumed_at_step: int | None = None):
         self.run_dir = run_dir
         self.model, self.optimizer, self.device = model, optimizer, device
         self.writer = None
@@ -60,7 +60,9 @@ class RunMonitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # The writer's thread flushes every few seconds; the loop never waits for the disk.
-            self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=FLUSH_SECONDS)
+            # A resumed run drops the events an interrupted one logged after its checkpoint: it logs them again.
+            purge = resumed_at_step + 1 if resumed_at_step is not None else None
+            self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=FLUSH_SECONDS, purge_step=purge)
             self.writer.add_custom_scalars(CUSTOM_SCALARS)
         csv_path = run_dir / "metrics.csv"
         self._csv_file = csv_path.open("a", newline="")

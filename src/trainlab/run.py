@@ -264,7 +264,8 @@ class Run:
         max_epochs = cfg.trainer.max_epochs
         self.monitor = RunMonitor(self.run_dir, tensorboard=cfg.logger.tensorboard, live=self.live,
                                   max_epochs=max_epochs, steps_per_epoch=len(self.train_batches),
-                                  model=self.model, optimizer=self.optimizer, device=self.device)
+                                  model=self.model, optimizer=self.optimizer, device=self.device,
+                                  resumed_at_step=self.step if self.cfg.checkpoint.resume is not None else None)
         every = cfg.logger.layer_stats_every_n_epochs
         self.recorder = (LayerRecorder(self.model, self.optimizer, cfg.logger.histograms)
                          if every > 0 and cfg.logger.tensorboard else None)
