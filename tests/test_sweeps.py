@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONF_DIR, run_cli
+from conftest import CONF_DIR, compose_cfg, run_cli
 from hydra_plugins.trainlab_sweeps import parallel
 from hydra_plugins.trainlab_sweeps.slurm import RESUME_OVERRIDE, ResumableLocalLauncher
 from trainlab import checkpoint, report
@@ -315,3 +315,20 @@ def test_slots_give_each_worker_a_gpu_and_a_share_of_the_cores(monkeypatch):
         slot_environments(None, [3], 1, 8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert [s.get("CUDA_VISIBLE_DEVICES") for s in slot_environments(None, None, 1, 4)] == [None, None]
+
+
+def test_an_interrupted_job_stops_the_sweep_with_its_exit_code(tmp_path):
+    from types import SimpleNamespace
+
+    from trainlab.sweep import run_sweep_job
+
+    cfg = compose_cfg(["trainer.max_epochs=1"])
+    ran = []
+
+    def interrupted(cfg, run_dir, overrides):
+        ran.append(run_dir)
+        return "interrupted", 143, SimpleNamespace(summary={"status": "interrupted"})
+
+    with pytest.raises(SystemExit) as stop:
+        run_sweep_job(cfg, tmp_path / "0_seed=0", ["seed=0"], interrupted)
+    assert stop.value.code == 143 and ran == [tmp_path / "0_seed=0"]

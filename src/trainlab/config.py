@@ -73,36 +73,6 @@ class FileDataConfig(DataConfig):
 
 
 @dataclass
-class MnistConfig(FileDataConfig):
-    name: str = "mnist"
-
-
-@dataclass
-class FashionMnistConfig(FileDataConfig):
-    name: str = "fashion_mnist"
-
-
-@dataclass
-class KmnistConfig(FileDataConfig):
-    name: str = "kmnist"
-
-
-@dataclass
-class Cifar10Config(FileDataConfig):
-    name: str = "cifar10"
-
-
-@dataclass
-class Cifar100Config(FileDataConfig):
-    name: str = "cifar100"
-
-
-@dataclass
-class SvhnConfig(FileDataConfig):
-    name: str = "svhn"
-
-
-@dataclass
 class ImageFolderConfig(DataConfig):
     name: str = "image_folder"
     path: str = "???"  # a folder of class subfolders, or one with train/ and test/ folders of class subfolders
@@ -197,12 +167,7 @@ SCHEMAS = {
     "schema_data": DataConfig,
     "schema_data_digits": DigitsConfig,
     "schema_data_synthetic": SyntheticConfig,
-    "schema_data_mnist": MnistConfig,
-    "schema_data_fashion_mnist": FashionMnistConfig,
-    "schema_data_kmnist": KmnistConfig,
-    "schema_data_cifar10": Cifar10Config,
-    "schema_data_cifar100": Cifar100Config,
-    "schema_data_svhn": SvhnConfig,
+    "schema_data_files": FileDataConfig,  # mnist, fashion_mnist, kmnist, cifar10, cifar100, svhn
     "schema_data_image_folder": ImageFolderConfig,
     "schema_trainer": TrainerConfig,
     "schema_early_stopping": EarlyStoppingConfig,

@@ -195,7 +195,8 @@ class DeviceLoader:
     def _generator(self, stream: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 4 + stream)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _start_epoch(self) -> tuple[torch.Tensor, torch.Generator | None]:
+        """The epoch's order and augmentation generator, and its first batch: where a loaded state left off."""
         n = len(self.labels)
         if self.shuffle:
             order = torch.randperm(n, generator=self._generator(0), device=self.device)
@@ -207,6 +208,10 @@ class DeviceLoader:
             aug_gen.set_state(resume["augment_rng"])
         self._augment_rng = aug_gen
         self.position = 0 if resume is None else int(resume["position"])
+        return order, aug_gen
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, aug_gen = self._start_epoch()
         for i in range(self.position, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             x, y = self.images[index].float(), self.labels[index]
@@ -279,18 +284,8 @@ class WorkerLoader(DeviceLoader):
             generator=torch.Generator())  # its own: each epoch's base seed is not drawn from the global generator
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self._generator(0), device=self.device).cpu()
-        else:
-            order = torch.arange(n)
-        aug_gen = self._generator(1) if self.augment is not None else None
-        resume, self._resume_at = self._resume_at, None
-        if resume is not None and aug_gen is not None:
-            aug_gen.set_state(resume["augment_rng"])
-        self._augment_rng = aug_gen
-        self.position = 0 if resume is None else int(resume["position"])
-        b = self.batch_size
+        order, aug_gen = self._start_epoch()
+        order, b = order.cpu(), self.batch_size
         self.sampler.epoch = self.epoch
         self.sampler.batches = [order[i * b : (i + 1) * b].tolist() for i in range(self.position, len(self))]
         for i, (images, labels) in enumerate(self.loader, start=self.position):

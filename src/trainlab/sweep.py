@@ -66,9 +66,13 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
         if cfg.sweep.resume and cfg.checkpoint.resume is None:
             with open_dict(cfg):
                 cfg.checkpoint.resume = "auto"  # its own last.pt (or last.prev.pt); fresh when it has none
-        status, _, run = execute(cfg, run_dir, overrides)
+        status, code, run = execute(cfg, run_dir, overrides)
         summary = run.summary
         _record_process(run_dir)
+        if status == "interrupted":  # Ctrl-C or preemption stops the sweep, not just this job
+            log.warning(f"sweep interrupted in {run_dir.name} (its last.pt is saved); continue the sweep with the same "
+                        f"command plus hydra.sweep.dir={run_dir.parent} sweep.resume=true")
+            sys.exit(code)
     if cfg.sweep.objective is None:
         return status
     value = objective_value(summary, cfg.sweep.objective)
