@@ -578,3 +578,11 @@ def test_absent_dataset_through_the_command_line_exits_2_fast_and_leaves_nothing
     assert "data=svhn: the dataset is not in data.root" in output and "train_32x32.mat, test_32x32.mat" in output
     assert "model:" not in output  # refused before any model was built
     assert listing(tmp_path) == []
+
+
+def test_a_run_stops_its_dataloader_workers_when_it_ends(train_inprocess):
+    status, _, run = train_inprocess(["data.loader=dataloader", "data.num_workers=2", "trainer.max_epochs=1",
+                                      "logger.tensorboard=false"])
+    assert status == "completed"
+    for loader in (run.train_batches, run.val_batches, run.test_batches):
+        assert loader.loader._iterator is None  # persistent workers shut down, not left to garbage collection

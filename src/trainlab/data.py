@@ -195,6 +195,9 @@ class DeviceLoader:
     def _generator(self, stream: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 4 + stream)
 
+    def close(self) -> None:
+        """Release what the loader holds beyond its tensors (DataLoader workers on the WorkerLoader path)."""
+
     def _start_epoch(self) -> tuple[torch.Tensor, torch.Generator | None]:
         """The epoch's order and augmentation generator, and its first batch: where a loaded state left off."""
         n = len(self.labels)
@@ -282,6 +285,13 @@ class WorkerLoader(DeviceLoader):
             _Samples(split, transform, seed), batch_sampler=self.sampler, num_workers=num_workers,
             pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
             generator=torch.Generator())  # its own: each epoch's base seed is not drawn from the global generator
+
+    def close(self) -> None:
+        """Stop the persistent workers now: left to garbage collection, their shutdown can stall a later,
+        unrelated allocation for seconds."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()

@@ -526,6 +526,9 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         if run.monitor is not None:
             run.monitor.hparams(hyperparameters(cfg, overrides), run.summary)
             run.monitor.close()  # flushes TensorBoard and metrics.csv, also after a signal
+        for name in ("train_batches", "val_batches", "test_batches"):
+            if hasattr(run, name):
+                getattr(run, name).close()
     status = run.summary["status"]
     run.summary.update(
         wall_time_s=round(time.time() - tic, 3),
