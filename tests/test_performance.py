@@ -132,3 +132,19 @@ def test_compiled_training_matches_eager(train_inprocess):
     assert status == "completed"
     for key, value in eager.model.state_dict().items():
         assert torch.allclose(value.float(), fast.model.state_dict()[key].float(), atol=1e-4), key
+
+
+@pytest.mark.parametrize("tf32, deterministic", [(True, False), (False, True)])
+def test_cuda_backend_flags_follow_the_config(tf32, deterministic):
+    """Flags only: setting them needs no GPU, and a CUDA run reads them when it starts its kernels."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.get_num_threads())
+    try:
+        trainer = compose_cfg([f"trainer.tf32={tf32}", f"trainer.deterministic={deterministic}"]).trainer
+        configure_backends(trainer, torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+        assert torch.backends.cudnn.benchmark is (not deterministic)  # autotuning picks algorithms run to run
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[0], flags[1]
+        torch.backends.cudnn.benchmark = flags[2]
+        torch.set_num_threads(flags[3])

@@ -78,7 +78,7 @@ def configure_backends(trainer: DictConfig, device: torch.device) -> int:
         torch.backends.cuda.matmul.allow_tf32 = bool(trainer.tf32)
         torch.backends.cudnn.allow_tf32 = bool(trainer.tf32)
         # Autotuned convolution algorithms are fastest, but may differ from run to run.
-        torch.backends.cudnn.benchmark = not bool(trainer.get("deterministic", False))
+        torch.backends.cudnn.benchmark = not trainer.deterministic
     return torch.get_num_threads()
 
 
