@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from trainlab.layer_stats import global_norm
+
 log = logging.getLogger("trainlab")
 
 # SIGTERM is what schedulers send before preempting or cancelling a job; SLURM can send SIGUSR1 ahead of time.
@@ -102,7 +104,7 @@ class NonfiniteGuard:
         grads = [p.grad for p in self.params if p.grad is not None] if self.check_grads else []
         if math.isfinite(value) and not (grads and self._any_nonfinite(grads)):
             return True
-        norm = torch.nn.utils.get_total_norm(grads).item() if grads else None  # only for the message
+        norm = global_norm(grads).item() if grads else None  # only for the message
         what = f"loss {value}" + (f", gradient norm {norm}" if norm is not None else "")
         where = f"epoch {self.epoch}, step {step}"
         if self.policy == "skip" and self.skipped < self.max_skips:
@@ -128,7 +130,7 @@ class NonfiniteGuard:
         steps = [step for step, _ in self._recorded]
         parts = [torch.stack([loss.float() for _, loss in self._recorded])]
         if self.check_grads and self.params:  # an inf gradient with a finite loss shows in the weights it touched
-            parts.append(torch.stack(torch._foreach_norm(self.params)).sum().float().view(1))
+            parts.append(global_norm(self.params).view(1))
         values = torch.cat(parts).tolist()
         self._recorded.clear()
         for step, value in zip(steps, values):
