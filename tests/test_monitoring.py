@@ -45,11 +45,13 @@ def hparams_content(acc: EventAccumulator) -> tuple[dict, list[str]]:
 
 @pytest.fixture(scope="module")
 def momentum_run(tmp_path_factory):
-    """4 epochs of SGD with momentum, the lr halved every epoch, layer statistics every 2 epochs."""
+    """4 epochs of SGD with momentum and weight decay (two parameter groups), the lr halved every epoch, layer
+    statistics every 2 epochs."""
     from trainlab.run import execute
 
     overrides = ["trainer.max_epochs=4", "logger.every_n_steps=5", "optimizer=momentum", "scheduler=step",
-                 "scheduler.step_epochs=1", "logger.layer_stats_every_n_epochs=2", "early_stopping.enabled=false"]
+                 "scheduler.step_epochs=1", "logger.layer_stats_every_n_epochs=2", "early_stopping.enabled=false",
+                 "regularization.weight_decay=1e-4"]
     run_dir = tmp_path_factory.mktemp("momentum") / "run"
     status, code, _ = execute(compose_cfg(overrides), run_dir, overrides)
     assert (status, code) == ("completed", 0)
@@ -164,7 +166,7 @@ def test_clipped_gradient_norm_is_the_clip_threshold(train_inprocess, tmp_path):
 def test_momentum_tag_follows_the_momentum_ramp(train_inprocess, tmp_path):
     train_inprocess(["trainer.max_epochs=1", "logger.every_n_steps=5", "optimizer=momentum_schedule",
                      "optimizer.momentum_warmup_epochs=2"])
-    momentum = [v for _, v in scalars(events(tmp_path / "run"))["momentum/decay"]]
+    momentum = [v for _, v in scalars(events(tmp_path / "run"))["momentum/all"]]  # one group: no weight decay
     assert 0.5 <= momentum[0] < momentum[-1] < 0.9 and momentum == sorted(momentum)  # half-way up the ramp
     assert momentum[-1] == pytest.approx(0.5 + 0.4 * (STEPS_PER_EPOCH - 1) / (2 * STEPS_PER_EPOCH), abs=0.02)
 

@@ -102,7 +102,7 @@ def test_epoch_metrics_and_intervals_match_a_direct_computation(soft):
 def test_epoch_totals_fold_on_checkpoint_and_restore_exactly():
     totals = EpochTotals()
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
-    totals.record(torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
+    totals.record(1, torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
     state = totals.state_dict()  # folds the pending step
     assert state == {"loss_sum": 1.5, "correct": 2, "interval_loss": 0.5, "seen": 3, "interval_steps": 1}
     assert not totals.pending

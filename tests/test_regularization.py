@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainlab.optim import build_optimizer
+from trainlab.optim import build_optimizer, decayed_parameters
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty
 
 
@@ -29,7 +29,7 @@ def _model() -> nn.Module:
 
 def _step(model: nn.Module, optimizer, l1: float = 0.0, l2: float = 0.0, steps: int = 3) -> None:
     x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
-    decayed = [g for g in optimizer.param_groups if g["name"] == "decay"][0]["params"]
+    decayed = decayed_parameters(optimizer)
     extra = penalty(decayed, l1, l2)
     for _ in range(steps):
         optimizer.zero_grad()

@@ -366,7 +366,8 @@ def test_signal_handlers_are_restored_after_the_run(tmp_path):
 def test_non_finite_step_stops_before_the_optimizer_step(tmp_path, monkeypatch, how):
     files: dict[str, bytes] = {}
     poison_loss(monkeypatch, {30}, how, record=files)
-    status, code, run = train(tmp_path, ["trainer.max_epochs=3", "checkpoint.every_n_steps=4", "trainer.device=cpu"])
+    status, code, run = train(tmp_path, ["trainer.max_epochs=3", "checkpoint.every_n_steps=4", "trainer.device=cpu",
+                                         "trainer.nonfinite_check=step"])
     assert (status, code) == ("diverged", 3)
     assert "epoch 2, step 30" in run.summary["stop_reason"] and "before its optimizer step" in run.summary["stop_reason"]
     assert ("gradient norm nan" if how == "grad" else f"loss {how}") in run.summary["stop_reason"]
@@ -385,6 +386,12 @@ def test_interval_check_is_sync_free_and_still_saves_no_non_finite_weights(tmp_p
     assert "step 23" in run.summary["stop_reason"]
     last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["step"] == 20 and all_finite(last)  # the step-25 checkpoint was refused: it would hold NaN
+
+
+@pytest.mark.parametrize("check, policy, mode", [("auto", "stop", "interval"), ("auto", "skip", "step"),
+                                                ("step", "stop", "step"), ("interval", "stop", "interval")])
+def test_nonfinite_check_auto_is_interval_unless_skipping(check, policy, mode):
+    assert faults.check_mode(check, policy) == mode
 
 
 def test_skip_policy_skips_a_bounded_number_of_steps(tmp_path, monkeypatch, caplog):
@@ -594,7 +601,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 def test_interval_check_adds_no_host_sync_to_a_training_step_on_cuda(tmp_path):
     """Whole steps (loader, augmentation, forward, guard, optimizer, on_step) under CUDA's sync detector."""
-    from trainlab.loop import train_one_epoch
+    from trainlab.loop import EpochTotals, train_one_epoch
 
     overrides = ["trainer.device=cuda", "augmentation=flip_crop", "regularization=dropout", "optimizer=adam",
                  "logger.every_n_steps=1000000"]  # no logging interval inside the epoch: not one sync is expected
@@ -613,12 +620,15 @@ def test_interval_check_adds_no_host_sync_to_a_training_step_on_cuda(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
+    totals = EpochTotals()
+    run.guard.watch(totals)
     result = train_one_epoch(run.forward, strict(run.train_batches), run.loss_fn, run.optimizer, run.scheduler,
-                             run.scaler, run.autocast, 0, 10**9, lambda *args: None, run.parts)
-    assert result.step == len(run.train_batches)
+                             run.scaler, run.autocast, 0, 10**9, lambda *args: None, run.parts, totals)
+    assert result.step == len(run.train_batches) and run.parts.guard is None  # nothing runs per step
     run.guard.raise_if_diverged()  # finite: nothing raised
 
-    run.guard(torch.tensor(float("nan"), device="cuda"), 99)
+    logits = torch.zeros(2, 10, device="cuda")
+    totals.record(99, torch.tensor(float("nan"), device="cuda"), logits, torch.zeros(2, dtype=torch.long, device="cuda"))
     with pytest.raises(faults.Diverged, match="step 99"):
         run.guard.raise_if_diverged()
 

@@ -483,6 +483,14 @@ def test_build_optimizer_groups_carry_decoupled_decay():
         ("decay", 0.01, 0.1, 0), ("no_decay", 0.0, 0.1, 0)]
 
 
+def test_without_weight_decay_one_group_holds_the_decayed_parameters_first():
+    net = small_net()
+    opt = optim.build_optimizer(opt_cfg(weight_decay=0.0), net)
+    decay, no_decay = optim.parameter_groups(net, decay_norm_and_bias=False)
+    assert [g["name"] for g in opt.param_groups] == ["all"]
+    assert opt.param_groups[0]["params"] == decay + no_decay and optim.decayed_parameters(opt) == decay
+
+
 def test_sgd_step_with_zero_grad_applies_decoupled_decay_to_weights_only():
     net = small_net()
     before = copy.deepcopy(net.state_dict())

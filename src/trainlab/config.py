@@ -95,7 +95,7 @@ class TrainerConfig:
     deterministic: bool = False  # PyTorch's deterministic algorithms (an op without one fails); cuDNN autotuning off
     on_nonfinite: str = "stop"  # NaN/inf loss or gradient norm: stop (status diverged) | skip the step
     max_nonfinite_skips: int = 10  # on_nonfinite=skip: steps skipped in the whole run before it stops as diverged
-    nonfinite_check: str = "auto"  # auto: step on CPU, interval on GPU | step: each step (a sync) | interval: no sync
+    nonfinite_check: str = "auto"  # auto: interval (step with on_nonfinite=skip) | step: each step | interval
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -27,18 +28,20 @@ class StepParts:
     clip: gradient clipping after backward, or None
     after_step: called after every optimizer step (weight averaging), or None
     closure_step: pass the closure to optimizer.step (LBFGS re-evaluates the loss itself)
+    grad_norm, weight_norm: scalars on the device, read with the losses of each logging interval (at its last step)
     """
 
     penalty: Callable[[], torch.Tensor] | None = None
     clip: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
     closure_step: bool = False
-    # guard(loss, step) after backward: False skips the optimizer step (a non-finite loss or gradient), or raises
+    # guard(loss, step) after backward: False skips the optimizer step (a non-finite loss or gradient), or raises;
+    # only for trainer.nonfinite_check=step: the interval check reads the interval's losses and weight_norm instead
     guard: Callable[[torch.Tensor, int], bool] | None = None
     # on_step(step, totals) after every step: mid-epoch checkpoints and stop signals (may raise to end the run)
     on_step: Callable[[int, EpochTotals], None] | None = None
-    # grad_norm() -> the global gradient L2 norm, on the device; read once per logging interval, at its last step
-    grad_norm: Callable[[], torch.Tensor] | None = None
+    grad_norm: Callable[[], torch.Tensor] | None = None  # the global gradient L2 norm (train/grad_norm)
+    weight_norm: Callable[[], torch.Tensor] | None = None  # the weights' L2 norm: non-finite once a bad step reached them
     # the model's outputs live in CUDA-graph memory that the next step overwrites (compile mode reduce-overhead)
     copy_outputs: bool = False
 
@@ -51,6 +54,7 @@ class Interval:
     loss: float  # mean data loss over the interval's steps
     lrs: list[float]  # the learning rate each parameter group used at the interval's last step
     grad_norm: float | None = None  # global gradient L2 norm at the interval's last step (after clipping)
+    weight_norm: float | None = None  # the weights' L2 norm after the interval's last step
 
 
 @dataclass
@@ -60,7 +64,8 @@ class EpochTotals:
     A step is recorded as references to its loss, logits and targets (no device work); `fold` reduces the
     recorded steps in a handful of kernels and reads them in one transfer: once per logging interval, at
     the end of the epoch and before a mid-epoch checkpoint (which saves these sums). So monitoring costs
-    the loop nothing per step on a GPU, where every kernel launch counts for small models.
+    the loop nothing per step on a GPU, where every kernel launch counts for small models. `nonfinite` is the
+    first (step, loss) read that is NaN or infinite: the divergence check of trainer.nonfinite_check=interval.
     """
 
     loss_sum: float = 0.0  # sum over examples of the data loss
@@ -68,28 +73,33 @@ class EpochTotals:
     seen: int = 0
     interval_loss: float = 0.0  # sum of the step losses of the current logging interval
     interval_steps: int = 0
-    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     copy_outputs: bool = False  # CUDA-graph replays overwrite their outputs: keep copies of the logits
+    last_step: int = 0  # the global step of the last recorded step
+    nonfinite: tuple[int, float] | None = None
 
-    def record(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def record(self, step: int, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         logits = logits.detach()
-        self.pending.append((loss.detach(), logits.clone() if self.copy_outputs else logits, targets))
+        self.pending.append((step, loss.detach(), logits.clone() if self.copy_outputs else logits, targets))
         self.seen += targets.shape[0]
         self.interval_steps += 1
+        self.last_step = step
 
     def fold(self, *extra: torch.Tensor) -> list[float]:
         """Add the pending steps to the sums (one read from the device); returns the values of `extra` scalars,
         read in the same transfer."""
         if not self.pending:
             return torch.stack([e.float() for e in extra]).tolist() if extra else []
-        losses = torch.stack([loss.float() for loss, _, _ in self.pending])
-        targets = torch.cat([t for _, _, t in self.pending])
+        losses = torch.stack([loss.float() for _, loss, _, _ in self.pending])
+        targets = torch.cat([t for _, _, _, t in self.pending])
         labels = targets if targets.ndim == 1 else targets.argmax(dim=1)  # soft (mixed) targets: the top class
-        hits = (torch.cat([logits for _, logits, _ in self.pending]).argmax(dim=1) == labels).sum()
+        hits = (torch.cat([logits for _, _, logits, _ in self.pending]).argmax(dim=1) == labels).sum()
         values = torch.cat([losses, hits.float().view(1), *(e.float().view(1) for e in extra)]).tolist()
-        for (_, _, t), loss in zip(self.pending, values):
+        for (step, _, _, t), loss in zip(self.pending, values):
             self.loss_sum += loss * t.shape[0]
             self.interval_loss += loss
+            if self.nonfinite is None and not math.isfinite(loss):
+                self.nonfinite = (step, loss)
         self.correct += round(values[len(self.pending)])
         extras = values[len(self.pending) + 1:]
         self.pending.clear()
@@ -160,9 +170,9 @@ def train_one_epoch(
         scheduler.step()
         step += 1
 
-        totals.record(loss, logits, labels)
+        totals.record(step, loss, logits, labels)
         if step % every_n_steps == 0:
-            on_interval(_read_interval(step, totals, lrs, parts.grad_norm))  # the only host sync of a step
+            on_interval(_read_interval(step, totals, lrs, parts))  # the only host sync of a step
         if parts.on_step is not None:
             parts.on_step(step, totals)
     if totals.seen == 0:
@@ -171,11 +181,13 @@ def train_one_epoch(
     return EpochResult(loss=totals.loss_sum / totals.seen, acc=totals.correct / totals.seen, step=step)
 
 
-def _read_interval(step: int, totals: EpochTotals, lrs: list[float],
-                   grad_norm: Callable[[], torch.Tensor] | None) -> Interval:
-    """The interval's mean loss (and the gradient norm of its last step) in one read from the device."""
-    norm = totals.fold(*([grad_norm()] if grad_norm is not None else []))
-    interval = Interval(step, totals.interval_loss / totals.interval_steps, lrs, norm[0] if norm else None)
+def _read_interval(step: int, totals: EpochTotals, lrs: list[float], parts: StepParts) -> Interval:
+    """The interval's mean loss, and the gradient and weight norms of its last step, in one read from the device."""
+    grad = [parts.grad_norm()] if parts.grad_norm is not None else []
+    weights = [parts.weight_norm()] if parts.weight_norm is not None else []
+    values = totals.fold(*grad, *weights)
+    interval = Interval(step, totals.interval_loss / totals.interval_steps, lrs,
+                        grad_norm=values[0] if grad else None, weight_norm=values[-1] if weights else None)
     totals.interval_loss, totals.interval_steps = 0.0, 0
     return interval
 

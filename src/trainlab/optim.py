@@ -129,9 +129,12 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
 
     decay, no_decay = parameter_groups(model, decay_norm_and_bias)
     wd = float(cfg.regularization.weight_decay)
-    if isinstance(cls, type) and issubclass(cls, SINGLE_GROUP):
+    if (isinstance(cls, type) and issubclass(cls, SINGLE_GROUP)) or wd == 0:
+        # One group "all" where the split changes nothing (no decay) or the optimizer takes one group: the decayed
+        # parameters first, so decay and the l1/l2 penalties still skip the rest (`decayed_params`). A second,
+        # identical group doubled the optimizer's per-group Python work: 1-2 % of a small MLP's step on a CPU.
         groups = [{"params": decay + no_decay, "weight_decay_decoupled": wd, "decayed_params": len(decay),
-                   "name": "decay+no_decay" if decay and no_decay else "decay" if decay else "no_decay"}]
+                   "name": "all"}]
     else:
         groups = [{"params": decay, "weight_decay_decoupled": wd, "name": "decay"},
                   {"params": no_decay, "weight_decay_decoupled": 0.0, "name": "no_decay"}]

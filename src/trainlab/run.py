@@ -29,9 +29,9 @@ from trainlab.device import (autocast_for, compiled, configure_backends, select_
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
-from trainlab.loop import EpochTotals, StepParts, evaluate, train_one_epoch
+from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import build_model
-from trainlab.layer_stats import LayerRecorder, first_layer_filters, gradient_norm
+from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
 from trainlab.monitor import (RunMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, needs_closure
@@ -92,7 +92,7 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path, live: bool = False):
         self.cfg, self.run_dir, self.live = cfg, run_dir, live
         # read every step by on_step: plain ints, since an OmegaConf lookup costs tens of microseconds
-        self.log_every, self.ckpt_every_steps = int(cfg.logger.every_n_steps), cfg.checkpoint.every_n_steps
+        self.ckpt_every_steps = cfg.checkpoint.every_n_steps
         self.ckpt_dir = run_dir / "checkpoints"
         self.summary: dict[str, Any] = {"status": "failed", "stop_reason": None, "best_epoch": None,
                                         "epochs_run": 0, "best": None, "test": None}
@@ -150,7 +150,7 @@ class Run:
                               "its closure, so a non-finite step cannot be skipped; use trainer.on_nonfinite=stop")
         self.guard = faults.NonfiniteGuard(
             [p for g in self.optimizer.param_groups for p in g["params"]], self.device,
-            check=faults.check_mode(trainer.nonfinite_check, trainer.on_nonfinite, self.device),
+            check=faults.check_mode(trainer.nonfinite_check, trainer.on_nonfinite),
             policy=trainer.on_nonfinite, max_skips=trainer.max_nonfinite_skips,
             check_grads=self.precision != "fp16")  # under fp16 the scaler skips inf-gradient steps itself
         self.ema = ema_model(model, reg.ema_decay) if reg.ema_decay is not None else None
@@ -163,9 +163,10 @@ class Run:
                                   self.scaler, reg.grad_clip_norm, reg.grad_clip_value),
             after_step=(lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None,
             closure_step=closure_step,
-            guard=self.guard,
+            guard=self.guard if self.guard.check == "step" else None,
             on_step=self.on_step,
             grad_norm=self.grad_norm_reader(),
+            weight_norm=self.weight_norm_reader(),
             copy_outputs=str(self.cfg.trainer.compile).lower() == "reduce-overhead",
         )
 
@@ -175,6 +176,13 @@ class Run:
             return None
         params = list(self.model.parameters())
         return lambda: gradient_norm(params)
+
+    def weight_norm_reader(self) -> Any:
+        """The weights' norm at each logging interval, for the interval divergence check, or None when unchecked."""
+        guard = self.guard
+        if guard.check != "interval" or not (guard.check_grads and guard.params):
+            return None
+        return lambda: global_norm(guard.params)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -301,12 +309,13 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.regularization.swa_lr
         self.epoch_lr = self.optimizer.param_groups[0]["lr"]
-        totals, done = None, 0
+        totals, done = EpochTotals(), 0
         if self.resume_in_epoch is not None:  # the rest of an epoch that a mid-epoch last.pt interrupted
             resumed, self.resume_in_epoch = self.resume_in_epoch, None
             self.train_batches.load_state_dict(resumed["loader"])
             totals = EpochTotals.from_state(resumed["totals"])
             self.epoch_lr, done = resumed["lr"], int(resumed["loader"]["position"])
+        self.guard.watch(totals)
         self.monitor.start_epoch(epoch, self.step - done, len(self.train_batches), self.train_batches.batch_size)
         recording = self.recorder is not None and epoch % cfg.logger.layer_stats_every_n_epochs == 0
         if recording:  # hooks for the epoch's first step only; they remove themselves after it
@@ -314,7 +323,7 @@ class Run:
         first_step = self.step + 1
         result = train_one_epoch(self.forward, self.train_batches, self.loss_fn, self.optimizer,
                                  NO_SCHEDULE if averaging else self.scheduler, self.scaler, self.autocast,
-                                 self.step, cfg.logger.every_n_steps, self.monitor.train_interval, self.parts, totals)
+                                 self.step, cfg.logger.every_n_steps, self.on_interval, self.parts, totals)
         self.step = result.step
         if recording:
             self.recorder.detach()
@@ -347,11 +356,14 @@ class Run:
             raise faults.Interrupted(received, f"the end of epoch {epoch}, step {self.step}")
         return stop
 
+    def on_interval(self, interval: Interval) -> None:
+        """Each logging interval: its scalars, then the divergence verdict on what it read (check=interval)."""
+        self.monitor.train_interval(interval)
+        self.guard.raise_if_diverged(interval.weight_norm)
+
     def on_step(self, step: int, totals: EpochTotals) -> None:
-        """After every optimizer step: the interval divergence verdict, stop signals, mid-epoch checkpoints."""
+        """After every optimizer step: stop signals and mid-epoch checkpoints."""
         self.step = step
-        if step % self.log_every == 0:
-            self.guard.raise_if_diverged()  # trainer.nonfinite_check=interval: read beside the logging sync
         every, received = self.ckpt_every_steps, self.signals.received
         if received is not None or (every is not None and step % every == 0):
             in_epoch = {"epoch": self.epoch, "loader": self.train_batches.state_dict(),
