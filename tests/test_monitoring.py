@@ -157,6 +157,22 @@ def test_logger_switches(train_inprocess, tmp_path):
     assert acc.Tags()["images"] == ["test/confusion_matrix"] and not acc.Tags()["graph"]
 
 
+def test_every_epoch_ends_with_a_train_loss_point(train_inprocess, tmp_path):
+    """Intervals longer than the epoch, and one that does not divide it: the epoch's last step closes it."""
+    import csv as csv_module
+
+    for name, every, expected in (("long", 50, [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]),
+                                  ("uneven", 7, [7, 14, 20, 27, 34, 40])):
+        assert STEPS_PER_EPOCH == 20
+        train_inprocess(["trainer.max_epochs=2", f"logger.every_n_steps={every}", "early_stopping.enabled=false"], name)
+        points = scalars(events(tmp_path / name))["train/loss"]
+        assert [s for s, _ in points] == expected, name
+    # intervals of whole epochs: each point is the epoch's mean training loss of metrics.csv
+    rows = list(csv_module.DictReader((tmp_path / "long" / "metrics.csv").open()))
+    long = scalars(events(tmp_path / "long"))["train/loss"]
+    assert [v for _, v in long] == pytest.approx([float(r["train/loss"]) for r in rows], rel=1e-5)
+
+
 def test_clipped_gradient_norm_is_the_clip_threshold(train_inprocess, tmp_path):
     train_inprocess(["trainer.max_epochs=1", "logger.every_n_steps=5", "regularization.grad_clip_norm=0.001"])
     points = scalars(events(tmp_path / "run"))["train/grad_norm"]

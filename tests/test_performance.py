@@ -94,9 +94,10 @@ def test_epoch_metrics_and_intervals_match_a_direct_computation(soft):
     assert result.step == 7
     assert result.loss == pytest.approx(sum(losses) / 7, rel=1e-6)
     assert result.acc == hits / 56
-    assert [i.step for i in intervals] == [3, 6]
+    assert [i.step for i in intervals] == [3, 6, 7]  # the epoch's last step closes a shorter interval
     assert intervals[0].loss == pytest.approx(sum(losses[:3]) / 3, rel=1e-6)
     assert intervals[1].loss == pytest.approx(sum(losses[3:6]) / 3, rel=1e-6)
+    assert intervals[2].loss == pytest.approx(losses[6], rel=1e-6)
 
 
 def test_epoch_totals_fold_on_checkpoint_and_restore_exactly():

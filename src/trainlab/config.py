@@ -116,7 +116,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    every_n_steps: int = 10  # optimizer steps per train/loss point (one host sync per interval)
+    every_n_steps: int = 50  # optimizer steps per train/loss point (one host sync each), and one at each epoch's end
     tensorboard: bool = True
     progress: str = "auto"  # auto: a live bar on a terminal, plain lines elsewhere | bar | lines
     grad_norm: bool = True  # train/grad_norm: the global gradient L2 norm at the last step of each interval

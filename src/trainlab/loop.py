@@ -130,7 +130,8 @@ def train_one_epoch(
     parts: StepParts = StepParts(),
     totals: EpochTotals | None = None,
 ) -> EpochResult:
-    """One pass over `batches`; calls on_interval(Interval) every `every_n_steps` steps.
+    """One pass over `batches`; calls on_interval(Interval) every `every_n_steps` steps of the epoch and after its last,
+    so every epoch ends with a point (a shorter interval where the epoch is not a multiple of every_n_steps).
 
     The logged loss is the data loss (comparable with val/loss); the penalty is added only to the
     objective that is differentiated. `totals` continues an epoch resumed from a mid-epoch checkpoint.
@@ -138,6 +139,7 @@ def train_one_epoch(
     model.train()
     totals = totals if totals is not None else EpochTotals()
     totals.copy_outputs = parts.copy_outputs
+    lrs = [group["lr"] for group in optimizer.param_groups]
     for images, labels in batches:
         out: dict[str, torch.Tensor] = {}
 
@@ -171,12 +173,14 @@ def train_one_epoch(
         step += 1
 
         totals.record(step, loss, logits, labels)
-        if step % every_n_steps == 0:
+        if totals.interval_steps == every_n_steps:
             on_interval(_read_interval(step, totals, lrs, parts))  # the only host sync of a step
         if parts.on_step is not None:
             parts.on_step(step, totals)
     if totals.seen == 0:
         raise ValueError("the training split yields no batch; lower data.batch_size")
+    if totals.interval_steps > 0:
+        on_interval(_read_interval(step, totals, lrs, parts))
     totals.fold()
     return EpochResult(loss=totals.loss_sum / totals.seen, acc=totals.correct / totals.seen, step=step)
 
