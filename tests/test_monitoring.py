@@ -157,6 +157,25 @@ def test_logger_switches(train_inprocess, tmp_path):
     assert acc.Tags()["images"] == ["test/confusion_matrix"] and not acc.Tags()["graph"]
 
 
+def test_event_records_carry_tensorboards_checksums(momentum_run):
+    """The records' CRCs (google-crc32c where installed) are the ones TensorBoard's own code computes."""
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    run_dir, _, _ = momentum_run
+    data = next(run_dir.glob("events.out.tfevents.*")).read_bytes()
+    records, at = 0, 0
+    while at < len(data):
+        header = data[at:at + 8]
+        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[at + 8:at + 12])
+        body = data[at + 12:at + 12 + length]
+        (body_crc,) = struct.unpack("<I", data[at + 12 + length:at + 16 + length])
+        assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body)
+        records, at = records + 1, at + 16 + length
+    assert records > 20
+
+
 def test_every_epoch_ends_with_a_train_loss_point(train_inprocess, tmp_path):
     """Intervals longer than the epoch, and one that does not divide it: the epoch's last step closes it."""
     import csv as csv_module
