@@ -182,7 +182,8 @@ class Run:
         guard = self.guard
         if guard.check != "interval" or not (guard.check_grads and guard.params):
             return None
-        return lambda: global_norm(guard.params)
+        params = list(self.model.parameters())  # all of them: also train/weight_norm at the epoch's end
+        return lambda: global_norm(params)
 
     @property
     def eval_model(self) -> nn.Module:
