@@ -201,9 +201,9 @@ class Scheduler:
 
     def _apply(self) -> None:
         scale = self.factor(self.steps) * (self.plateau.scale() if self.plateau is not None else 1.0)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * scale
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._last_lr = [base * scale for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
     def step(self) -> None:
         """Advance one optimizer step."""
