@@ -1,7 +1,8 @@
-"""Checkpoint files: atomic writes, and loads that never unpickle arbitrary objects."""
+"""Checkpoint files: atomic writes, loads that never unpickle arbitrary objects, and finding what to resume."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import pickle
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from omegaconf import OmegaConf
 
 from trainlab.config import ConfigError
 
@@ -138,3 +141,60 @@ def set_rng_state(state: dict) -> None:
 def _tuples(value: Any) -> Any:
     """random.setstate wants the nested tuples that a round trip through a checkpoint may turn into lists."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- resuming -----------------------------------------------------------------------------------
+
+
+def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """checkpoint.resume as (path, loaded state); auto: the newest loadable last.pt of `ckpt_dir`, None to start fresh."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        return path, load(path)
+    last = ckpt_dir / "last.pt"
+    for path in (last, previous_path(last)):  # newest first: last.prev.pt is the one before
+        if path.is_file():
+            try:
+                return path, load(path)
+            except ConfigError as error:
+                log.warning(f"checkpoint.resume=auto: skipping {path}: {error}")
+    log.info(f"checkpoint.resume=auto: no usable last.pt in {ckpt_dir}; starting fresh")
+    return None
+
+
+def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], show: int = 6) -> str | None:
+    """The missing, unexpected and shape-mismatched keys between two state dicts, or None when they fit."""
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    mismatched = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(v.shape)})"
+                  for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    parts = [f"{name}: {listed(keys)}" for name, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", mismatched)) if keys]
+    return "; ".join(parts) if parts else None
+
+
+def saved_model_options(config_yaml: str | None) -> str:
+    """The model node of a checkpoint's embedded config, as overrides; read as data, never instantiated."""
+    try:
+        model = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get("model", {})
+    except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
+        return "(the config saved in the checkpoint cannot be read)"
+    return " ".join(f"model.{k}={v}" for k, v in model.items() if k not in ("_target_", "_partial_"))
+
+
+def keep_metrics_up_to(path: Path, epoch: int) -> None:
+    """Drop metrics.csv rows after `epoch`: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
+    if len(kept) < len(rows):
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows(kept)

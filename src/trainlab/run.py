@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -132,7 +131,7 @@ class Run:
         self.stopper = EarlyStopping(stop.monitor, stop.mode, stop.patience, stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
         self.start_epoch, self.step = 1, 0
-        found = find_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        found = checkpoint.find_resume(cfg.checkpoint.resume, self.ckpt_dir)
         if found is not None:
             self.resume(*found)
         describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
@@ -235,10 +234,10 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path}: that run already finished (epoch {state['epoch']}, "
                               f"trainer.max_epochs={self.cfg.trainer.max_epochs}); raise trainer.max_epochs to "
                               "train further, or drop checkpoint.resume to start fresh")
-        mismatch = model_mismatch(self.model.state_dict(), state["model"])
+        mismatch = checkpoint.model_mismatch(self.model.state_dict(), state["model"])
         if mismatch is not None:
             raise ConfigError(f"checkpoint.resume={path} holds a different model: {mismatch}. Resume with the model "
-                              f"options it was trained with: {saved_model_options(state.get('config'))}")
+                              f"options it was trained with: {checkpoint.saved_model_options(state.get('config'))}")
         self.model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -265,7 +264,7 @@ class Run:
         if best.is_file() and best.resolve() != (self.ckpt_dir / "best.pt").resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(best, self.ckpt_dir / "best.pt")
-        keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])  # rows written after this checkpoint go
+        checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])  # rows written after this checkpoint go
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
@@ -422,60 +421,6 @@ class _NoSchedule:
 
 
 NO_SCHEDULE = _NoSchedule()
-
-
-def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """checkpoint.resume as (path, loaded state); auto: the newest loadable last.pt of `ckpt_dir`, None to start fresh."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        path = Path(resume).expanduser()
-        return path, checkpoint.load(path)
-    last = ckpt_dir / "last.pt"
-    for path in (last, checkpoint.previous_path(last)):  # newest first: last.prev.pt is the one before
-        if path.is_file():
-            try:
-                return path, checkpoint.load(path)
-            except ConfigError as error:
-                log.warning(f"checkpoint.resume=auto: skipping {path}: {error}")
-    log.info(f"checkpoint.resume=auto: no usable last.pt in {ckpt_dir}; starting fresh")
-    return None
-
-
-def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], show: int = 6) -> str | None:
-    """The missing, unexpected and shape-mismatched keys between two state dicts, or None when they fit."""
-
-    def listed(keys: list[str]) -> str:
-        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
-
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    mismatched = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(v.shape)})"
-                  for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
-    parts = [f"{name}: {listed(keys)}" for name, keys in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", mismatched)) if keys]
-    return "; ".join(parts) if parts else None
-
-
-def saved_model_options(config_yaml: str | None) -> str:
-    """The model node of a checkpoint's embedded config, as overrides; read as data, never instantiated."""
-    try:
-        model = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get("model", {})
-    except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
-        return "(the config saved in the checkpoint cannot be read)"
-    return " ".join(f"model.{k}={v}" for k, v in model.items() if k not in ("_target_", "_partial_"))
-
-
-def keep_metrics_up_to(path: Path, epoch: int) -> None:
-    """Drop metrics.csv rows after `epoch`: a resumed run writes them again."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
-    if len(kept) < len(rows):
-        with path.open("w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
 
 
 def resume_command(overrides: list[str], run_dir: Path) -> str:
