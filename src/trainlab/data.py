@@ -215,9 +215,12 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()
+        # The epoch's labels in one gather: a batch's labels are then a view, not a fresh tensor per step (the
+        # loop keeps them until its logging interval reads them, and fresh ones cost a small MLP 1 % a step).
+        labels = self.labels[order]
         for i in range(self.position, len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x, y = self.images[index].float(), self.labels[index]
+            start, end = i * self.batch_size, (i + 1) * self.batch_size
+            x, y = self.images[order[start:end]].float(), labels[start:end]
             if self.augment is not None:
                 x, y = self.augment(x, y, aug_gen)  # pixel units (zero padding is black); y: labels or soft targets
             self.position = i + 1

@@ -139,35 +139,42 @@ def train_one_epoch(
     model.train()
     totals = totals if totals is not None else EpochTotals()
     totals.copy_outputs = parts.copy_outputs
+    penalty, clip, guard = parts.penalty, parts.clip, parts.guard
+
+    def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """zero_grad, forward, loss, backward (of the scaled objective) and clipping: (logits, loss, objective)."""
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        objective = loss if penalty is None else loss + penalty()
+        scaler.scale(objective).backward()
+        if clip is not None:
+            clip()
+        return logits, loss, objective
+
     lrs = [group["lr"] for group in optimizer.param_groups]
     for images, labels in batches:
-        out: dict[str, torch.Tensor] = {}
+        if parts.closure_step:  # the optimizer evaluates the loss as often as it needs; the last evaluation counts
+            evaluations: list[tuple[torch.Tensor, ...]] = []
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                out["logits"] = model(images)
-                out["loss"] = loss_fn(out["logits"], labels)
-            objective = out["loss"] if parts.penalty is None else out["loss"] + parts.penalty()
-            scaler.scale(objective).backward()
-            if parts.clip is not None:
-                parts.clip()
-            return objective
+            def closure() -> torch.Tensor:
+                evaluations.append(forward_backward(images, labels))
+                return evaluations[-1][2]
 
-        if parts.closure_step:
             optimizer.step(closure)
-            if parts.guard is not None:  # the optimizer stepped inside; the run saves no non-finite weights
-                parts.guard(out["loss"], step + 1)
+            logits, loss, _ = evaluations[-1]
+            if guard is not None:  # the optimizer stepped inside; the run saves no non-finite weights
+                guard(loss, step + 1)
         else:
-            closure()
-            if parts.guard is not None and not parts.guard(out["loss"], step + 1):
+            logits, loss, _ = forward_backward(images, labels)
+            if guard is not None and not guard(loss, step + 1):
                 optimizer.zero_grad(set_to_none=True)  # a skipped non-finite step: no update, not counted
                 continue
             scaler.step(optimizer)
         scaler.update()
         if parts.after_step is not None:
             parts.after_step()
-        logits, loss = out["logits"], out["loss"]
         lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used
         scheduler.step()
         step += 1
