@@ -92,29 +92,38 @@ def signal_at_validation(monkeypatch, signum: int, epoch: int) -> None:
     monkeypatch.setattr(trainlab.run, "evaluate", sending)
 
 
+def replace_loss(monkeypatch, make) -> None:
+    """Every Run built from here trains with make(run, its own loss function) as its loss."""
+    build = trainlab.run.Run.build_regularization
+
+    def build_with_replaced_loss(self):
+        build(self)
+        self.loss_fn = make(self, self.loss_fn)
+
+    monkeypatch.setattr(trainlab.run.Run, "build_regularization", build_with_replaced_loss)
+
+
 def poison_loss(monkeypatch, bad_calls: set[int], how: str, record: dict | None = None) -> None:
     """Make the training loss non-finite (how: nan | inf | grad, the last a finite loss with NaN gradients)
     at the given 1-based calls of the loss; `record` gets the checkpoint files' bytes at the first bad call."""
-    build = trainlab.run.Run.build_regularization
 
-    def poisoned_build(self):
-        build(self)
-        loss_fn, calls = self.loss_fn, {"n": 0}
+    def poisoned(run, loss_fn):
+        calls = {"n": 0}
 
         def loss(logits, labels):
             calls["n"] += 1
             value = loss_fn(logits, labels)
             if calls["n"] in bad_calls:
                 if record is not None and not record:
-                    record.update({p.name: p.read_bytes() for p in self.ckpt_dir.glob("*.pt")})
+                    record.update({p.name: p.read_bytes() for p in run.ckpt_dir.glob("*.pt")})
                 if how == "grad":  # d sqrt(s)/ds is inf at s = 0: the loss stays finite, the gradient is NaN
                     return value + 0.0 * torch.sqrt((logits * 0.0).sum())
                 return value * float(how)
             return value
 
-        self.loss_fn = loss
+        return loss
 
-    monkeypatch.setattr(trainlab.run.Run, "build_regularization", poisoned_build)
+    replace_loss(monkeypatch, poisoned)
 
 
 def all_finite(state: dict) -> bool:
@@ -553,21 +562,16 @@ def test_deterministic_sets_the_flags_for_the_run_and_restores_them(tmp_path, mo
 
 
 def test_deterministic_fails_clearly_on_an_op_without_a_deterministic_implementation(tmp_path, monkeypatch):
-    build = trainlab.run.Run.build_regularization
-
-    def with_nondeterministic_op(self):
-        build(self)
-        loss_fn = self.loss_fn
-
+    def with_nondeterministic_op(run, loss_fn):
         def loss(logits, labels):
             if torch.are_deterministic_algorithms_enabled():  # what such an op raises (CPU ops all have one)
                 raise RuntimeError("scatter_reduce_cuda_kernel does not have a deterministic implementation, but "
                                    "you set 'torch.use_deterministic_algorithms(True)'.")
             return loss_fn(logits, labels)
 
-        self.loss_fn = loss
+        return loss
 
-    monkeypatch.setattr(trainlab.run.Run, "build_regularization", with_nondeterministic_op)
+    replace_loss(monkeypatch, with_nondeterministic_op)
     status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.deterministic=true"])
     assert (status, code) == ("failed", 1)
     assert run.summary["stop_reason"].startswith("trainer.deterministic=true: scatter_reduce_cuda_kernel does not "
@@ -576,17 +580,13 @@ def test_deterministic_fails_clearly_on_an_op_without_a_deterministic_implementa
 
 
 def test_out_of_memory_names_the_batch_size_and_the_override_to_try(tmp_path, monkeypatch):
-    build = trainlab.run.Run.build_regularization
-
-    def out_of_memory(self):
-        build(self)
-
+    def out_of_memory(run, loss_fn):
         def loss(logits, labels):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        self.loss_fn = loss
+        return loss
 
-    monkeypatch.setattr(trainlab.run.Run, "build_regularization", out_of_memory)
+    replace_loss(monkeypatch, out_of_memory)
     status, code, run = train(tmp_path, ["trainer.max_epochs=1", "data.batch_size=64", "trainer.device=cpu"])
     assert (status, code) == ("failed", 1)
     assert "out of memory on cpu at data.batch_size=64" in run.summary["stop_reason"]
@@ -643,19 +643,14 @@ def test_step_check_on_cuda_stops_before_the_optimizer_step(tmp_path, monkeypatc
 
 @cuda
 def test_deterministic_on_cuda_names_a_real_op_without_a_deterministic_implementation(tmp_path, monkeypatch):
-    build = trainlab.run.Run.build_regularization
-
-    def with_histc(self):
-        build(self)
-        loss_fn = self.loss_fn
-
+    def with_histc(run, loss_fn):
         def loss(logits, labels):
             torch.histc(logits.float())  # no deterministic CUDA kernel for floating-point input
             return loss_fn(logits, labels)
 
-        self.loss_fn = loss
+        return loss
 
-    monkeypatch.setattr(trainlab.run.Run, "build_regularization", with_histc)
+    replace_loss(monkeypatch, with_histc)
     status, code, run = train(tmp_path, ["trainer.device=cuda", "trainer.max_epochs=1", "trainer.deterministic=true"])
     assert (status, code) == ("failed", 1)
     assert "trainer.deterministic=true: _histc_cuda" in run.summary["stop_reason"]
