@@ -345,12 +345,15 @@ def bench_tta(args: argparse.Namespace) -> None:
             wall = time.perf_counter() - tic
             acc = (run.summary.get("test") or {}).get("test/acc", float("nan"))
             results.append((wall, acc))
-            with (Path(tmp) / "metrics.csv").open() as handle:  # the epochs alone: no start-up, data or test
+            metrics = Path(tmp) / "metrics.csv"  # the epochs alone: no start-up, data or test
+            with metrics.open() if metrics.is_file() else io.StringIO() as handle:
                 times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
-            later = statistics.median(times[1:]) if len(times) > 1 else float("nan")
+            epochs = ""
+            if times:
+                later = statistics.median(times[1:]) if len(times) > 1 else float("nan")
+                epochs = f"; epochs {sum(times):.1f} s: the first {times[0]:.2f} s, then {later:.2f} s each"
             print(f"tta seed {seed}: {status}  test/acc {acc:.4f}  wall {wall:.1f} s  "
-                  f"({run.summary.get('epochs_run')} epochs, device {run.summary.get('device')}; epochs "
-                  f"{sum(times):.1f} s: the first {times[0]:.2f} s, then {later:.2f} s each)", flush=True)
+                  f"({run.summary.get('epochs_run')} epochs, device {run.summary.get('device')}{epochs})", flush=True)
     walls, accs = [r[0] for r in results], [r[1] for r in results]
     spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
     print(f"tta_result wall_s={statistics.median(walls):.1f} test_acc_mean={statistics.mean(accs):.4f} "
@@ -373,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", nargs="*", default=[], help="tta: extra train overrides (e.g. data.root=...)")
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
-    print(json.dumps({"benchmark": args.benchmark, "torch": torch.__version__, "device": str(select_device(args.device)),
-                      "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}))
+    print(json.dumps({"benchmark": args.benchmark, "torch": torch.__version__,
+                      "device": str(select_device(args.device)), "threads": torch.get_num_threads(),
+                      "date": time.strftime("%Y-%m-%d")}))
     BENCHMARKS[args.benchmark](args)
 
 
