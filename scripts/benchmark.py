@@ -64,6 +64,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def epoch_times(run_dir: Path) -> list[float]:
+    """Each epoch's seconds from a run's metrics.csv (training and validation: no start-up, data or test); none when
+    the run ended before its first epoch."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
+
+
+def later_epochs(times: list[float]) -> float:
+    """The median epoch after the first (which compiles, autotunes and warms up); the first when it is the only one."""
+    return statistics.median(times[1:]) if len(times) > 1 else times[0]
+
+
 # --- 1. loop overhead ------------------------------------------------------------------------------
 
 # Workloads: (name, trainlab overrides, steps per epoch). Validation and test splits are made tiny, since the
@@ -317,9 +332,8 @@ def bench_throughput(args: argparse.Namespace) -> None:
                 print(f"throughput resnet20 flip_crop precision={precision} compile={mode}: FAILED "
                       f"{type(error).__name__}: {error}", flush=True)
                 continue
-            with (Path(tmp) / "metrics.csv").open() as handle:
-                times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
-            steady = statistics.median(times[1:]) if len(times) > 1 else times[0]  # epoch 1 compiles
+            times = epoch_times(Path(tmp))
+            steady = later_epochs(times)
             per_s = run.train_batches.num_examples / steady
             print(f"throughput resnet20 flip_crop precision={precision} compile={mode}: {per_s:9.0f} images/s "
                   f"(epoch incl. validation {steady:.2f} s, first epoch {times[0]:.2f} s, device {device})",
@@ -345,13 +359,9 @@ def bench_tta(args: argparse.Namespace) -> None:
             wall = time.perf_counter() - tic
             acc = (run.summary.get("test") or {}).get("test/acc", float("nan"))
             results.append((wall, acc))
-            metrics = Path(tmp) / "metrics.csv"  # the epochs alone: no start-up, data or test
-            with metrics.open() if metrics.is_file() else io.StringIO() as handle:
-                times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
-            epochs = ""
-            if times:
-                later = statistics.median(times[1:]) if len(times) > 1 else float("nan")
-                epochs = f"; epochs {sum(times):.1f} s: the first {times[0]:.2f} s, then {later:.2f} s each"
+            times = epoch_times(Path(tmp))
+            epochs = (f"; epochs {sum(times):.1f} s: the first {times[0]:.2f} s, then {later_epochs(times):.2f} s "
+                      "each") if times else ""
             print(f"tta seed {seed}: {status}  test/acc {acc:.4f}  wall {wall:.1f} s  "
                   f"({run.summary.get('epochs_run')} epochs, device {run.summary.get('device')}{epochs})", flush=True)
     walls, accs = [r[0] for r in results], [r[1] for r in results]
