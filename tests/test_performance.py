@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from conftest import compose_cfg
 from trainlab.config import ConfigError, validate
-from trainlab.device import compiled, configure_backends, uses_channels_last
+from trainlab.device import autocast_for, compiled, configure_backends, uses_channels_last
 from trainlab.loop import EpochTotals, StepParts, train_one_epoch
 from trainlab.optim import _fast_kernels
 from trainlab.regularization import ema_model
@@ -68,6 +69,31 @@ def test_compile_false_is_the_model_itself():
     assert compiled(model, False) is model  # YAML's false
 
 
+def test_autocast_only_for_bf16_and_fp16():
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    assert isinstance(autocast_for(cpu, "fp32"), nullcontext)  # fp32: no autocast state to set and restore
+    with autocast_for(cpu, "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with autocast_for(cpu, "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    assert autocast_for(cpu, "fp16").fast_dtype == torch.float16
+
+
+def test_fold_counts_ties_like_argmax_and_names_the_first_nonfinite_step():
+    totals = EpochTotals()
+    tie = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])  # argmax takes the first maximum: classes 0 and 1
+    totals.record(1, torch.tensor(0.25), tie, torch.tensor([0, 2]))
+    totals.record(2, torch.tensor(float("nan")), tie, torch.tensor([1, 1]))
+    totals.record(3, torch.tensor(float("inf")), tie, torch.tensor([0, 1]))
+    totals.record(4, torch.tensor(0.5), torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([2]))
+    assert totals.fold(torch.tensor(7.0), torch.tensor(2.0, dtype=torch.bfloat16)) == [7.0, 2.0]
+    assert totals.correct == 1 + 1 + 2 + 1 and totals.seen == 7
+    assert totals.nonfinite is not None and totals.nonfinite[0] == 2 and math.isnan(totals.nonfinite[1])
+    assert math.isnan(totals.loss_sum) and not (totals.losses or totals.outputs or totals.targets or totals.sizes)
+    assert totals.fold(torch.tensor(3.0)) == [3.0]  # nothing pending: only the extra values
+
+
 def _fixed_batches(n_batches: int, batch: int, soft: bool = False):
     g = torch.Generator().manual_seed(0)
     for _ in range(n_batches):
@@ -106,7 +132,7 @@ def test_epoch_totals_fold_on_checkpoint_and_restore_exactly():
     totals.record(1, torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
     state = totals.state_dict()  # folds the pending step
     assert state == {"loss_sum": 1.5, "correct": 2, "interval_loss": 0.5, "seen": 3, "interval_steps": 1}
-    assert not totals.pending
+    assert not totals.losses
     assert EpochTotals.from_state(state).state_dict() == state
 
 

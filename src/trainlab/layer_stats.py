@@ -18,11 +18,15 @@ MAX_FILTER_TILES = 64  # the first layer's image shows its first 64 kernels (a s
 
 
 def global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all `tensors` together, computed on their device (nothing is read back to the host)."""
-    tensors = [t.detach() for t in tensors]
+    """The L2 norm of all `tensors` together, computed on their device (nothing is read back to the host).
+
+    Under no_grad rather than a detach per tensor, and one stack of the per-tensor norms (which promotes mixed
+    dtypes) before the float: a fixed handful of kernels and calls, read once per logging interval."""
+    tensors = list(tensors)
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+    with torch.no_grad():
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
 
 
 def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:

@@ -211,9 +211,9 @@ class Scheduler:
         scale = self._factors[steps] if steps < len(self._factors) else self.factor(steps)
         if self.plateau is not None:
             scale *= self.plateau.scale()
-        self._last_lr = [base * scale for base in self.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-            group["lr"] = lr
+        self._scale = scale
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
 
     def step(self) -> None:
         """Advance one optimizer step."""
@@ -228,7 +228,7 @@ class Scheduler:
         self._apply()
 
     def get_last_lr(self) -> list[float]:
-        return list(self._last_lr)
+        return [base * self._scale for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self.steps, "base_lrs": list(self.base_lrs)}
