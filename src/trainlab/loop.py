@@ -99,8 +99,9 @@ class EpochTotals:
         """Add the recorded steps to the sums (one read from the device); returns the values of `extra` (0-dim
         tensors), read in the same transfer.
 
-        Six kernels and one read, whatever the number of steps: on a CPU each kernel costs several microseconds. The predictions are max(dim=1).indices, the first maximum like argmax(dim=1) but 5x faster on
-        a CPU for a few classes (torch 2.14); one stack reads the losses, the hits and `extra` together."""
+        Six kernels and one read, whatever the number of steps: on a CPU each kernel costs several microseconds.
+        The predictions are max(dim=1).indices, the first maximum like argmax(dim=1) but 5x faster on a CPU for
+        a few classes (torch 2.14); one stack reads the losses, the hits and `extra` together."""
         count = len(self.losses)
         if count == 0:
             return torch.stack(extra).float().tolist() if extra else []
