@@ -90,7 +90,7 @@ def test_fold_counts_ties_like_argmax_and_names_the_first_nonfinite_step():
     assert totals.fold(torch.tensor(7.0), torch.tensor(2.0, dtype=torch.bfloat16)) == [7.0, 2.0]
     assert totals.correct == 1 + 1 + 2 + 1 and totals.seen == 7
     assert totals.nonfinite is not None and totals.nonfinite[0] == 2 and math.isnan(totals.nonfinite[1])
-    assert math.isnan(totals.loss_sum) and not (totals.losses or totals.outputs or totals.targets or totals.sizes)
+    assert math.isnan(totals.loss_sum) and not (totals.losses or totals.outputs or totals.targets)
     assert totals.fold(torch.tensor(3.0)) == [3.0]  # nothing pending: only the extra values
 
 
