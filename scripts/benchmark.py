@@ -2,6 +2,7 @@
 """trainlab's performance benchmarks. Each prints ratios against a baseline run in the same process.
 
     python scripts/benchmark.py loop [--quick]   trainlab's loop vs a hand-written loop (steps/s ratio)
+    python scripts/benchmark.py kernels [--quick]  the optimizer kernels trainlab picks vs torch's default (steps/s)
     python scripts/benchmark.py syncs            host syncs on ordinary training steps (CUDA only)
     python scripts/benchmark.py data [--quick]   device-resident batches + flip_crop vs DataLoader + v2 transforms
     python scripts/benchmark.py throughput       images/s of a residual CNN with flip_crop, per precision and compile
@@ -103,16 +104,19 @@ def loop_overrides(name: str, steps_per_epoch: int, epochs: int, device: str) ->
 
 def hand_written_block(run, epochs: int) -> float:
     """Seconds for `epochs` epochs of the minimal loop (forward, cross-entropy, zero_grad, backward, step) on the
-    run's model architecture and optimizer settings, fed the same batches: the run's own loader, epoch by epoch."""
+    run's model architecture and optimizer settings, fed the same batches: the run's own loader, epoch by epoch.
+    Its SGD uses the kernels trainlab picks (fused where the device has them), so the ratio is the loop's cost alone;
+    `kernels` measures what the pick itself gains."""
     from trainlab.initialization import initialize
     from trainlab.models import build_model
+    from trainlab.optim import fast_kernels
 
     cfg, device = run.cfg, run.device
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.input_shape, run.data.num_classes)
     initialize(model, cfg.initialization, getattr(model, "activation", "relu"))
     model.to(device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
-    kernels = {"fused": True} if device.type == "cuda" else {}
+    kernels = fast_kernels(torch.optim.SGD, {}, list(model.parameters()))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum, **kernels)
     batches = run.train_batches
     autocast = autocast_for(device, run.precision)
@@ -185,6 +189,62 @@ def bench_loop(args: argparse.Namespace) -> None:
         print(f"loop {name}: median ratio {ratios[name]:.3f}  spread {min(pairs):.3f}-{max(pairs):.3f}  "
               f"({repeats} blocks of {steps_per_epoch * epochs} steps, device {device}, precision {run.precision})")
     print("loop_overhead_ratio " + " ".join(f"{name}={ratio:.3f}" for name, ratio in ratios.items()))
+
+
+# --- 1b. optimizer kernels -------------------------------------------------------------------------
+
+KERNEL_OPTIMIZERS = ("momentum", "nesterov", "adam", "adamw", "adagrad")
+
+
+def minimal_steps(run, steps: int) -> float:
+    """Steps/s of the minimal loop on a built run's model and optimizer (the one `train` builds), its first batches."""
+    batches, model, optimizer = run.benchmark_batches, run.model, run.optimizer
+    model.train()
+    sync(run.device)
+    tic = time.perf_counter()
+    for x, y in batches[:steps]:
+        with run.autocast:
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(run.device)
+    return steps / (time.perf_counter() - tic)
+
+
+def bench_kernels(args: argparse.Namespace) -> None:
+    """Steps/s of the minimal loop with the optimizer `train` builds (fused kernels where the device has them) over
+    the same with torch's default kernels (`+optimizer.fused=false`), per optimizer, on the loop benchmark's
+    workloads. The two runs start from the same weights and take turns in ABBA order."""
+    device = str(select_device(args.device))
+    steps = {"mlp": 200, "cnn": 4} if args.quick else {"mlp": 400, "cnn": 10}
+    repeats = 3 if args.quick else 9
+    if args.smoke:
+        steps, repeats = {"mlp": 3, "cnn": 1}, 1
+    ratios = {}
+    for name in (("mlp", "cnn") if args.workload is None else (args.workload,)):
+        for optimizer in KERNEL_OPTIMIZERS if name == "mlp" or not args.quick else ("momentum", "adam"):
+            base = [o for o in loop_overrides(name, steps[name], 1, device) if not o.startswith("optimizer=")]
+            runs = []
+            for extra in ([], ["+optimizer.fused=false"]):
+                with tempfile.TemporaryDirectory() as tmp:
+                    run = build_run([*base, f"optimizer={optimizer}", *extra], Path(tmp))
+                run.train_batches.set_epoch(1)
+                run.benchmark_batches = list(run.train_batches)
+                runs.append(run)
+            picked, default = runs
+            kernel = "fused" if picked.optimizer.param_groups[0].get("fused") else "default"
+            minimal_steps(picked, steps[name]), minimal_steps(default, steps[name])  # warm-up of both
+            pairs = []
+            for r in range(repeats):
+                order = (picked, default) if r % 2 == 0 else (default, picked)
+                rate = {id(run): minimal_steps(run, steps[name]) for run in order}
+                pairs.append(rate[id(picked)] / rate[id(default)])
+            ratios[f"{name}_{optimizer}"] = statistics.median(pairs)
+            print(f"kernels {name} optimizer={optimizer}: trainlab's pick ({kernel}) / torch's default "
+                  f"median {ratios[f'{name}_{optimizer}']:.3f}  spread {min(pairs):.3f}-{max(pairs):.3f}  "
+                  f"({repeats} blocks of {steps[name]} steps, device {device})", flush=True)
+    print("optimizer_kernels_ratio " + " ".join(f"{key}={ratio:.3f}" for key, ratio in ratios.items()))
 
 
 # --- 2. host syncs ----------------------------------------------------------------------------------
@@ -371,7 +431,7 @@ def bench_tta(args: argparse.Namespace) -> None:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "loop": bench_loop, "syncs": bench_syncs, "data": bench_data, "throughput": bench_throughput, "tta": bench_tta,
+    "loop": bench_loop, "kernels": bench_kernels, "syncs": bench_syncs, "data": bench_data, "throughput": bench_throughput, "tta": bench_tta,
 }
 
 
@@ -381,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter blocks (about a minute on CPU)")
     parser.add_argument("--smoke", action="store_true", help="a handful of steps of each part (the tests use it)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="loop: only this workload")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="loop, kernels: only this workload")
     parser.add_argument("--seeds", type=int, default=3, help="tta: seeds to run")
     parser.add_argument("--override", nargs="*", default=[], help="tta: extra train overrides (e.g. data.root=...)")
     args = parser.parse_args(argv)

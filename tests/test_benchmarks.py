@@ -33,6 +33,16 @@ def test_loop_benchmark_prints_both_ratios(benchmark, capsys):
     assert len(re.findall(r"^loop (mlp|cnn) block 1/1: trainlab", out, re.M)) == 2
 
 
+def test_kernels_benchmark_compares_the_picked_kernels_with_the_defaults(benchmark, capsys):
+    out = run(benchmark, capsys, "kernels", "--workload", "mlp")
+    assert re.search(r"^kernels mlp optimizer=adam: trainlab's pick \(fused\) / torch's default median ", out, re.M), out
+    match = re.search(r"^optimizer_kernels_ratio (.*)$", out, re.M)
+    assert match, out
+    ratios = dict(pair.split("=") for pair in match.group(1).split())
+    assert set(ratios) == {f"mlp_{name}" for name in benchmark.KERNEL_OPTIMIZERS}
+    assert all(float(x) > 0 for x in ratios.values())
+
+
 def test_data_benchmark_compares_the_two_paths(benchmark, capsys):
     out = run(benchmark, capsys, "data")
     assert re.search(rf"^data_speedup_ratio {NUMBER} ", out, re.M), out

@@ -214,7 +214,8 @@ def test_adamw_with_decoupled_decay_matches_torch_adamw():
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.0]  # torch's own decay is off
     decay, no_decay = optim.parameter_groups(reference, decay_norm_and_bias=False)
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+                              lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                              fused=optimizer.param_groups[0]["fused"])  # the same kernels as trainlab's pick
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         for p, q in zip(net.parameters(), reference.parameters()):

@@ -15,7 +15,7 @@ from conftest import compose_cfg
 from trainlab.config import ConfigError, validate
 from trainlab.device import autocast_for, compiled, configure_backends, uses_channels_last
 from trainlab.loop import EpochTotals, StepParts, train_one_epoch
-from trainlab.optim import _fast_kernels
+from trainlab.optim import build_optimizer, fast_kernels, load_optimizer_state
 from trainlab.regularization import ema_model
 
 
@@ -47,13 +47,65 @@ def test_threads_are_set_from_the_config():
         torch.set_num_threads(before)
 
 
-def test_fused_kernels_only_on_cuda_and_only_where_the_optimizer_has_them():
-    on_gpu, on_cpu = [SimpleNamespace(is_cuda=True)], [SimpleNamespace(is_cuda=False)]
-    assert _fast_kernels(torch.optim.Adam, {}, on_gpu) == {"fused": True}
-    assert _fast_kernels(torch.optim.SGD, {}, on_gpu) == {"fused": True}
-    assert _fast_kernels(torch.optim.Adam, {}, on_cpu) == {}
-    assert _fast_kernels(torch.optim.LBFGS, {}, on_gpu) == {}  # no fused kernel
-    assert _fast_kernels(torch.optim.Adam, {"foreach": True}, on_gpu) == {}  # the config's own choice wins
+FUSED_ON_CPU = [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad]
+
+
+def test_fused_kernels_wherever_the_device_has_them_and_the_config_did_not_choose():
+    on_cpu, on_meta = [torch.zeros(1)], [torch.zeros(1, device="meta")]
+    on_gpu = [SimpleNamespace(device=torch.device("cuda"))]
+    for cls in FUSED_ON_CPU:
+        assert fast_kernels(cls, {}, on_cpu) == {"fused": True}, cls
+        assert fast_kernels(cls, {}, on_gpu) == {"fused": True}, cls
+    assert fast_kernels(torch.optim.Adam, {}, on_meta) == {}  # no fused kernels for that device type
+    assert fast_kernels(torch.optim.LBFGS, {}, on_cpu) == {}  # no fused kernel
+    assert fast_kernels(torch.optim.RMSprop, {}, on_cpu) == {}
+    assert fast_kernels(torch.optim.Adam, {"foreach": True}, on_gpu) == {}  # the config's own choice wins
+    assert fast_kernels(torch.optim.Adam, {"fused": False}, on_cpu) == {}
+    assert fast_kernels(torch.optim.Adam, {}, []) == {}
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "adam", "adamw", "adagrad"])
+def test_train_builds_fused_optimizers_on_cpu_unless_told_not_to(name):
+    model = nn.Linear(4, 2)
+    picked = build_optimizer(compose_cfg([f"optimizer={name}"]), model)
+    default = build_optimizer(compose_cfg([f"optimizer={name}", "+optimizer.fused=false"]), model)
+    assert picked.param_groups[0]["fused"] is True
+    assert not default.param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("cls, options", [
+    (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+    (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+])
+def test_fused_cpu_updates_agree_with_the_per_tensor_ones(cls, options):
+    # a quadratic bowl whose gradients stay far from zero, where rounding differences cannot grow
+    target, curvature = torch.linspace(-3, 3, 50), torch.linspace(0.5, 1.5, 50)
+    weights = []
+    for kernels in ({}, {"fused": True}):
+        w = torch.zeros(50, requires_grad=True)
+        optimizer = cls([w], **options, **kernels)
+        for _ in range(100):
+            optimizer.zero_grad()
+            ((w - target) ** 2 * curvature).sum().backward()
+            optimizer.step()
+        weights.append(w.detach())
+    assert not torch.equal(weights[0], torch.zeros(50))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_optimizer_keeps_the_kernels_it_was_built_with():
+    model = nn.Linear(4, 2)
+    saved = torch.optim.Adam(model.parameters(), lr=0.1)  # e.g. saved where no fused kernel was picked
+    model(torch.ones(1, 4)).sum().backward()
+    saved.step()
+    resumed = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is True and resumed.param_groups[0]["foreach"] is None
+    assert resumed.param_groups[0]["lr"] == 0.1  # everything else comes from the checkpoint
+    assert torch.equal(resumed.state[model.weight]["exp_avg"], saved.state[model.weight]["exp_avg"])
+    resumed.step()  # the fused kernel takes the restored state
 
 
 @pytest.mark.parametrize("key, value", [("trainer.compile", "fast"), ("trainer.channels_last", "maybe"),

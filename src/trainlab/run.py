@@ -35,7 +35,7 @@ from trainlab.models import build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
 from trainlab.monitor import (RunMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               write_confusion_csv)
-from trainlab.optim import build_optimizer, decayed_parameters, needs_closure
+from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler
 
@@ -240,7 +240,7 @@ class Run:
                               f"options it was trained with: {checkpoint.saved_model_options(state.get('config'))}")
         self.model.load_state_dict(state["model"])
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         except (ValueError, KeyError) as error:
             raise ConfigError(f"checkpoint.resume={path} was trained with another optimizer setup ({error}); "
                               "resume with the optimizer and regularization options it was trained with") from None
