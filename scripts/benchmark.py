@@ -196,20 +196,20 @@ def bench_loop(args: argparse.Namespace) -> None:
 KERNEL_OPTIMIZERS = ("momentum", "nesterov", "adam", "adamw", "adagrad")
 
 
-def minimal_steps(run, steps: int) -> float:
-    """Steps/s of the minimal loop on a built run's model and optimizer (the one `train` builds), its first batches."""
-    batches, model, optimizer = run.benchmark_batches, run.model, run.optimizer
+def minimal_steps(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Steps/s of the minimal loop over `batches` on a built run's model and optimizer (the one `train` builds)."""
+    model, optimizer = run.model, run.optimizer
     model.train()
     sync(run.device)
     tic = time.perf_counter()
-    for x, y in batches[:steps]:
+    for x, y in batches:
         with run.autocast:
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     sync(run.device)
-    return steps / (time.perf_counter() - tic)
+    return len(batches) / (time.perf_counter() - tic)
 
 
 def bench_kernels(args: argparse.Namespace) -> None:
@@ -223,22 +223,21 @@ def bench_kernels(args: argparse.Namespace) -> None:
         steps, repeats = {"mlp": 3, "cnn": 1}, 1
     ratios = {}
     for name in (("mlp", "cnn") if args.workload is None else (args.workload,)):
-        for optimizer in KERNEL_OPTIMIZERS if name == "mlp" or not args.quick else ("momentum", "adam"):
+        for optimizer in (KERNEL_OPTIMIZERS if name == "mlp" or not args.quick else ("momentum", "adam")):
             base = [o for o in loop_overrides(name, steps[name], 1, device) if not o.startswith("optimizer=")]
             runs = []
             for extra in ([], ["+optimizer.fused=false"]):
-                with tempfile.TemporaryDirectory() as tmp:
-                    run = build_run([*base, f"optimizer={optimizer}", *extra], Path(tmp))
-                run.train_batches.set_epoch(1)
-                run.benchmark_batches = list(run.train_batches)
-                runs.append(run)
+                with tempfile.TemporaryDirectory() as tmp:  # building a run writes nothing to its directory
+                    runs.append(build_run([*base, f"optimizer={optimizer}", *extra], Path(tmp)))
             picked, default = runs
+            picked.train_batches.set_epoch(1)
+            batches = list(picked.train_batches)  # the same batches for both
             kernel = "fused" if picked.optimizer.param_groups[0].get("fused") else "default"
-            minimal_steps(picked, steps[name]), minimal_steps(default, steps[name])  # warm-up of both
+            minimal_steps(picked, batches), minimal_steps(default, batches)  # warm-up of both
             pairs = []
             for r in range(repeats):
                 order = (picked, default) if r % 2 == 0 else (default, picked)
-                rate = {id(run): minimal_steps(run, steps[name]) for run in order}
+                rate = {id(run): minimal_steps(run, batches) for run in order}
                 pairs.append(rate[id(picked)] / rate[id(default)])
             ratios[f"{name}_{optimizer}"] = statistics.median(pairs)
             print(f"kernels {name} optimizer={optimizer}: trainlab's pick ({kernel}) / torch's default "
@@ -431,7 +430,8 @@ def bench_tta(args: argparse.Namespace) -> None:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "loop": bench_loop, "kernels": bench_kernels, "syncs": bench_syncs, "data": bench_data, "throughput": bench_throughput, "tta": bench_tta,
+    "loop": bench_loop, "kernels": bench_kernels, "syncs": bench_syncs, "data": bench_data,
+    "throughput": bench_throughput, "tta": bench_tta,
 }
 
 

@@ -35,7 +35,8 @@ def test_loop_benchmark_prints_both_ratios(benchmark, capsys):
 
 def test_kernels_benchmark_compares_the_picked_kernels_with_the_defaults(benchmark, capsys):
     out = run(benchmark, capsys, "kernels", "--workload", "mlp")
-    assert re.search(r"^kernels mlp optimizer=adam: trainlab's pick \(fused\) / torch's default median ", out, re.M), out
+    picked = r"^kernels mlp optimizer=adam: trainlab's pick \(fused\) / torch's default median "
+    assert re.search(picked, out, re.M), out
     match = re.search(r"^optimizer_kernels_ratio (.*)$", out, re.M)
     assert match, out
     ratios = dict(pair.split("=") for pair in match.group(1).split())
