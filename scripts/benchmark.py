@@ -102,6 +102,16 @@ def loop_overrides(name: str, steps_per_epoch: int, epochs: int, device: str) ->
     ]
 
 
+def minimal_loop(model, optimizer, batches, autocast) -> None:
+    """The minimal training loop over `batches`: forward, cross-entropy, zero_grad, backward, step."""
+    for x, y in batches:
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
 def hand_written_block(run, epochs: int) -> float:
     """Seconds for `epochs` epochs of the minimal loop (forward, cross-entropy, zero_grad, backward, step) on the
     run's model architecture and optimizer settings, fed the same batches: the run's own loader, epoch by epoch.
@@ -125,12 +135,7 @@ def hand_written_block(run, epochs: int) -> float:
     tic = time.perf_counter()
     for epoch in range(1, epochs + 1):
         batches.set_epoch(epoch)
-        for x, y in batches:
-            with autocast:
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        minimal_loop(model, optimizer, batches, autocast)
     sync(device)
     return time.perf_counter() - tic
 
@@ -198,16 +203,10 @@ KERNEL_OPTIMIZERS = ("momentum", "nesterov", "adam", "adamw", "adagrad")
 
 def minimal_steps(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Steps/s of the minimal loop over `batches` on a built run's model and optimizer (the one `train` builds)."""
-    model, optimizer = run.model, run.optimizer
-    model.train()
+    run.model.train()
     sync(run.device)
     tic = time.perf_counter()
-    for x, y in batches:
-        with run.autocast:
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    minimal_loop(run.model, run.optimizer, batches, run.autocast)
     sync(run.device)
     return len(batches) / (time.perf_counter() - tic)
 
