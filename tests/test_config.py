@@ -114,14 +114,76 @@ def test_hydra_refuses_bad_overrides_before_any_work(tmp_path, args, message):
         (["model._target_=os.system"], "'os.system' is not allowed"),
         (["trainer.device=cuda:7"], "trainer.device=cuda:7"),
         (["model=cnn", "model.depth=21"], "model.depth=21"),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: must be a list of 2 numbers"),
+        (["model.hidden=[0]"], "model.hidden=[0]: give the hidden layers' widths"),
     ],
-    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth"],
+    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth", "short-betas", "zero-width"],
 )
 def test_invalid_config_exits_2_and_leaves_no_run_directory(tmp_path, args, message):
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.lr=abc"], "optimizer.lr='abc': must be a number"),
+        (["optimizer=adam", "optimizer.betas=[0.9,0.99,0.999]"], "must be a list of 2 numbers, e.g. [0.9, 0.999]"),
+        (["optimizer=adam", "optimizer.amsgrad=3"], "optimizer.amsgrad=3: must be true or false"),
+        (["model=cnn", "model.residual=maybe"], "model.residual='maybe': must be true or false"),
+        (["model.negative_slope=abc"], "model.negative_slope='abc': must be a number"),
+        (["normalization.eps=abc"], "normalization.eps='abc': must be a number > 0"),
+        (["normalization.momentum=2"], "normalization.momentum=2: is the weight of each new batch"),
+        (["normalization=group", "normalization.num_groups=abc"], "normalization.num_groups='abc': must be a whole"),
+        (["initialization=constant", "initialization.value=abc"], "initialization.value='abc': must be a number"),
+        (["initialization=normal", "initialization.std=abc"], "initialization.std='abc': must be a number > 0"),
+    ],
+    ids=["lr", "betas", "amsgrad", "residual", "slope", "norm-eps", "norm-momentum", "groups", "init-value",
+         "init-std"],
+)
+def test_wrongly_typed_values_are_named_before_anything_is_built(overrides, message):
+    """A wrong type in a group torch builds would otherwise fail deep inside torch, naming neither key nor fix."""
+    with pytest.raises(ConfigError, match="invalid config") as error:
+        validate(compose_cfg(overrides))
+    assert message in str(error.value)
+
+
+def test_a_wrong_kind_only_where_the_default_says_what_is_right():
+    validate(compose_cfg(["optimizer=adam", "optimizer.betas=[0.8,0.99]", "optimizer.lr=1", "+optimizer.foreach=true",
+                          "normalization.momentum=null"]))  # a whole number is a number; foreach's default is null
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.hidden=abc"], "model.hidden='abc': give the hidden layers' widths as a list of whole numbers"),
+        (["model.hidden=[64,2.5]"], "model.hidden=[64, 2.5]"),
+        (["model=cnn", "model.width=0"], "model.width=0: must be a whole number >= 1"),
+        (["model=cnn", "model.stages=1.5"], "model.stages=1.5: must be a whole number >= 1"),
+    ],
+    ids=["hidden-text", "hidden-fraction", "width", "stages"],
+)
+def test_model_sizes_must_be_whole_numbers(overrides, message):
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError) as error:
+        build_model(cfg, (1, 8, 8) if cfg.model.get("hidden") is not None else (3, 8, 8), 10)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.decay_norm_and_bias=abc"], "optimizer.decay_norm_and_bias='abc': must be true or false"),
+        (["optimizer=momentum_schedule", "optimizer.momentum_start=abc"], "optimizer.momentum_start='abc': must be a"),
+    ],
+    ids=["decay-norm-and-bias", "momentum-start"],
+)
+def test_trainlab_optimizer_keys_refuse_wrong_types(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        build_optimizer(compose_cfg(overrides), torch.nn.Linear(2, 2))
+    assert message in str(error.value)
 
 
 def test_regular_install_ships_the_config_tree(tmp_path):

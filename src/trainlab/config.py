@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import types
 from dataclasses import dataclass, field
@@ -212,6 +213,8 @@ def validate(cfg: DictConfig) -> None:
     problems += [f"_target_ at {path}: {why}" for path, why in _bad_targets(resolved)]
     if not missing:
         problems += _check_values(cfg)
+        for group, node in resolved.items():
+            problems += _argument_problems(group, node)
         from trainlab.schedules import parse as parse_schedule  # torch is imported only once needed
 
         try:
@@ -257,6 +260,44 @@ def _bad_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
         for i, item in enumerate(node):
             found += _bad_targets(item, f"{path}[{i}]")
     return found
+
+
+def _argument_problems(group: str, node: Any) -> list[str]:
+    """Keys of a group built from `_target_` (optimizer, model) whose values cannot be the arguments they name,
+    judged by the defaults of the target's signature: a number where the default is a number, true or false where
+    it is a bool, a list of as many numbers where it is a tuple of numbers (Adam's betas). Otherwise a wrong type
+    surfaces as the target's own error from deep inside torch, which names neither the key nor the fix."""
+    if not isinstance(node, dict) or check_target(node.get("_target_")) is not None:
+        return []
+    from hydra._internal.utils import _locate
+
+    try:
+        parameters = inspect.signature(_locate(node["_target_"])).parameters
+    except (TypeError, ValueError, ImportError):
+        return []
+    problems = []
+    for key, value in node.items():
+        if key in parameters and value is not None:
+            wanted = _wanted_kind(parameters[key].default, value)
+            if wanted is not None:
+                problems.append(f"{group}.{key}={value!r}: must be {wanted}")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _wanted_kind(default: Any, value: Any) -> str | None:
+    """What `value` should be, given the parameter's default, or None when it fits (or the default says nothing)."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if _is_number(default):
+        return None if _is_number(value) else "a number"
+    if isinstance(default, tuple) and default and all(map(_is_number, default)):
+        fits = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+        return None if fits else f"a list of {len(default)} numbers, e.g. {list(default)}"
+    return None
 
 
 def _check_values(cfg: DictConfig) -> list[str]:
@@ -333,6 +374,21 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(reg.swa_start is None or 0.0 <= reg.swa_start < 1.0, "regularization.swa_start", reg.swa_start,
           "is a fraction of the run in [0, 1), or null for off")
     check(reg.swa_lr > 0, "regularization.swa_lr", reg.swa_lr, "must be > 0")
+    norm, init = cfg.normalization, cfg.initialization
+    if "eps" in norm:
+        check(_is_number(norm.eps) and norm.eps > 0, "normalization.eps", norm.eps, "must be a number > 0, e.g. 1e-5")
+    if "momentum" in norm:
+        momentum = norm.momentum
+        check(momentum is None or (_is_number(momentum) and 0 <= momentum <= 1), "normalization.momentum", momentum,
+              "is the weight of each new batch in the running statistics, in [0, 1] (null: an "
+              "equal-weight average of all batches)")
+    if "num_groups" in norm:
+        check(isinstance(norm.num_groups, int) and not isinstance(norm.num_groups, bool) and norm.num_groups >= 1,
+              "normalization.num_groups", norm.num_groups, "must be a whole number >= 1 that divides every layer width")
+    if "std" in init:
+        check(_is_number(init.std) and init.std > 0, "initialization.std", init.std, "must be a number > 0")
+    if "value" in init:
+        check(_is_number(init.value), "initialization.value", init.value, "must be a number")
     aug = cfg.augmentation
     check(0.0 <= aug.hflip <= 1.0, "augmentation.hflip", aug.hflip, "is a probability in [0, 1]")
     check(aug.crop_padding >= 0, "augmentation.crop_padding", aug.crop_padding, "must be >= 0 pixels")

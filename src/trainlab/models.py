@@ -28,6 +28,9 @@ class MLP(nn.Sequential):
         norm: Mapping[str, Any],
         dropout: float = 0.0,
     ):
+        if not isinstance(hidden, (list, tuple)) or not all(_whole(w) and w >= 1 for w in hidden):
+            raise ConfigError(f"model.hidden={hidden!r}: give the hidden layers' widths as a list of whole numbers "
+                              ">= 1, e.g. [256, 256], or [] for a linear model")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for out in hidden:
@@ -43,6 +46,10 @@ class MLP(nn.Sequential):
 
     def residual_norms(self) -> list[nn.Module]:
         return []
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.Conv2d:
@@ -108,8 +115,11 @@ class CNN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if stages < 1 or width < 1 or (depth - 2) % (2 * stages) or depth < 2 + 2 * stages:
-            valid = ", ".join(str(2 * n * max(stages, 1) + 2) for n in range(1, 6))
+        for key, value in (("depth", depth), ("width", width), ("stages", stages)):
+            if not (_whole(value) and value >= 1):
+                raise ConfigError(f"model.{key}={value!r}: must be a whole number >= 1")
+        if (depth - 2) % (2 * stages) or depth < 2 + 2 * stages:
+            valid = ", ".join(str(2 * n * stages + 2) for n in range(1, 6))
             raise ConfigError(f"model.depth={depth} with model.stages={stages}: depth must be 2 * blocks * stages + 2; "
                               f"valid depths: {valid}, ...")
         if len(input_shape) != 3:

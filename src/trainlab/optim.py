@@ -109,14 +109,19 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
     """
     options: dict[str, Any] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # type: ignore[assignment]
     target = options.get("_target_")
-    decay_norm_and_bias = bool(options.pop("decay_norm_and_bias", False))
+    decay_norm_and_bias = options.pop("decay_norm_and_bias", False)
+    if not isinstance(decay_norm_and_bias, bool):
+        raise ConfigError(f"optimizer.decay_norm_and_bias={decay_norm_and_bias!r}: must be true or false")
     ramp = {key: options.pop(key) for key in ("momentum_start", "momentum_warmup_epochs") if key in options}
+    for key, value in ramp.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"optimizer.{key}={value!r}: must be a number")
     for key in DECAY_KEYS:
         if key in options:
             raise ConfigError(f"optimizer.{key}: set regularization.weight_decay instead (decoupled decay, "
                               "applied the same way for every optimizer)")
     try:
-        factory = instantiate(options)
+        factory = instantiate(options, _convert_="all")  # plain lists (betas), not OmegaConf's
     except Exception as error:  # noqa: BLE001 - Hydra wraps import and argument errors alike
         raise ConfigError(f"optimizer={target}: {error}") from None
     cls = factory.func if isinstance(factory, functools.partial) else factory
