@@ -553,18 +553,15 @@ def test_image_folder_on_the_cifar10_subset_end_to_end_with_its_cache(tmp_path, 
                                                                         monkeypatch):
     overrides = ["data=image_folder", f"data.path={cifar_subset}", f"data.root={tmp_path / 'store'}",
                  "trainer.max_epochs=1", "logger.tensorboard=false", "model.hidden=[64]"]
-    tic = time.perf_counter()
     status, code, run = train_inprocess(overrides)
-    first_s = time.perf_counter() - tic
     assert (status, code) == ("completed", 0), run.summary.get("error")
     assert (len(run.data.train) + len(run.data.val), len(run.data.test)) == (5000, 1000)
     assert run.data.input_shape == (3, 32, 32) and run.data.num_classes == 10
     assert run.summary["test"]["test/acc"] > 0.2  # chance is 0.1
     (cache_file,) = (tmp_path / "store" / "cache").iterdir()
+    # the second build reads the cache: decoding again would fail the test (no timing: see scripts/benchmark.py)
     monkeypatch.setattr(datasets, "decode_images", lambda *a: pytest.fail("decoded again despite the cache"))
-    tic = time.perf_counter()
     again = data.build_data(compose_cfg(overrides).data)
-    assert time.perf_counter() - tic < max(first_s / 2, 1.0)
     assert torch.equal(again.test.images, run.data.test.images)
     shutil.rmtree(tmp_path / "store")
 
