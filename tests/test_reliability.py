@@ -292,6 +292,47 @@ def test_resume_auto_skips_a_truncated_last_pt_and_is_still_exact(tmp_path, monk
     assert_resumed_run_equals(resumed, uninterrupted)  # resumed from last.prev.pt (step 30)
 
 
+def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, caplog):
+    """2 epochs, then extended to 4: bitwise the run that trained 4 at once (a constant lr: no schedule to stretch)."""
+    caplog.set_level(logging.INFO, logger="trainlab")
+    base = ["optimizer=adam", "regularization=dropout", "logger.every_n_steps=5", "trainer.device=cpu"]
+    status, _, _ = train(tmp_path, [*base, "trainer.max_epochs=2"], name="short")
+    assert status == "completed"
+    last = tmp_path / "short" / "checkpoints" / "last.pt"
+    status, code, extended = train(tmp_path, [*base, "trainer.max_epochs=4", f"checkpoint.resume={last}"],
+                                   name="extended")
+    assert (status, code) == ("completed", 0) and extended.summary["epochs_run"] == 4
+    assert "extending a finished run of 2 epochs to trainer.max_epochs=4" in caplog.text
+    assert [row["epoch"] for row in metrics_rows(extended.run_dir)] == ["3", "4"]
+    status, _, whole = train(tmp_path, [*base, "trainer.max_epochs=4"], name="whole")
+    assert_equal_state(extended.model.state_dict(), whole.model.state_dict(), "model")
+    assert_equal_state(extended.optimizer.state_dict(), whole.optimizer.state_dict(), "optimizer")
+    assert metrics_rows(extended.run_dir) == metrics_rows(whole.run_dir)[2:]
+
+
+def test_a_run_that_stopped_early_continues_only_with_more_patience(tmp_path):
+    stalls = ["optimizer.lr=0", "early_stopping.patience=1", "trainer.max_epochs=5"]  # lr 0: nothing improves
+    status, _, run = train(tmp_path, stalls, name="stalled")
+    assert status == "stopped_early" and run.summary["epochs_run"] == 2
+    last = tmp_path / "stalled" / "checkpoints" / "last.pt"
+    status, code, again = train(tmp_path, [*stalls, f"checkpoint.resume={last}"], name="again")
+    assert (status, code) == ("failed", 2)
+    assert "stopped early at epoch 2" in again.summary["error"] and "raise early_stopping.patience above 1" in \
+        again.summary["error"]
+    status, code, more = train(tmp_path, [*stalls, "early_stopping.patience=2", f"checkpoint.resume={last}"],
+                               name="more")
+    assert (status, code) == ("stopped_early", 0) and more.summary["epochs_run"] == 3  # one more bad epoch
+
+
+def test_resume_refuses_weights_only_a_directory_and_a_file_that_is_no_checkpoint(tmp_path, interrupted_run):
+    best = interrupted_run.parent / "best.pt"
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    for target, message in ((best, "holds weights only, not a training state"), (tmp_path, "is a directory"),
+                            (tmp_path / "notes.pt", "is corrupted or not a checkpoint")):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=3", f"checkpoint.resume={target}"], name="again")
+        assert (status, code) == ("failed", 2) and message in run.summary["error"], run.summary["error"]
+
+
 def test_same_seed_is_bitwise_equal_and_another_seed_differs(tmp_path, uninterrupted):
     _, _, again = train(tmp_path, EXACT, name="again")
     assert_equal_state(again.model.state_dict(), uninterrupted.model.state_dict())

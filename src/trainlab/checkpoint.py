@@ -99,17 +99,19 @@ def load(path: str | Path) -> dict:
     """A trainlab checkpoint, loaded with weights_only=True; clear errors for missing or damaged files."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt, e.g. "
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"checkpoint {path} {what}; pass the path of a last.pt or best.pt, e.g. "
                           "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt, or checkpoint.resume=auto "
                           "with hydra.run.dir=<run directory>")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"pickled {found.group(1)}" if found else "a pickled object"
+        if found is None:  # not a pickle at all: a text file, a truncated legacy file
+            raise ConfigError(f"checkpoint {path} is corrupted or not a checkpoint (torch cannot read it)") from None
         raise ConfigError(f"checkpoint {path} holds objects that are not plain tensors, numbers or strings "
-                          f"({what}); refusing to unpickle it, since that could run code. trainlab's own "
-                          "checkpoints hold none; load only files you trust") from None
+                          f"(pickled {found.group(1)}); refusing to unpickle it, since that could run code. "
+                          "trainlab's own checkpoints hold none; load only files you trust") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"checkpoint {path} is corrupted or incomplete ({detail})") from None

@@ -230,10 +230,10 @@ class Run:
         if state["format_version"] > checkpoint.FORMAT_VERSION:
             raise ConfigError(f"checkpoint.resume={path}: written by a newer trainlab (format "
                               f"{state['format_version']}, this one reads up to {checkpoint.FORMAT_VERSION}); upgrade")
-        if state.get("finished") or state["epoch"] >= self.cfg.trainer.max_epochs:
-            raise ConfigError(f"checkpoint.resume={path}: that run already finished (epoch {state['epoch']}, "
-                              f"trainer.max_epochs={self.cfg.trainer.max_epochs}); raise trainer.max_epochs to "
-                              "train further, or drop checkpoint.resume to start fresh")
+        if "optimizer" not in state:
+            raise ConfigError(f"checkpoint.resume={path} holds weights only, not a training state to continue; "
+                              f"resume from the run's checkpoints/last.pt")
+        self.check_continuable(path, state)
         mismatch = checkpoint.model_mismatch(self.model.state_dict(), state["model"])
         if mismatch is not None:
             raise ConfigError(f"checkpoint.resume={path} holds a different model: {mismatch}. Resume with the model "
@@ -245,6 +245,11 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path} was trained with another optimizer setup ({error}); "
                               "resume with the optimizer and regularization options it was trained with") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("finished"):
+            log.warning(f"checkpoint.resume={path}: extending a finished run of {state['epoch']} epochs to "
+                        f"trainer.max_epochs={self.cfg.trainer.max_epochs}; the schedule now spans the longer run "
+                        f"(lr {state['optimizer']['param_groups'][0]['lr']:.4g} at its end, "
+                        f"{self.optimizer.param_groups[0]['lr']:.4g} from here)")
         self.scaler.load_state_dict(state["scaler"])
         for name in ("ema", "swa"):
             average = getattr(self, name)
@@ -268,6 +273,28 @@ class Run:
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
+
+    def check_continuable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to resume a run that has nothing left to do under this config: it reached trainer.max_epochs, or
+        it stopped early and early stopping would stop it again. A finished run continues when those allow more
+        epochs (training on past the old end, with the schedule stretched to the new trainer.max_epochs)."""
+        epoch, max_epochs = state["epoch"], self.cfg.trainer.max_epochs
+        if epoch >= max_epochs:
+            raise ConfigError(f"checkpoint.resume={path}: that run already finished {epoch} epochs "
+                              f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to train further, or drop "
+                              "checkpoint.resume to start fresh")
+        if not state.get("finished"):
+            return
+        saved = state["early_stopping"]
+        self.stopper.load_state_dict(saved)
+        if self.stopper.should_stop:
+            raise ConfigError(f"checkpoint.resume={path}: that run stopped early at epoch {epoch} "
+                              f"({self.stopper.reason()}); raise early_stopping.patience above "
+                              f"{self.stopper.bad_epochs} (or set early_stopping.enabled=false) to train further, or "
+                              "drop checkpoint.resume to start fresh")
+        if self.swa is not None:
+            raise ConfigError(f"checkpoint.resume={path}: that run finished with SWA, whose average belongs to the "
+                              "end of its schedule; a finished SWA run cannot be extended. Start a new run")
 
     # --- the loop -------------------------------------------------------------------------------------
     def fit(self) -> None:
