@@ -898,7 +898,7 @@ def test_load_missing_path_raises_with_path(tmp_path):
 
 
 def test_load_directory_raises_with_path(tmp_path):
-    with pytest.raises(ConfigError, match=rf"checkpoint {tmp_path} does not exist"):
+    with pytest.raises(ConfigError, match=rf"checkpoint {tmp_path} is a directory"):
         checkpoint.load(tmp_path)
 
 
