@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -21,20 +23,35 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> str | float:
-    from trainlab.run import execute  # torch is imported only once Hydra has parsed the command line
+    from trainlab import distributed  # torch is imported only once Hydra has parsed the command line
+    from trainlab.run import execute
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     live = {"bar": True, "lines": False}.get(cfg.logger.progress, sys.stdout.isatty() and not sweeping)
+    ranks = distributed.from_env()
     if cfg.dry_run:
+        if not ranks.main:  # under torchrun rank 0 alone draws the curve
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return "dry_run"
         return _dry_run(cfg, run_dir)
     if sweeping:  # a failed job does not stop the sweep: the report at its end lists it (trainlab.sweep)
         from trainlab.sweep import run_sweep_job
 
         return run_sweep_job(cfg, run_dir, list(hydra_cfg.overrides.task), partial(execute, live=live))
-    status, code, run = execute(cfg, run_dir, list(hydra_cfg.overrides.task), live=live)
-    if code != 0 and not run.started:
+    if ranks.active:  # torchrun: one run, rank 0's directory; the others' scratch directory goes at the end
+        distributed.start(ranks, cfg.trainer.device)
+        scratch, run_dir = run_dir, distributed.broadcast(run_dir, ranks)
+    try:
+        status, code, run = execute(cfg, run_dir, list(hydra_cfg.overrides.task), live=live and ranks.main,
+                                    ranks=ranks)
+    finally:
+        if ranks.active:
+            distributed.stop()
+            if not ranks.main:
+                shutil.rmtree(scratch, ignore_errors=True)
+    if code != 0 and not run.started and ranks.main:
         _remove_if_only_bookkeeping(run_dir)
     if code != 0:
         sys.exit(code)
@@ -72,7 +89,23 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
 def main() -> None:
     """Console-script entry point."""
     register_configs()
+    _torchrun_arguments()
     _train()
+
+
+def _torchrun_arguments() -> None:
+    """Under torchrun (WORLD_SIZE > 1) one run spans the processes: rank 0 makes the run directory; the others
+    get a scratch directory from Hydra, log warnings only, and write nothing. A sweep is one torchrun per job."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world == 1:
+        return
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        print("train: a sweep (-m) runs its jobs one process each; under torchrun, start one torchrun per job "
+              "(train <overrides> for each combination)", file=sys.stderr)
+        sys.exit(2)
+    if rank > 0:
+        scratch = tempfile.mkdtemp(prefix=f"trainlab-rank{rank}-")
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
 
 
 if __name__ == "__main__":

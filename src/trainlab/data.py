@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from trainlab.augment import Augment, build_augment, build_batch_mix, build_v2_transform
 from trainlab.config import ConfigError
 from trainlab.datasets import SOURCES, load_image_folder, load_source
+from trainlab.distributed import Ranks
 
 
 @dataclass
@@ -148,6 +149,7 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         augment: Augment | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -160,6 +162,7 @@ class DeviceLoader:
         self.set_batch_size(batch_size)
         self.seed = seed
         self.augment = augment
+        self.rank, self.world = shard  # torchrun: this rank serves its equal part of every batch
         self.epoch = 0
         self.position = 0  # batches of the current epoch served so far
         self._augment_rng: torch.Generator | None = None
@@ -192,8 +195,11 @@ class DeviceLoader:
         self.set_batch_size(int(state["batch_size"]))
         self._resume_at = state
 
-    def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 4 + stream)
+    def _generator(self, stream: int, rank: int = 0) -> torch.Generator:
+        """Stream 0 orders the epoch (the same on every rank), 1 augments (one stream per rank; rank 0's is the one
+        a single process draws). The CPU generator keeps only a seed's low 32 bits: ranks differ there."""
+        seed = (self.seed * 1_000_003 + self.epoch) * 4 + stream + rank * 0x9E3779B1
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def close(self) -> None:
         """Release what the loader holds beyond its tensors (DataLoader workers on the WorkerLoader path)."""
@@ -205,7 +211,7 @@ class DeviceLoader:
             order = torch.randperm(n, generator=self._generator(0), device=self.device)
         else:
             order = torch.arange(n, device=self.device)
-        aug_gen = self._generator(1) if self.augment is not None else None
+        aug_gen = self._generator(1, self.rank) if self.augment is not None else None  # the order is every rank's
         resume, self._resume_at = self._resume_at, None
         if resume is not None and aug_gen is not None:
             aug_gen.set_state(resume["augment_rng"])
@@ -218,9 +224,12 @@ class DeviceLoader:
         # The epoch's labels in one gather: a batch's labels are then a view, not a fresh tensor per step (the
         # loop keeps them until its logging interval reads them, and fresh ones cost a small MLP 1 % a step).
         labels = self.labels[order]
+        n, rank, world = len(labels), self.rank, self.world
         for i in range(self.position, len(self)):
-            start, end = i * self.batch_size, (i + 1) * self.batch_size
-            x, y = self.images[order[start:end]].float(), labels[start:end]
+            first = i * self.batch_size
+            part = min(self.batch_size, n - first) // world  # the whole batch without torchrun
+            start = first + rank * part
+            x, y = self.images[order[start:start + part]].float(), labels[start:start + part]
             if self.augment is not None:
                 x, y = self.augment(x, y, aug_gen)  # pixel units (zero padding is black); y: labels or soft targets
             self.position = i + 1
@@ -310,20 +319,26 @@ class WorkerLoader(DeviceLoader):
             yield (x - self.mean) * self.inv_std, y
 
 
-def train_loader(cfg: DictConfig, data: Dataset, device: torch.device) -> DeviceLoader:
+def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ranks = Ranks()) -> DeviceLoader:
     """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed, with cfg.augmentation,
-    on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers."""
+    on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers.
+    Under torchrun each rank serves its part of every batch (the device path only)."""
     common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
     if fits_on_device(cfg.data, data):
         augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape)
-        return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, augment=augment, **common)
+        return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, augment=augment,
+                            shard=(ranks.rank, ranks.world), **common)
     return WorkerLoader(data.train, data.mean, data.std, cfg.data.batch_size, device,
                         augment=build_batch_mix(cfg.augmentation, data.num_classes),
                         transform=build_v2_transform(cfg.augmentation), num_workers=cfg.data.num_workers, **common)
 
 
-def eval_loader(cfg: DictConfig, data: Dataset, split: Split, device: torch.device) -> DeviceLoader:
-    """Batches of a validation or test split in order, never augmented, on the path data.loader picks."""
+def eval_loader(cfg: DictConfig, data: Dataset, split: Split, device: torch.device,
+                ranks: Ranks = Ranks()) -> DeviceLoader:
+    """Batches of a validation or test split in order, never augmented, on the path data.loader picks; under torchrun
+    rank r takes examples r, r + world, ... (the metrics are summed over the ranks)."""
+    if ranks.active:
+        split = split.subset(torch.arange(ranks.rank, len(split), ranks.world))
     if fits_on_device(cfg.data, data):
         return DeviceLoader(split, data.mean, data.std, cfg.data.eval_batch_size, device)
     return WorkerLoader(split, data.mean, data.std, cfg.data.eval_batch_size, device, num_workers=cfg.data.num_workers)

@@ -45,6 +45,9 @@ class StepParts:
     weight_norm: Callable[[], torch.Tensor] | None = None  # the weights' L2 norm: non-finite once a bad step reached them
     # the model's outputs live in CUDA-graph memory that the next step overwrites (compile mode reduce-overhead)
     copy_outputs: bool = False
+    # torchrun: the element-wise sum over the processes (each trains an equal part of every batch), and their number
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    world: int = 1
 
 
 @dataclass
@@ -80,6 +83,10 @@ class EpochTotals:
     outputs: list[torch.Tensor] = field(default_factory=list)
     targets: list[torch.Tensor] = field(default_factory=list)
     copy_outputs: bool = False  # CUDA-graph replays overwrite their outputs: keep copies of the logits
+    # torchrun: each fold sums what the ranks read (every rank then holds the whole batch's numbers); world ranks
+    # train equal parts of each batch
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    world: int = 1
     last_step: int = 0  # the global step of the last recorded step
     nonfinite: tuple[int, float] | None = None
 
@@ -88,7 +95,7 @@ class EpochTotals:
         logits = logits.detach()
         self.outputs.append(logits.clone() if self.copy_outputs else logits)
         self.targets.append(targets)
-        self.seen += targets.shape[0]
+        self.seen += targets.shape[0] * self.world
         self.interval_steps += 1
         self.last_step = step
 
@@ -101,15 +108,15 @@ class EpochTotals:
         a few classes (torch 2.14); one stack reads the losses, the hits and `extra` together."""
         count = len(self.losses)
         if count == 0:
-            return torch.stack(extra).float().tolist() if extra else []
+            return self._read(torch.stack(extra).float(), hits_at=None) if extra else []
         targets = torch.cat(self.targets)
         labels = targets if targets.ndim == 1 else targets.max(dim=1).indices  # soft (mixed) targets: the top class
         hits = (torch.cat(self.outputs).max(dim=1).indices == labels).sum()
         if self.losses[0].dtype not in (torch.float32, torch.float64):
             hits = hits.float()  # the stack takes the widest float: half precision would round the count
-        values = torch.stack([*self.losses, hits, *extra]).tolist()  # exact hits below 2**24 (float32)
+        values = self._read(torch.stack([*self.losses, hits, *extra]), hits_at=count)  # exact hits below 2**24
         step_losses = values[:count]
-        self.loss_sum += sum(loss * t.shape[0] for loss, t in zip(step_losses, self.targets))
+        self.loss_sum += sum(loss * t.shape[0] for loss, t in zip(step_losses, self.targets)) * self.world
         interval = sum(step_losses)
         self.interval_loss += interval
         if self.nonfinite is None and not math.isfinite(interval):  # find the first non-finite step
@@ -120,6 +127,15 @@ class EpochTotals:
         for kept in (self.losses, self.outputs, self.targets):
             kept.clear()
         return values[count + 1:]
+
+    def _read(self, values: torch.Tensor, hits_at: int | None) -> list[float]:
+        """`values` (step losses, hits at index `hits_at`, extras) on the host. Under torchrun they are summed over
+        the ranks first; the hits stay a sum, the rest (batch means, and norms that are the same on every rank)
+        become the ranks' mean: with equal parts of every batch, the whole batch's."""
+        if self.reduce is None:
+            return values.tolist()
+        summed = self.reduce(values).tolist()
+        return [v if i == hits_at else v / self.world for i, v in enumerate(summed)]
 
     def state_dict(self) -> dict[str, Any]:
         self.fold()
@@ -154,7 +170,7 @@ def train_one_epoch(
     """
     model.train()
     totals = totals if totals is not None else EpochTotals()
-    totals.copy_outputs = parts.copy_outputs
+    totals.copy_outputs, totals.reduce, totals.world = parts.copy_outputs, parts.reduce, parts.world
     penalty, clip, guard, after_step, on_step = parts.penalty, parts.clip, parts.guard, parts.after_step, parts.on_step
     closure_step = parts.closure_step
     scaling = scaler.is_enabled()  # fp16 only: elsewhere the scaler's three calls a step are skipped
@@ -228,8 +244,10 @@ def _read_interval(step: int, totals: EpochTotals, lrs: list[float], parts: Step
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             autocast: AbstractContextManager) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of `model` in eval mode (running norm statistics, no dropout)."""
+             autocast: AbstractContextManager,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` in eval mode (running norm statistics, no dropout); under torchrun
+    `reduce` sums the ranks' parts of the split."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -241,4 +259,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.shape[0]
+    if reduce is not None:
+        loss_sum, hits, seen = reduce(torch.stack([loss_sum.float(), correct.float(),
+                                                   torch.tensor(float(seen), device=device)])).tolist()
+        return {"loss": loss_sum / seen, "acc": hits / seen}
     return {"loss": (loss_sum / seen).item(), "acc": (correct.float() / seen).item()}

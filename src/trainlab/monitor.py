@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,37 @@ def fast_event_checksums() -> bool:
         return False
     record_writer.masked_crc32c = masked_crc32c
     return True
+
+
+class SilentMonitor:
+    """The monitor of torchrun's ranks other than 0, which record nothing: rank 0 writes the run directory."""
+
+    def start_epoch(self, *args: Any) -> None:
+        pass
+
+    def train_interval(self, *args: Any) -> None:
+        pass
+
+    def end_epoch(self, *args: Any) -> None:
+        pass
+
+    def layer_stats(self, *args: Any) -> None:
+        pass
+
+    def test_metrics(self, *args: Any) -> None:
+        pass
+
+    def confusion(self, *args: Any) -> None:
+        pass
+
+    def graph(self, *args: Any) -> None:
+        pass
+
+    def hparams(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunMonitor:
@@ -336,15 +367,20 @@ def hyperparameters(cfg: DictConfig, overrides: Iterable[str]) -> dict[str, Any]
 
 @torch.inference_mode()
 def confusion_matrix(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     autocast: AbstractContextManager, num_classes: int) -> torch.Tensor:
-    """counts[true class, predicted class] of `model` in eval mode over `batches`, on the CPU."""
+                     autocast: AbstractContextManager, num_classes: int,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """counts[true class, predicted class] of `model` in eval mode over `batches`, on the CPU; under torchrun
+    `reduce` sums the ranks' parts of the split."""
     model.eval()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    device = next(model.parameters()).device
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     for images, labels in batches:
         with autocast:
             predicted = model(images).argmax(dim=1)
-        counts = counts + torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).cpu()
-    return counts.reshape(num_classes, num_classes)
+        counts += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+    if reduce is not None:
+        counts = reduce(counts)
+    return counts.cpu().reshape(num_classes, num_classes)
 
 
 def write_confusion_csv(counts: torch.Tensor, path: Path) -> None:

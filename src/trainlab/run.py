@@ -12,6 +12,7 @@ import shlex
 import shutil
 import time
 import traceback
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from trainlab import __version__, checkpoint, faults
+from trainlab import __version__, checkpoint, distributed, faults
 from trainlab.config import ConfigError, validate
-from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
+from trainlab.data import WorkerLoader, batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -33,7 +34,7 @@ from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
-from trainlab.monitor import (RunMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
+from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
@@ -90,8 +91,11 @@ def _knobs(node: DictConfig) -> str:
 class Run:
     """Everything one run builds, and the loop that trains it."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, live: bool = False):
-        self.cfg, self.run_dir, self.live = cfg, run_dir, live
+    def __init__(self, cfg: DictConfig, run_dir: Path, live: bool = False,
+                 ranks: distributed.Ranks = distributed.Ranks()):
+        self.cfg, self.run_dir, self.live, self.ranks = cfg, run_dir, live, ranks
+        # torchrun: the sum over the ranks of what each read (epoch totals, validation), so all decide alike
+        self.reduce = distributed.summed if ranks.active else None
         # read every step by on_step: plain ints, since an OmegaConf lookup costs tens of microseconds
         self.ckpt_every_steps = cfg.checkpoint.every_n_steps
         self.ckpt_dir = run_dir / "checkpoints"
@@ -100,6 +104,9 @@ class Run:
         self.monitor: RunMonitor | None = None
         self.started = False  # True once training has begun (the run directory then holds a real run)
         self.signals = faults.StopSignals()  # entered by execute, from build to summary.json
+        # where the loop reads a stop signal after each step: this process's handlers, or under torchrun the signal
+        # the ranks agreed on at the last logging interval (so that all of them stop after the same step)
+        self.stop_signals: Any = self.signals if not ranks.active else types.SimpleNamespace(received=None)
         self.resume_in_epoch: dict[str, Any] | None = None  # the rest of an epoch a mid-epoch last.pt left
 
     def build(self) -> None:
@@ -107,7 +114,7 @@ class Run:
         validate(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # stored in every checkpoint
         seed_everything(cfg.seed)
-        self.device = select_device(cfg.trainer.device)
+        self.device = self.rank_device(select_device(cfg.trainer.device))
         self.precision = select_precision(cfg.trainer.precision, self.device)
         self.threads = configure_backends(cfg.trainer, self.device)
         self.data = build_data(cfg.data)
@@ -115,11 +122,12 @@ class Run:
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
         self.channels_last = uses_channels_last(cfg.trainer, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.forward = compiled(self.model, cfg.trainer.compile)  # the module the loop calls; shares the weights
+        # the module the loop calls; shares the weights (under torchrun DDP, which averages the gradients)
+        self.forward = compiled(self.data_parallel(), cfg.trainer.compile)
         d = self.data
-        self.train_batches = train_loader(cfg, d, self.device)  # with cfg.augmentation, on data.loader's path
-        self.val_batches = eval_loader(cfg, d, d.val, self.device)
-        self.test_batches = eval_loader(cfg, d, d.test, self.device)
+        self.train_batches = train_loader(cfg, d, self.device, self.ranks)  # with cfg.augmentation
+        self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
+        self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
         steps_per_epoch = len(self.train_batches)
         self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
@@ -131,10 +139,15 @@ class Run:
         self.stopper = EarlyStopping(stop.monitor, stop.mode, stop.patience, stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
         self.start_epoch, self.step = 1, 0
+        if self.ranks.active:
+            self.check_ranks()
+        if self.ranks.rank > 0:
+            torch.manual_seed(cfg.seed * 1_000_003 + self.ranks.rank)  # dropout: each rank its own masks
         found = checkpoint.find_resume(cfg.checkpoint.resume, self.ckpt_dir)
         if found is not None:
             self.resume(*found)
-        describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
+        if self.ranks.main:
+            describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
 
     def build_regularization(self) -> None:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
@@ -170,6 +183,8 @@ class Run:
             grad_norm=self.grad_norm_reader(),
             weight_norm=self.weight_norm_reader(),
             copy_outputs=str(self.cfg.trainer.compile).lower() == "reduce-overhead",
+            reduce=self.reduce,
+            world=self.ranks.world,
         )
 
     def grad_norm_reader(self) -> Any:
@@ -186,6 +201,73 @@ class Run:
             return None
         params = list(self.model.parameters())  # all of them: also train/weight_norm at the epoch's end
         return lambda: global_norm(params)
+
+    # --- torchrun -------------------------------------------------------------------------------------
+    def rank_device(self, device: torch.device) -> torch.device:
+        """Under torchrun each process trains on the GPU of its LOCAL_RANK (or on the CPU)."""
+        if not self.ranks.active or device.type == "cpu":
+            return device
+        if device.type != "cuda":
+            raise ConfigError(f"trainer.device={self.cfg.trainer.device} under torchrun: processes train together on "
+                              "CUDA GPUs or on the CPU; set trainer.device=cuda or cpu")
+        if device.index is not None:
+            raise ConfigError(f"trainer.device={self.cfg.trainer.device} under torchrun: each process takes the GPU "
+                              "of its LOCAL_RANK; set trainer.device=cuda or auto")
+        return torch.device("cuda", self.ranks.local_rank)
+
+    def data_parallel(self) -> nn.Module:
+        """The model, in DistributedDataParallel under torchrun (whose construction copies rank 0's weights to all)."""
+        if not self.ranks.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model,
+                                       device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def check_ranks(self) -> None:
+        """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
+        cfg, world, n = self.cfg, self.ranks.world, len(self.data.train)
+        problems = []
+        if isinstance(self.train_batches, WorkerLoader):
+            problems.append(f"data.loader={cfg.data.loader} serves this dataset through DataLoader workers (it does "
+                            "not fit on the device), which are not split across processes yet; use data.loader=device "
+                            "(and raise data.device_max_gb)")
+        sizes = sorted({min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
+                        for epoch in range(1, cfg.trainer.max_epochs + 1)})
+        if any(size % world for size in sizes):
+            problems.append(f"data.batch_size={cfg.data.batch_size} (batch sizes {sizes}): each of the {world} "
+                            f"processes trains an equal part of every batch; use a multiple of {world}")
+        elif not cfg.data.drop_last and any(n % size % world for size in sizes):
+            problems.append(f"data.drop_last=false leaves a last batch of the {n} training examples that {world} "
+                            "processes cannot split evenly; set data.drop_last=true or another batch size")
+        if needs_closure(self.optimizer):
+            problems.append(f"optimizer={type(self.optimizer).__name__} searches along each process's own loss, and "
+                            "the processes would step apart; use another optimizer")
+        if self.guard.check == "step" or self.guard.policy == "skip":
+            problems.append("trainer.nonfinite_check=step and trainer.on_nonfinite=skip decide on each process's own "
+                            "loss; use trainer.nonfinite_check=interval (or auto) and trainer.on_nonfinite=stop")
+        if str(cfg.trainer.compile).lower() == "reduce-overhead":
+            problems.append("trainer.compile=reduce-overhead (CUDA graphs) is not combined with DDP here; use "
+                            "trainer.compile=default or false")
+        if self.swa is not None:
+            problems.append("regularization.swa_start: SWA's closing batch-norm pass runs on one process's data; use "
+                            "regularization=ema, or train SWA in one process")
+        if problems:
+            raise ConfigError(f"under torchrun ({world} processes): " + "; ".join(problems))
+
+    def write(self, save: Any) -> None:
+        """Rank 0 writes (`save()`); under torchrun every rank learns whether it could, and all stop if not."""
+        failed = None
+        if self.ranks.main:
+            try:
+                save()
+            except checkpoint.CheckpointWriteError as error:
+                if not self.ranks.active:
+                    raise
+                failed = error.args
+        failed = distributed.broadcast(failed, self.ranks)
+        if failed is not None:
+            raise checkpoint.CheckpointWriteError(*failed)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -211,19 +293,22 @@ class Run:
             "best_row": self.best_row,
             "rng": checkpoint.rng_state(),
             "config": self.config_yaml,
+            # torchrun: each rank's own random streams (dropout, augmentation), gathered from all of them
+            "ranks": distributed.gather({"rng": checkpoint.rng_state(), "loader": self.train_batches.state_dict()},
+                                        self.ranks) if self.ranks.active else None,
         }
 
     def save_last(self, epoch: int, finished: bool, in_epoch: dict[str, Any] | None = None) -> None:
         """checkpoints/last.pt (the one before kept as last.prev.pt); never from weights a non-finite step touched."""
         self.guard.raise_if_diverged()
-        checkpoint.save_atomic(self.training_state(epoch, finished, in_epoch), self.ckpt_dir / "last.pt",
-                               keep_previous=True)
+        state = self.training_state(epoch, finished, in_epoch)
+        self.write(lambda: checkpoint.save_atomic(state, self.ckpt_dir / "last.pt", keep_previous=True))
 
     def save_weights(self, name: str, model: nn.Module, epoch: int, **extra: Any) -> None:
         """checkpoints/<name>: one model's weights with the epoch and the run's config (best.pt, swa.pt)."""
-        checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch,
-                                "model": model.state_dict(), "config": self.config_yaml, **extra},
-                               self.ckpt_dir / name)
+        state = {"format_version": checkpoint.FORMAT_VERSION, "epoch": epoch, "model": model.state_dict(),
+                 "config": self.config_yaml, **extra}
+        self.write(lambda: checkpoint.save_atomic(state, self.ckpt_dir / name))
 
     def resume(self, path: Path, state: dict[str, Any]) -> None:
         """Continue the run `state` (loaded from `path`) saved: weights, optimizer, schedule, random states, position."""
@@ -234,6 +319,7 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path} holds weights only, not a training state to continue; "
                               f"resume from the run's checkpoints/last.pt")
         self.check_continuable(path, state)
+        own = self.own_streams(path, state)
         mismatch = checkpoint.model_mismatch(self.model.state_dict(), state["model"])
         if mismatch is not None:
             raise ConfigError(f"checkpoint.resume={path} holds a different model: {mismatch}. Resume with the model "
@@ -261,18 +347,32 @@ class Run:
                 average.load_state_dict(state[name])
         self.stopper.load_state_dict(state["early_stopping"])
         self.best_row = dict(state.get("best_row", {}))
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(own["rng"])
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
         self.resume_in_epoch = state.get("in_epoch")
+        if self.resume_in_epoch is not None and "loader" in own:
+            self.resume_in_epoch["loader"] = own["loader"]  # this rank's augmentation stream
         self.summary["epochs_run"] = state["epoch"]
         best = path.parent / "best.pt"
-        if best.is_file() and best.resolve() != (self.ckpt_dir / "best.pt").resolve():
+        if self.ranks.main and best.is_file() and best.resolve() != (self.ckpt_dir / "best.pt").resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(best, self.ckpt_dir / "best.pt")
-        checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])  # rows written after this checkpoint go
+        if self.ranks.main:  # rows written after this checkpoint go
+            checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
+
+    def own_streams(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's random states in the checkpoint; refused when it was saved by another number of processes
+        (each holds its part of every batch and its own random streams)."""
+        saved = state.get("ranks")
+        processes = len(saved) if saved else 1
+        if processes != self.ranks.world:
+            raise ConfigError(f"checkpoint.resume={path} was saved by {processes} process(es) and this run has "
+                              f"{self.ranks.world}; resume it with "
+                              + (f"torchrun --nproc_per_node={processes}" if processes > 1 else "plain train"))
+        return saved[self.ranks.rank] if saved else {"rng": state["rng"]}
 
     def check_continuable(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse to resume a run that has nothing left to do under this config: it reached trainer.max_epochs, or
@@ -303,15 +403,17 @@ class Run:
         self.monitor = RunMonitor(self.run_dir, tensorboard=cfg.logger.tensorboard, live=self.live,
                                   max_epochs=max_epochs, steps_per_epoch=len(self.train_batches),
                                   model=self.model, optimizer=self.optimizer, device=self.device,
-                                  resumed_at_step=self.step if self.cfg.checkpoint.resume is not None else None)
+                                  resumed_at_step=self.step if self.cfg.checkpoint.resume is not None else None
+                                  ) if self.ranks.main else SilentMonitor()
         every = cfg.logger.layer_stats_every_n_epochs
         self.recorder = (LayerRecorder(self.model, self.optimizer, cfg.logger.histograms)
-                         if every > 0 and cfg.logger.tensorboard else None)
+                         if every > 0 and cfg.logger.tensorboard and self.ranks.main else None)
         if cfg.logger.graph:
             self.monitor.graph(self.model, next(iter(self.val_batches))[0][:2])
         self.started = True
         self.signals.defer = True  # from here a stop signal ends the run after its current step, last.pt saved
-        checkpoint.remove_stale_temporaries(self.ckpt_dir)
+        if self.ranks.main:
+            checkpoint.remove_stale_temporaries(self.ckpt_dir)
         status, reason = "completed", f"reached trainer.max_epochs={max_epochs}"
         try:  # a stop signal (see execute) ends the run after the current step, with last.pt saved
             log.info(f"training started: epochs {self.start_epoch} to {max_epochs}, "
@@ -365,7 +467,7 @@ class Run:
             raise faults.Diverged(f"the mean training loss of epoch {epoch} is {result.loss}")
         if averaging:
             self.swa.update_parameters(self.model)
-        val = evaluate(self.eval_model, self.val_batches, self.autocast)
+        val = evaluate(self.eval_model, self.val_batches, self.autocast, self.reduce)
         row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
                "val/loss": val["loss"], "val/acc": val["acc"], "lr": self.epoch_lr,
                "epoch_time_s": time.perf_counter() - tic}
@@ -379,7 +481,7 @@ class Run:
         self.summary["epochs_run"] = epoch
         stop = self.stopper.should_stop
         finished = stop or epoch == cfg.trainer.max_epochs
-        received = self.signals.received
+        received = self.stop_signals.received
         if finished or epoch % cfg.checkpoint.every_n_epochs == 0 or received is not None:
             self.save_last(epoch, finished)
         if received is not None and not finished:
@@ -390,11 +492,13 @@ class Run:
         """Each logging interval: its scalars, then the divergence verdict on what it read (check=interval)."""
         self.monitor.train_interval(interval)
         self.guard.raise_if_diverged(interval.weight_norm)
+        if self.ranks.active:
+            self.stop_signals.received = distributed.first_signal(self.signals.received, self.device)
 
     def on_step(self, step: int, totals: EpochTotals) -> None:
         """After every optimizer step: stop signals and mid-epoch checkpoints."""
         self.step = step
-        every, received = self.ckpt_every_steps, self.signals.received
+        every, received = self.ckpt_every_steps, self.stop_signals.received
         if received is not None or (every is not None and step % every == 0):
             in_epoch = {"epoch": self.epoch, "loader": self.train_batches.state_dict(),
                         "totals": totals.state_dict(), "lr": self.epoch_lr}
@@ -425,14 +529,15 @@ class Run:
             log.warning("no best.pt (no epoch gave a finite monitored metric): nothing to test")
             return
         self.model.load_state_dict(checkpoint.load(weights)["model"])
-        metrics = evaluate(self.model, self.test_batches, self.autocast)
+        metrics = evaluate(self.model, self.test_batches, self.autocast, self.reduce)
         self.summary["test"] = {"test/loss": metrics["loss"], "test/acc": metrics["acc"]}
         self.summary["tested_weights"] = weights.name
         self.summary["best_epoch"] = self.stopper.best_epoch
         self.summary["best"] = {"epoch": self.stopper.best_epoch, self.stopper.monitor: self.stopper.best,
                                 **self.best_row}
-        counts = confusion_matrix(self.model, self.test_batches, self.autocast, self.data.num_classes)
-        write_confusion_csv(counts, self.run_dir / "confusion_matrix.csv")
+        counts = confusion_matrix(self.model, self.test_batches, self.autocast, self.data.num_classes, self.reduce)
+        if self.ranks.main:
+            write_confusion_csv(counts, self.run_dir / "confusion_matrix.csv")
         if self.monitor is not None:
             self.monitor.test_metrics(self.summary["test"], self.step)
             self.monitor.confusion(counts, self.step)
@@ -456,7 +561,8 @@ def resume_command(overrides: list[str], run_dir: Path) -> str:
     return " ".join(["train", *kept, shlex.quote(f"hydra.run.dir={run_dir}"), "checkpoint.resume=auto"])
 
 
-def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False) -> tuple[str, int, Run]:
+def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False,
+            ranks: distributed.Ranks = distributed.Ranks()) -> tuple[str, int, Run]:
     """Run training in `run_dir` and write summary.json; returns (status, exit code, run).
 
     SIGTERM, SIGUSR1 and Ctrl-C only record themselves from here until summary.json is written: the loop
@@ -464,7 +570,7 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = F
     the saving or the summary.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, run_dir, live)
+    run = Run(cfg, run_dir, live, ranks)
     with run.signals:
         return _execute(run, cfg, run_dir, overrides)
 
@@ -525,10 +631,11 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         versions=versions(),
         overrides=list(overrides),
         run_dir=str(run_dir),
+        processes=run.ranks.world,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    if run.started or not earlier_summary:
+    if run.ranks.main and (run.started or not earlier_summary):
         (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
-    if run.started:
+    if run.ranks.main and run.started:
         Console().print(final_table(run.summary))
     return status, EXIT_CODES[status] if code is None else code, run

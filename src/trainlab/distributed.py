@@ -1,0 +1,81 @@
+"""Several processes on one machine (torchrun): each takes an equal part of every batch, DDP averages the gradients.
+
+Every rank runs the same loop on the same global batch order and makes the same decisions from the same numbers
+(epoch totals, validation, the stop signal are summed across ranks first); only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # the GPU index on this machine
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Ranks:
+    """The ranks torchrun sets in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(ranks: Ranks, device: str) -> None:
+    """Join the process group: NCCL for CUDA, gloo for the CPU (trainer.device decides, as in one process)."""
+    cuda = device != "cpu" and not device.startswith("mps") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(ranks.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(value: Any, ranks: Ranks) -> Any:
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not ranks.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not ranks.active:
+        return [value]
+    values: list[Any] = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def summed(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over the ranks (in place; one collective)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def first_signal(received: int | None, device: torch.device) -> int | None:
+    """The stop signal any rank received (the largest number when several did), the same on every rank."""
+    flag = torch.tensor([received or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None

@@ -1,0 +1,166 @@
+"""One run across several processes (torchrun, gloo on the CPU): the same training as one process with the whole
+batch, one run directory, agreed stops, exact resumes, and refusals that name the fix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from trainlab.data import DeviceLoader, Split
+from trainlab.run import execute
+
+QUIET = ["logger.progress=lines", "trainer.device=cpu"]
+
+
+def torchrun(args: list[str], cwd: Path, processes: int = 2, wait: bool = True):
+    """`torchrun --nproc_per_node=<processes> -m trainlab <args>` in cwd, with its own scratch TMPDIR."""
+    scratch = cwd / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "trainlab", *args, *QUIET]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(handle)]
+
+
+def close(a: list[dict[str, str]], b: list[dict[str, str]], rel: float) -> bool:
+    return len(a) == len(b) and all(
+        ra.keys() == rb.keys() and all(va == vb or (va and vb and float(va) == pytest.approx(float(vb), rel=rel))
+                                       for va, vb in zip(ra.values(), rb.values())) for ra, rb in zip(a, b))
+
+
+def test_each_rank_serves_its_equal_part_of_every_batch_and_its_own_augmentation():
+    split = Split(torch.arange(48, dtype=torch.uint8).view(48, 1, 1, 1).expand(48, 1, 2, 2).contiguous(),
+                  torch.arange(48) % 10)
+    mean, std = torch.zeros(1), torch.ones(1)
+
+    def noise(x, y, generator):
+        return x + torch.rand(x.shape[0], 1, 1, 1, generator=generator), y
+
+    def batches(rank, world):
+        loader = DeviceLoader(split, mean, std, 16, torch.device("cpu"), shuffle=True, seed=3, augment=noise,
+                              shard=(rank, world))
+        loader.set_epoch(2)
+        return list(loader)
+
+    whole, parts = batches(0, 1), [batches(rank, 2) for rank in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == 3
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][i][1], parts[1][i][1]]), y)  # rank 0 the first half, rank 1 the rest
+        assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]).floor(), x.floor())  # the same images
+    assert torch.equal(parts[0][0][0], whole[0][0][:8])  # rank 0 draws the stream one process would
+    noise = [part[0][0] - part[0][0].floor() for part in parts]  # the draws, up to float rounding
+    assert not torch.allclose(noise[0], noise[1], atol=1e-3)  # rank 1 draws its own
+
+
+def test_folded_totals_are_the_whole_batchs_when_the_ranks_sum_them():
+    """Two ranks that saw the same numbers (reduce = doubling): means stay, counts double, norms stay."""
+    from trainlab.loop import EpochTotals
+
+    totals = EpochTotals(reduce=lambda values: values * 2, world=2)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    totals.record(1, torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
+    totals.record(2, torch.tensor(0.25), logits, torch.tensor([0, 1, 0]))
+    assert totals.fold(torch.tensor(4.0)) == [4.0]  # a norm, the same on every rank
+    assert (totals.seen, totals.correct) == (12, 10)  # 2 ranks x 3 examples x 2 steps; 2 x (2 + 3) hits
+    assert totals.loss_sum == pytest.approx(2 * 3 * (0.5 + 0.25)) and totals.interval_loss == pytest.approx(0.75)
+    assert totals.fold(torch.tensor(3.0), torch.tensor(5.0)) == [3.0, 5.0]  # nothing pending: extras only
+
+
+def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
+    plain = ["normalization=none", "trainer.max_epochs=2", "logger.every_n_steps=7"]  # no batch statistics per rank
+    result = torchrun([*plain, "hydra.run.dir=ddp"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, code, one = execute(compose_cfg([*plain, *QUIET]), tmp_path / "one", plain)
+    assert (status, code) == ("completed", 0)
+    ddp = tmp_path / "ddp"
+    assert close(rows(ddp), rows(one.run_dir), rel=1e-5)  # gradients averaged over halves = the whole batch's
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    assert summary["test"]["test/acc"] == pytest.approx(one.summary["test"]["test/acc"], abs=1 / 359)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one", "tmp"]  # one run directory
+    assert not list((tmp_path / "tmp").glob("trainlab-rank*"))  # the other rank's scratch directory is gone
+    assert result.stdout.count("trainlab run") == 1  # one announcement and one final table
+
+
+def test_resume_under_torchrun_continues_every_ranks_random_streams(tmp_path):
+    """A mid-epoch last.pt (step 30 of 40; kept as last.prev.pt) resumed under torchrun ends bitwise like the run."""
+    noisy = ["regularization=dropout", "augmentation=noise", "logger.every_n_steps=5", "trainer.max_epochs=2",
+             "checkpoint.every_n_steps=30"]
+    assert torchrun([*noisy, "hydra.run.dir=whole"], tmp_path).returncode == 0
+    middle = tmp_path / "step30.pt"
+    shutil.copy(tmp_path / "whole" / "checkpoints" / "last.prev.pt", middle)
+    result = torchrun([*noisy, "hydra.run.dir=part", f"checkpoint.resume={middle}"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inside epoch 2 after batch 10 (step 30)" in result.stdout
+    assert rows(tmp_path / "part") == rows(tmp_path / "whole")[1:]  # bitwise: dropout and noise per rank restored
+    status, code, run = execute(compose_cfg([*noisy, *QUIET, "trainer.max_epochs=3", f"checkpoint.resume={middle}"]),
+                                tmp_path / "one", [])
+    assert (status, code) == ("failed", 2)
+    assert "was saved by 2 process(es) and this run has 1; resume it with torchrun --nproc_per_node=2" in \
+        run.summary["error"]
+
+
+def environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
+    process = torchrun(["trainer.max_epochs=100000", "early_stopping.enabled=false", "hydra.run.dir=run",
+                        "logger.every_n_steps=5"], tmp_path, wait=False)
+    try:
+        metrics = tmp_path / "run" / "metrics.csv"
+        deadline = time.time() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3) and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                      text=True).stdout.split()]
+        rank_one = next(pid for pid in workers if environment(pid).get("RANK") == "1")
+        os.kill(rank_one, signal.SIGTERM)  # rank 0 receives nothing itself
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["stop_reason"], output
+    assert output.count("interrupted by SIGTERM at") == 2  # both ranks, at the same step
+    lines = [line.split("interrupted by SIGTERM at")[1].split(":")[0] for line in output.splitlines()
+             if "interrupted by SIGTERM at" in line]
+    assert lines[0] == lines[1]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.batch_size=63"], "each of the 2 processes trains an equal part of every batch; use a multiple of 2"),
+        (["optimizer=lbfgs"], "optimizer=LBFGS searches along each process's own loss"),
+        (["trainer.on_nonfinite=skip"], "trainer.nonfinite_check=step and trainer.on_nonfinite=skip decide"),
+        (["-m", "seed=0,1"], "a sweep (-m) runs its jobs one process each"),
+    ],
+    ids=["uneven-batch", "lbfgs", "skip", "sweep"],
+)
+def test_what_processes_cannot_do_together_is_refused_with_exit_2_and_no_run_directory(tmp_path, args, message):
+    result = torchrun(args, tmp_path)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()
+    assert not list((tmp_path / "tmp").glob("trainlab-rank*"))
