@@ -146,6 +146,7 @@ def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
              if "interrupted by SIGTERM at" in line]
     assert lines[0] == lines[1]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert summary["resume_command"].startswith("torchrun --standalone --nproc_per_node=2 -m trainlab ")
 
 
 @pytest.mark.parametrize(

@@ -555,10 +555,12 @@ class _NoSchedule:
 NO_SCHEDULE = _NoSchedule()
 
 
-def resume_command(overrides: list[str], run_dir: Path) -> str:
-    """The command that continues this run in its own directory."""
+def resume_command(overrides: list[str], run_dir: Path, processes: int = 1) -> str:
+    """The command that continues this run in its own directory (with as many processes)."""
     kept = [shlex.quote(o) for o in overrides if not o.startswith(("checkpoint.resume=", "hydra.run.dir="))]
-    return " ".join(["train", *kept, shlex.quote(f"hydra.run.dir={run_dir}"), "checkpoint.resume=auto"])
+    command = ["train"] if processes == 1 else ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m",
+                                                "trainlab"]
+    return " ".join([*command, *kept, shlex.quote(f"hydra.run.dir={run_dir}"), "checkpoint.resume=auto"])
 
 
 def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False,
@@ -589,7 +591,7 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         code = EXIT_CODES["config_error"]
     except faults.Interrupted as stop:
         name = faults.signal_name(stop.signum)
-        command = resume_command(overrides, run_dir)
+        command = resume_command(overrides, run_dir, run.ranks.world)
         saved = f"{run.ckpt_dir / 'last.pt'} saved. Continue with" if run.started else "nothing to save. Start again with"
         log.warning(f"interrupted by {name} at {stop.where}: {saved}:\n  {command}")
         run.summary.update(status="interrupted", stop_reason=f"{name} at {stop.where}", resume_command=command)
