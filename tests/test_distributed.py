@@ -85,8 +85,11 @@ def test_folded_totals_are_the_whole_batchs_when_the_ranks_sum_them():
     assert totals.fold(torch.tensor(3.0), torch.tensor(5.0)) == [3.0, 5.0]  # nothing pending: extras only
 
 
-def test_two_processes_train_like_one_with_the_whole_batch(tmp_path):
-    plain = ["normalization=none", "trainer.max_epochs=2", "logger.every_n_steps=7"]  # no batch statistics per rank
+@pytest.mark.parametrize("path", [[], ["data.loader=dataloader", "data.num_workers=0", "augmentation=noise"]],
+                         ids=["device", "dataloader-with-per-image-noise"])
+def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, path):
+    """The DataLoader path's per-image transforms are seeded by the image, so they are the same at any rank count."""
+    plain = ["normalization=none", "trainer.max_epochs=2", "logger.every_n_steps=7", *path]  # no per-rank statistics
     result = torchrun([*plain, "hydra.run.dir=ddp"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     status, code, one = execute(compose_cfg([*plain, *QUIET]), tmp_path / "one", plain)

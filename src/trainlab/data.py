@@ -288,10 +288,11 @@ class WorkerLoader(DeviceLoader):
 
     def __init__(self, split: Split, mean: torch.Tensor, std: torch.Tensor, batch_size: int, device: torch.device, *,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Augment | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, num_workers: int = 0):
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, num_workers: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         # DeviceLoader's bookkeeping (order, batch size, epoch, resume position) without its device copy of the images
         super().__init__(Split(split.images[:0], split.labels), mean, std, batch_size, device, shuffle=shuffle,
-                         drop_last=drop_last, seed=seed, augment=augment)
+                         drop_last=drop_last, seed=seed, augment=augment, shard=shard)
         self.sampler = _EpochBatches()
         self.loader = torch.utils.data.DataLoader(
             _Samples(split, transform, seed), batch_sampler=self.sampler, num_workers=num_workers,
@@ -307,9 +308,12 @@ class WorkerLoader(DeviceLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()
-        order, b = order.cpu(), self.batch_size
+        order, b, n = order.cpu(), self.batch_size, len(self.labels)
         self.sampler.epoch = self.epoch
-        self.sampler.batches = [order[i * b : (i + 1) * b].tolist() for i in range(self.position, len(self))]
+        # this rank's part of each batch, as DeviceLoader takes it (the whole batch without torchrun)
+        parts = ((i * b + self.rank * (min(b, n - i * b) // self.world), min(b, n - i * b) // self.world)
+                 for i in range(self.position, len(self)))
+        self.sampler.batches = [order[start : start + part].tolist() for start, part in parts]
         for i, (images, labels) in enumerate(self.loader, start=self.position):
             x = images.to(self.device, non_blocking=True).float()
             y = labels.to(self.device, non_blocking=True)
@@ -322,7 +326,7 @@ class WorkerLoader(DeviceLoader):
 def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ranks = Ranks()) -> DeviceLoader:
     """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed, with cfg.augmentation,
     on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers.
-    Under torchrun each rank serves its part of every batch (the device path only)."""
+    Under torchrun each rank serves its part of every batch."""
     common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
     if fits_on_device(cfg.data, data):
         augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape)
@@ -330,7 +334,8 @@ def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ra
                             shard=(ranks.rank, ranks.world), **common)
     return WorkerLoader(data.train, data.mean, data.std, cfg.data.batch_size, device,
                         augment=build_batch_mix(cfg.augmentation, data.num_classes),
-                        transform=build_v2_transform(cfg.augmentation), num_workers=cfg.data.num_workers, **common)
+                        transform=build_v2_transform(cfg.augmentation), num_workers=cfg.data.num_workers,
+                        shard=(ranks.rank, ranks.world), **common)
 
 
 def eval_loader(cfg: DictConfig, data: Dataset, split: Split, device: torch.device,

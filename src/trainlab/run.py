@@ -26,7 +26,7 @@ from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, faults
 from trainlab.config import ConfigError, validate
-from trainlab.data import WorkerLoader, batch_size_at, build_data, eval_loader, train_loader
+from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -228,10 +228,6 @@ class Run:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
         cfg, world, n = self.cfg, self.ranks.world, len(self.data.train)
         problems = []
-        if isinstance(self.train_batches, WorkerLoader):
-            problems.append(f"data.loader={cfg.data.loader} serves this dataset through DataLoader workers (it does "
-                            "not fit on the device), which are not split across processes yet; use data.loader=device "
-                            "(and raise data.device_max_gb)")
         sizes = sorted({min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
                         for epoch in range(1, cfg.trainer.max_epochs + 1)})
         if any(size % world for size in sizes):
