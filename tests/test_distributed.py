@@ -104,6 +104,19 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, path):
     assert result.stdout.count("trainlab run") == 1  # one announcement and one final table
 
 
+def test_swa_under_torchrun_averages_as_one_process_does(tmp_path):
+    swa = ["regularization=swa", "trainer.max_epochs=4", "normalization=none"]
+    assert torchrun([*swa, "hydra.run.dir=ddp"], tmp_path).returncode == 0
+    status, _, one = execute(compose_cfg([*swa, *QUIET]), tmp_path / "one", swa)
+    assert status == "completed" and one.summary["tested_weights"] == "swa.pt"
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["tested_weights"] == "swa.pt" and summary["swa"]["epochs_averaged"] == 1
+    assert summary["swa"]["val/loss"] == pytest.approx(one.summary["swa"]["val/loss"], rel=1e-5)
+    with_norm = torchrun(["regularization=swa", "trainer.max_epochs=4", "hydra.run.dir=norm"], tmp_path)
+    assert with_norm.returncode == 0, with_norm.stdout + with_norm.stderr  # batch norm: the ranks' mean statistics
+    assert json.loads((tmp_path / "norm" / "summary.json").read_text())["tested_weights"] == "swa.pt"
+
+
 def test_resume_under_torchrun_continues_every_ranks_random_streams(tmp_path):
     """A mid-epoch last.pt (step 30 of 40; kept as last.prev.pt) resumed under torchrun ends bitwise like the run."""
     noisy = ["regularization=dropout", "augmentation=noise", "logger.every_n_steps=5", "trainer.max_epochs=2",

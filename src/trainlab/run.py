@@ -245,9 +245,6 @@ class Run:
         if str(cfg.trainer.compile).lower() == "reduce-overhead":
             problems.append("trainer.compile=reduce-overhead (CUDA graphs) is not combined with DDP here; use "
                             "trainer.compile=default or false")
-        if self.swa is not None:
-            problems.append("regularization.swa_start: SWA's closing batch-norm pass runs on one process's data; use "
-                            "regularization=ema, or train SWA in one process")
         if problems:
             raise ConfigError(f"under torchrun ({world} processes): " + "; ".join(problems))
 
@@ -511,7 +508,12 @@ class Run:
         self.train_batches.set_epoch(0)
         with self.autocast:
             torch.optim.swa_utils.update_bn(self.train_batches, self.swa)
-        val = evaluate(self.swa.module, self.val_batches, self.autocast)
+        if self.ranks.active:  # each rank's pass saw its part of every batch: keep the ranks' mean statistics
+            for module in self.swa.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                    for buffer in (module.running_mean, module.running_var):
+                        distributed.summed(buffer).div_(self.ranks.world)
+        val = evaluate(self.swa.module, self.val_batches, self.autocast, self.reduce)
         self.summary["swa"] = {"epochs_averaged": int(self.swa.n_averaged), "val/loss": val["loss"],
                                "val/acc": val["acc"]}
         self.save_weights("swa.pt", self.swa.module, self.summary["epochs_run"])
