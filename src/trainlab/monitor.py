@@ -369,8 +369,8 @@ def hyperparameters(cfg: DictConfig, overrides: Iterable[str]) -> dict[str, Any]
 def confusion_matrix(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      autocast: AbstractContextManager, num_classes: int,
                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """counts[true class, predicted class] of `model` in eval mode over `batches`, on the CPU; under torchrun
-    `reduce` sums the ranks' parts of the split."""
+    """counts[true class, predicted class] of `model` in eval mode over `batches` (counted on the device, returned on
+    the CPU); under torchrun `reduce` sums the ranks' parts of the split."""
     model.eval()
     device = next(model.parameters()).device
     counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
