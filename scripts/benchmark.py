@@ -7,6 +7,7 @@
     python scripts/benchmark.py data [--quick]   device-resident batches + flip_crop vs DataLoader + v2 transforms
     python scripts/benchmark.py throughput       images/s of a residual CNN with flip_crop, per precision and compile
     python scripts/benchmark.py tta [--seeds N]  time to accuracy of experiment=cifar10_fast
+    python scripts/benchmark.py scaling [--processes N]  images/s of one run on N processes (torchrun) vs one
 
 Options: --device (auto | cpu | cuda), --quick (fewer, shorter blocks: about a minute on 2 CPU cores).
 Every result line starts with the benchmark's name, so `| grep ^loop_overhead_ratio` picks the summary.
@@ -21,6 +22,7 @@ import io
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -428,9 +430,53 @@ def bench_tta(args: argparse.Namespace) -> None:
           f"test_acc_std={spread:.4f} seeds={len(results)}")
 
 
+# --- 6. several processes ---------------------------------------------------------------------------
+
+
+def bench_scaling(args: argparse.Namespace) -> None:
+    """Training images/s of one ResNet-20 run across N processes (torchrun, DDP) over the same run in one process,
+    from each run's steady epoch times. The runs are separate processes (that is the point), so the blocks take
+    turns (ABBA) instead of sharing a process. On a CPU the processes share the cores: torchrun gives each worker
+    one thread (OMP_NUM_THREADS=1), one process takes them all."""
+    device = str(select_device(args.device))
+    processes = args.processes or (torch.cuda.device_count() if device.startswith("cuda") else 2)
+    samples, epochs, repeats = (20000, 3, 3) if device.startswith("cuda") else (2048, 3, 3)
+    if args.quick:
+        repeats = 2
+    if args.smoke:
+        samples, epochs, repeats = 512, 2, 1
+    overrides = ["model=cnn", "data=synthetic", f"data.num_samples={samples}", "data.batch_size=256",
+                 "augmentation=flip_crop", "optimizer=nesterov", f"trainer.max_epochs={epochs}",
+                 f"trainer.device={'cuda' if device.startswith('cuda') else 'cpu'}", "logger.tensorboard=false",
+                 *QUIET]
+
+    def images_per_s(count: int) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+                        "-m", "trainlab"] if count > 1 else [sys.executable, "-m", "trainlab"]
+            done = subprocess.run([*launcher, *overrides, f"hydra.run.dir={tmp}"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"scaling: the run on {count} process(es) failed:\n{done.stdout[-2000:]}"
+                                 f"{done.stderr[-2000:]}")
+            with (Path(tmp) / "metrics.csv").open() as handle:
+                steps = int(next(csv.DictReader(handle))["step"])  # the first epoch's: every epoch takes as many
+            return steps * 256 / later_epochs(epoch_times(Path(tmp)))
+
+    pairs = []
+    for r in range(repeats):
+        order = (1, processes) if r % 2 == 0 else (processes, 1)
+        rates = {count: images_per_s(count) for count in order}
+        pairs.append(rates[processes] / rates[1])
+        print(f"scaling block {r + 1}/{repeats}: 1 process {rates[1]:9.0f} images/s  {processes} processes "
+              f"{rates[processes]:9.0f} images/s  ratio {pairs[-1]:.2f}", flush=True)
+    ratio = statistics.median(pairs)
+    print(f"scaling_ratio processes={processes} ratio={ratio:.2f} per_process={ratio / processes:.2f} "
+          f"(median of {repeats}; spread {min(pairs):.2f}-{max(pairs):.2f}; device {device})")
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {
     "loop": bench_loop, "kernels": bench_kernels, "syncs": bench_syncs, "data": bench_data,
-    "throughput": bench_throughput, "tta": bench_tta,
+    "throughput": bench_throughput, "tta": bench_tta, "scaling": bench_scaling,
 }
 
 
@@ -443,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), help="loop, kernels: only this workload")
     parser.add_argument("--seeds", type=int, default=3, help="tta: seeds to run")
     parser.add_argument("--override", nargs="*", default=[], help="tta: extra train overrides (e.g. data.root=...)")
+    parser.add_argument("--processes", type=int, help="scaling: processes of the torchrun run (default: GPUs, or 2)")
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     print(json.dumps({"benchmark": args.benchmark, "torch": torch.__version__,

@@ -67,3 +67,11 @@ def test_tta_benchmark_trains_the_preset_and_reports_accuracy(benchmark, capsys)
 def test_sync_benchmark_explains_itself_without_a_gpu(benchmark, capsys):
     out = run(benchmark, capsys, "syncs")
     assert "needs a CUDA device" in out
+
+
+def test_scaling_benchmark_compares_a_torchrun_run_with_one_process(benchmark, capsys):
+    out = run(benchmark, capsys, "scaling")
+    assert re.search(rf"^scaling block 1/1: 1 process +{NUMBER} images/s  2 processes +{NUMBER} images/s", out, re.M)
+    match = re.search(rf"^scaling_ratio processes=2 ratio=({NUMBER}) per_process=({NUMBER}) ", out, re.M)
+    assert match, out
+    assert float(match.group(1)) > 0 and float(match.group(2)) == pytest.approx(float(match.group(1)) / 2, abs=0.01)
