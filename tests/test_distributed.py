@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import torch
 
 from conftest import compose_cfg
 from trainlab.data import DeviceLoader, Split
+from trainlab.faults import Diverged, NonfiniteGuard
 from trainlab.run import execute
 
 QUIET = ["logger.progress=lines", "trainer.device=cpu"]
@@ -117,6 +119,31 @@ def test_swa_under_torchrun_averages_as_one_process_does(tmp_path):
     assert json.loads((tmp_path / "norm" / "summary.json").read_text())["tested_weights"] == "swa.pt"
 
 
+def test_a_step_that_was_not_finite_on_another_rank_is_skipped_here_too(caplog):
+    """check=step under torchrun: the verdict is every rank's (agree), so all skip or stop at the same step."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.ones(2)
+    guard = NonfiniteGuard([weight], torch.device("cpu"), check="step", policy="skip", max_skips=1,
+                           check_grads=True, agree=lambda finite_here: False)  # another rank's step was not finite
+    caplog.set_level(logging.WARNING, logger="trainlab")
+    assert guard(torch.tensor(0.5), 7) is False
+    assert "a non-finite step on another process (loss 0.5, gradient norm" in caplog.text
+    with pytest.raises(Diverged, match="a non-finite step on another process"):
+        guard(torch.tensor(0.5), 8)
+    assert NonfiniteGuard([weight], torch.device("cpu"), check="step", policy="skip", max_skips=1, check_grads=True,
+                          agree=lambda finite_here: finite_here)(torch.tensor(0.5), 9) is True
+
+
+def test_nonfinite_steps_are_skipped_and_stopped_on_every_rank_alike(tmp_path):
+    result = torchrun(["optimizer.lr=1e9", "trainer.on_nonfinite=skip", "trainer.max_nonfinite_skips=2",
+                       "hydra.run.dir=run"], tmp_path)
+    assert result.returncode != 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "after skipping 2" in summary["stop_reason"]
+    skipped = [line.split("at epoch")[1] for line in result.stdout.splitlines() if "non-finite step skipped" in line]
+    assert len(skipped) == 4 and skipped[0] == skipped[1] and skipped[2] == skipped[3]  # 2 ranks, 2 skips each
+
+
 def test_resume_under_torchrun_continues_every_ranks_random_streams(tmp_path):
     """A mid-epoch last.pt (step 30 of 40; kept as last.prev.pt) resumed under torchrun ends bitwise like the run."""
     noisy = ["regularization=dropout", "augmentation=noise", "logger.every_n_steps=5", "trainer.max_epochs=2",
@@ -170,10 +197,9 @@ def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
     [
         (["data.batch_size=63"], "each of the 2 processes trains an equal part of every batch; use a multiple of 2"),
         (["optimizer=lbfgs"], "optimizer=LBFGS searches along each process's own loss"),
-        (["trainer.on_nonfinite=skip"], "trainer.nonfinite_check=step and trainer.on_nonfinite=skip decide"),
         (["-m", "seed=0,1"], "a sweep (-m) runs its jobs one process each"),
     ],
-    ids=["uneven-batch", "lbfgs", "skip", "sweep"],
+    ids=["uneven-batch", "lbfgs", "sweep"],
 )
 def test_what_processes_cannot_do_together_is_refused_with_exit_2_and_no_run_directory(tmp_path, args, message):
     result = torchrun(args, tmp_path)

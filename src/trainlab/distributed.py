@@ -79,3 +79,10 @@ def first_signal(received: int | None, device: torch.device) -> int | None:
     flag = torch.tensor([received or 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item()) or None
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (one collective)."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

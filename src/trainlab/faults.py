@@ -7,7 +7,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -90,9 +90,10 @@ class NonfiniteGuard:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], device: torch.device, *, check: str, policy: str,
-                 max_skips: int, check_grads: bool):
+                 max_skips: int, check_grads: bool, agree: Callable[[bool], bool] | None = None):
         self.params = list(params)
         self.check, self.policy, self.max_skips, self.check_grads = check, policy, max_skips, check_grads
+        self.agree = agree  # torchrun (step mode): True when every rank's step was finite, so all skip or stop alike
         self.epoch, self.skipped = 0, 0
         self._totals: EpochTotals | None = None  # interval mode: the running epoch's losses
         self._checked_step = 0  # interval mode: every step up to this one was finite
@@ -102,10 +103,13 @@ class NonfiniteGuard:
         """Step mode. True: take the optimizer step. False: skip it (policy skip). Raises Diverged to stop."""
         value = loss.detach().float().item()  # the per-step sync of check=step
         grads = [p.grad for p in self.params if p.grad is not None] if self.check_grads else []
-        if math.isfinite(value) and not (grads and self._any_nonfinite(grads)):
+        finite = math.isfinite(value) and not (grads and self._any_nonfinite(grads))
+        if finite if self.agree is None else self.agree(finite):
             return True
         norm = global_norm(grads).item() if grads else None  # only for the message
         what = f"loss {value}" + (f", gradient norm {norm}" if norm is not None else "")
+        if finite:  # torchrun: this rank's step was finite, another's was not
+            what = f"a non-finite step on another process ({what} here)"
         where = f"epoch {self.epoch}, step {step}"
         if self.policy == "skip" and self.skipped < self.max_skips:
             self.skipped += 1

@@ -167,7 +167,8 @@ class Run:
             [p for g in self.optimizer.param_groups for p in g["params"]], self.device,
             check=faults.check_mode(trainer.nonfinite_check, trainer.on_nonfinite),
             policy=trainer.on_nonfinite, max_skips=trainer.max_nonfinite_skips,
-            check_grads=self.precision != "fp16")  # under fp16 the scaler skips inf-gradient steps itself
+            check_grads=self.precision != "fp16",  # under fp16 the scaler skips inf-gradient steps itself
+            agree=functools.partial(distributed.all_true, device=self.device) if self.ranks.active else None)
         self.ema = ema_model(model, reg.ema_decay) if reg.ema_decay is not None else None
         self.swa = swa_model(model) if reg.swa_start is not None else None
         self.swa_first_epoch = (first_swa_epoch(reg.swa_start, self.cfg.trainer.max_epochs)
@@ -239,9 +240,6 @@ class Run:
         if needs_closure(self.optimizer):
             problems.append(f"optimizer={type(self.optimizer).__name__} searches along each process's own loss, and "
                             "the processes would step apart; use another optimizer")
-        if self.guard.check == "step" or self.guard.policy == "skip":
-            problems.append("trainer.nonfinite_check=step and trainer.on_nonfinite=skip decide on each process's own "
-                            "loss; use trainer.nonfinite_check=interval (or auto) and trainer.on_nonfinite=stop")
         if str(cfg.trainer.compile).lower() == "reduce-overhead":
             problems.append("trainer.compile=reduce-overhead (CUDA graphs) is not combined with DDP here; use "
                             "trainer.compile=default or false")
