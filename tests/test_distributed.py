@@ -106,6 +106,16 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, path):
     assert result.stdout.count("trainlab run") == 1  # one announcement and one final table
 
 
+def test_lbfgs_line_search_reads_the_whole_batchs_loss_on_every_rank(tmp_path):
+    """Its closure returns the ranks' mean objective, so every rank searches alike (and as one process would)."""
+    lbfgs = ["optimizer=lbfgs", "normalization=none", "trainer.max_epochs=1"]
+    result = torchrun([*lbfgs, "hydra.run.dir=ddp"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, _, one = execute(compose_cfg([*lbfgs, *QUIET]), tmp_path / "one", lbfgs)
+    assert status == "completed"
+    assert close(rows(tmp_path / "ddp"), rows(one.run_dir), rel=1e-4)
+
+
 def test_swa_under_torchrun_averages_as_one_process_does(tmp_path):
     swa = ["regularization=swa", "trainer.max_epochs=4", "normalization=none"]
     assert torchrun([*swa, "hydra.run.dir=ddp"], tmp_path).returncode == 0
@@ -196,10 +206,9 @@ def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
     ("args", "message"),
     [
         (["data.batch_size=63"], "each of the 2 processes trains an equal part of every batch; use a multiple of 2"),
-        (["optimizer=lbfgs"], "optimizer=LBFGS searches along each process's own loss"),
         (["-m", "seed=0,1"], "a sweep (-m) runs its jobs one process each"),
     ],
-    ids=["uneven-batch", "lbfgs", "sweep"],
+    ids=["uneven-batch", "sweep"],
 )
 def test_what_processes_cannot_do_together_is_refused_with_exit_2_and_no_run_directory(tmp_path, args, message):
     result = torchrun(args, tmp_path)

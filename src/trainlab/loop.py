@@ -195,7 +195,10 @@ def train_one_epoch(
 
             def closure() -> torch.Tensor:
                 evaluations.append(forward_backward(images, labels))
-                return evaluations[-1][2]
+                if parts.reduce is None:
+                    return evaluations[-1][2]
+                # torchrun: the line search reads the whole batch's objective, the same on every rank
+                return parts.reduce(evaluations[-1][2].detach().clone()) / parts.world
 
             optimizer.step(closure)
             logits, loss, _ = evaluations[-1]

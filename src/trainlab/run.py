@@ -237,9 +237,6 @@ class Run:
         elif not cfg.data.drop_last and any(n % size % world for size in sizes):
             problems.append(f"data.drop_last=false leaves a last batch of the {n} training examples that {world} "
                             "processes cannot split evenly; set data.drop_last=true or another batch size")
-        if needs_closure(self.optimizer):
-            problems.append(f"optimizer={type(self.optimizer).__name__} searches along each process's own loss, and "
-                            "the processes would step apart; use another optimizer")
         if str(cfg.trainer.compile).lower() == "reduce-overhead":
             problems.append("trainer.compile=reduce-overhead (CUDA graphs) is not combined with DDP here; use "
                             "trainer.compile=default or false")
