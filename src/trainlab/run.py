@@ -232,8 +232,9 @@ class Run:
         sizes = sorted({min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
                         for epoch in range(1, cfg.trainer.max_epochs + 1)})
         if any(size % world for size in sizes):
-            problems.append(f"data.batch_size={cfg.data.batch_size} (batch sizes {sizes}): each of the {world} "
-                            f"processes trains an equal part of every batch; use a multiple of {world}")
+            capped = f", at most the {n} training examples" if n in sizes else ""
+            problems.append(f"data.batch_size={cfg.data.batch_size} (batches of {sizes}{capped}): each of the "
+                            f"{world} processes trains an equal part of every batch; use a multiple of {world}")
         elif not cfg.data.drop_last and any(n % size % world for size in sizes):
             problems.append(f"data.drop_last=false leaves a last batch of the {n} training examples that {world} "
                             "processes cannot split evenly; set data.drop_last=true or another batch size")
