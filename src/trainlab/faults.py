@@ -104,7 +104,8 @@ class NonfiniteGuard:
         value = loss.detach().float().item()  # the per-step sync of check=step
         grads = [p.grad for p in self.params if p.grad is not None] if self.check_grads else []
         finite = math.isfinite(value) and not (grads and self._any_nonfinite(grads))
-        if finite if self.agree is None else self.agree(finite):
+        finite_everywhere = finite if self.agree is None else self.agree(finite)
+        if finite_everywhere:
             return True
         norm = global_norm(grads).item() if grads else None  # only for the message
         what = f"loss {value}" + (f", gradient norm {norm}" if norm is not None else "")
