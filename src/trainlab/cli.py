@@ -105,7 +105,8 @@ def _torchrun_arguments() -> None:
         sys.exit(2)
     if rank > 0:
         scratch = tempfile.mkdtemp(prefix=f"trainlab-rank{rank}-")
-        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING",
+                     f"hydra.job_logging.formatters.simple.format='[%(asctime)s] rank {rank}: %(message)s'"]
 
 
 if __name__ == "__main__":
