@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,6 +201,25 @@ def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
     assert lines[0] == lines[1]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert summary["resume_command"].startswith("torchrun --standalone --nproc_per_node=2 -m trainlab ")
+
+
+def test_two_machines_of_one_process_each_are_one_run(tmp_path):
+    """torchrun --nnodes=2, both "machines" here: ranks 0 and 1 both have LOCAL_RANK 0; global rank 0 writes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "trainlab", "trainer.max_epochs=1", "hydra.run.dir=run", *QUIET],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    assert "trainlab run" in outputs[0] and "trainlab run" not in outputs[1]  # the second machine writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize(
