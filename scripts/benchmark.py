@@ -440,6 +440,10 @@ def bench_scaling(args: argparse.Namespace) -> None:
     one thread (OMP_NUM_THREADS=1), one process takes them all."""
     device = str(select_device(args.device))
     processes = args.processes or (torch.cuda.device_count() if device.startswith("cuda") else 2)
+    if processes < 2:
+        print(f"scaling: needs 2 or more processes (device {device} gives {processes}; NCCL takes one GPU each); "
+              "skipped")
+        return
     samples, epochs, repeats = (20000, 3, 3) if device.startswith("cuda") else (2048, 3, 3)
     if args.quick:
         repeats = 2

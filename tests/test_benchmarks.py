@@ -75,3 +75,8 @@ def test_scaling_benchmark_compares_a_torchrun_run_with_one_process(benchmark, c
     match = re.search(rf"^scaling_ratio processes=2 ratio=({NUMBER}) per_process=({NUMBER}) ", out, re.M)
     assert match, out
     assert float(match.group(1)) > 0 and float(match.group(2)) == pytest.approx(float(match.group(1)) / 2, abs=0.01)
+
+
+def test_scaling_benchmark_explains_itself_with_one_process(benchmark, capsys):
+    out = run(benchmark, capsys, "scaling", "--processes", "1")
+    assert "scaling: needs 2 or more processes" in out and "scaling_ratio" not in out
