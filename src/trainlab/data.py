@@ -219,16 +219,19 @@ class DeviceLoader:
         self.position = 0 if resume is None else int(resume["position"])
         return order, aug_gen
 
+    def _parts(self) -> list[tuple[int, int]]:
+        """(start, size) in the epoch's order of this rank's equal part of each batch still to serve, from the
+        current position on (the whole batch without torchrun)."""
+        b, n, world = self.batch_size, len(self.labels), self.world
+        return [(i * b + self.rank * (min(b, n - i * b) // world), min(b, n - i * b) // world)
+                for i in range(self.position, len(self))]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()
         # The epoch's labels in one gather: a batch's labels are then a view, not a fresh tensor per step (the
         # loop keeps them until its logging interval reads them, and fresh ones cost a small MLP 1 % a step).
         labels = self.labels[order]
-        n, rank, world = len(labels), self.rank, self.world
-        for i in range(self.position, len(self)):
-            first = i * self.batch_size
-            part = min(self.batch_size, n - first) // world  # the whole batch without torchrun
-            start = first + rank * part
+        for i, (start, part) in enumerate(self._parts(), start=self.position):
             x, y = self.images[order[start:start + part]].float(), labels[start:start + part]
             if self.augment is not None:
                 x, y = self.augment(x, y, aug_gen)  # pixel units (zero padding is black); y: labels or soft targets
@@ -308,12 +311,9 @@ class WorkerLoader(DeviceLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()
-        order, b, n = order.cpu(), self.batch_size, len(self.labels)
+        order = order.cpu()
         self.sampler.epoch = self.epoch
-        # this rank's part of each batch, as DeviceLoader takes it (the whole batch without torchrun)
-        parts = ((i * b + self.rank * (min(b, n - i * b) // self.world), min(b, n - i * b) // self.world)
-                 for i in range(self.position, len(self)))
-        self.sampler.batches = [order[start : start + part].tolist() for start, part in parts]
+        self.sampler.batches = [order[start : start + part].tolist() for start, part in self._parts()]
         for i, (images, labels) in enumerate(self.loader, start=self.position):
             x = images.to(self.device, non_blocking=True).float()
             y = labels.to(self.device, non_blocking=True)
