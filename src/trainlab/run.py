@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -374,12 +375,12 @@ class Run:
                               "checkpoint.resume to start fresh")
         if not state.get("finished"):
             return
-        saved = state["early_stopping"]
-        self.stopper.load_state_dict(saved)
-        if self.stopper.should_stop:
+        stopper = dataclasses.replace(self.stopper)  # this run's rule, the saved run's record
+        stopper.load_state_dict(state["early_stopping"])
+        if stopper.should_stop:
             raise ConfigError(f"checkpoint.resume={path}: that run stopped early at epoch {epoch} "
-                              f"({self.stopper.reason()}); raise early_stopping.patience above "
-                              f"{self.stopper.bad_epochs} (or set early_stopping.enabled=false) to train further, or "
+                              f"({stopper.reason()}); raise early_stopping.patience above "
+                              f"{stopper.bad_epochs} (or set early_stopping.enabled=false) to train further, or "
                               "drop checkpoint.resume to start fresh")
         if self.swa is not None:
             raise ConfigError(f"checkpoint.resume={path}: that run finished with SWA, whose average belongs to the "
