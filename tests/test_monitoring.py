@@ -342,3 +342,20 @@ def test_monitor_benchmark_prints_the_ratio():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ratio" in result.stdout and "target >= 0.97" in result.stdout
+
+
+def test_messages_paths_and_values_are_printed_as_they_are_not_as_rich_markup():
+    """A gloo error ("[/__w/...pair.cc:561]") once crashed the final table; "[bold]x" would have lost its text."""
+    from rich.console import Console
+
+    from trainlab.monitor import config_tree, final_table
+
+    reason = "error: RuntimeError: [/__w/gloo/pair.cc:561] Connection closed; expected [batch, channels]"
+    summary = {"status": "failed", "stop_reason": reason, "wall_time_s": 1.0, "device": "cpu",
+               "run_dir": "/runs/[bold]a"}
+    console = Console(width=400, record=True, color_system=None)
+    console.print(final_table(summary))
+    console.print(config_tree(compose_cfg(["data=image_folder", "data.root='/data/[red]x[/red]'"])))
+    out = console.export_text()
+    assert reason in out and "/runs/[bold]a" in out and "--logdir /runs/[bold]a" in out
+    assert "root: /data/[red]x[/red]" in out

@@ -332,3 +332,16 @@ def test_an_interrupted_job_stops_the_sweep_with_its_exit_code(tmp_path):
     with pytest.raises(SystemExit) as stop:
         run_sweep_job(cfg, tmp_path / "0_seed=0", ["seed=0"], interrupted)
     assert stop.value.code == 143 and ran == [tmp_path / "0_seed=0"]
+
+
+def test_report_tables_print_overrides_and_paths_as_they_are(tmp_path):
+    from rich.console import Console
+
+    sweep = tmp_path / "[bold]sweep"
+    fake_job(sweep, "0_root=a", ["data.root=/d/[red]a"], "completed", 0.4, [0.4], test_acc=0.8)
+    fake_job(sweep, "1_root=b", ["data.root=/d/[/b]"], "completed", 0.5, [0.5], test_acc=0.7)
+    console = Console(width=300, record=True, color_system=None)
+    report.write_report(sweep, console=console)
+    out = console.export_text()
+    assert "data.root=/d/[red]a" in out and "data.root=/d/[/b]" in out and f"{sweep}: 2 jobs ranked" in out
+    assert f"in {sweep}" in out

@@ -112,7 +112,7 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
     _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}")
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
     return path
 
 

@@ -19,6 +19,7 @@ from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
@@ -423,9 +424,9 @@ def config_tree(cfg: DictConfig) -> Tree:
     def add(branch: Tree, node: Any) -> None:
         for key, value in node.items():
             if isinstance(value, dict):
-                add(branch.add(f"[bold]{key}"), value)
-            else:
-                branch.add(f"{key}: {value}", highlight=False)
+                add(branch.add(Text(str(key), style="bold")), value)
+            else:  # Text: a value is shown as it is, never read as rich markup ("[red]", "[/x]")
+                branch.add(Text(f"{key}: {value}"), highlight=False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     add(tree, {k: v for k, v in resolved.items() if k != "hydra"})
@@ -441,17 +442,14 @@ def final_table(summary: dict[str, Any]) -> Table:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
-    table.add_row("status", summary["status"])
-    table.add_row("stop reason", summary.get("stop_reason") or "-")
+    rows = [("status", summary["status"]), ("stop reason", summary.get("stop_reason") or "-")]
     best = summary.get("best") or {}
     if best:
-        table.add_row("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} run")
-        for key, value in best.items():
-            if key != "epoch":
-                table.add_row(f"best {key}", fmt(value))
-    for key, value in (summary.get("test") or {}).items():
-        table.add_row(key, fmt(value))
-    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s on {summary['device']}")
-    table.add_row("run directory", summary["run_dir"])
-    table.add_row("curves", f"tensorboard --logdir {summary['run_dir']}")
+        rows.append(("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} run"))
+        rows += [(f"best {key}", fmt(value)) for key, value in best.items() if key != "epoch"]
+    rows += [(key, fmt(value)) for key, value in (summary.get("test") or {}).items()]
+    rows += [("wall time", f"{summary['wall_time_s']:.1f} s on {summary['device']}"),
+             ("run directory", summary["run_dir"]), ("curves", f"tensorboard --logdir {summary['run_dir']}")]
+    for name, value in rows:  # Text: error messages and paths are shown as they are, never read as rich markup
+        table.add_row(name, Text(str(value)))
     return table

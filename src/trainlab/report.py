@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 DONE = ("completed", "stopped_early")
 # Overrides that do not change the experiment (left out of directory names too, see conf/train.yaml).
@@ -251,15 +252,15 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def job_table(report: Report) -> Table:
     metric = report.metric
-    table = Table(title=f"{report.sweep_dir}: {len(report.jobs)} jobs ranked by best {metric} ({report.mode})")
+    table = Table(title=Text(f"{report.sweep_dir}: {len(report.jobs)} jobs ranked by best {metric} ({report.mode})"))
     tests = [c for c in COLUMNS if c.startswith("test/") and c != metric]
     for column in ("#", "job", "overrides", "status", "best epoch", f"best {metric}", *tests, "wall s"):
         table.add_column(column, justify="left" if column in ("job", "overrides", "status") else "right",
                          no_wrap=column != "overrides")
     for row, job in zip(job_rows(report), report.jobs):
         style = None if job.status in DONE else "red"
-        table.add_row(str(row["rank"]), str(job.num if job.num is not None else job.name),
-                      _shown(job.overrides, report.varying), job.status, str(row["best_epoch"]), row[metric],
+        table.add_row(str(row["rank"]), Text(str(job.num if job.num is not None else job.name)),
+                      Text(_shown(job.overrides, report.varying)), job.status, str(row["best_epoch"]), row[metric],
                       *[row[c] for c in tests], row["wall_time_s"], style=style)
     return table
 
@@ -272,8 +273,8 @@ def group_table(report: Report) -> Table:
                          no_wrap=column != "overrides")
     for group, row in zip(report.groups or [], group_rows(report)):
         shown = [k for k in report.varying if k != "seed"]
-        table.add_row(str(row["rank"]), _shown(group.overrides, shown), row["completed"], _pm(group.stats[metric]),
-                      _pm(group.stats["test/acc"]), _pm(group.stats["test/loss"]))
+        table.add_row(str(row["rank"]), Text(_shown(group.overrides, shown)), row["completed"],
+                      _pm(group.stats[metric]), _pm(group.stats["test/acc"]), _pm(group.stats["test/loss"]))
     return table
 
 
@@ -354,7 +355,8 @@ def publish(report: Report, console: Console | None = None) -> None:
     if report.groups is not None:
         console.print(group_table(report))
     written = ["sweep_summary.csv", "sweep_summary.md"] + (["sweep_summary_over_seeds.csv"] if report.groups else [])
-    console.print(f"report: {', '.join(written)}" + (", sweep_val_loss.png" if plotted else "") + f" in {sweep_dir}")
+    console.print(f"report: {', '.join(written)}" + (", sweep_val_loss.png" if plotted else "") + f" in {sweep_dir}",
+                  markup=False)
 
 
 def main(argv: list[str] | None = None) -> None:
