@@ -203,6 +203,45 @@ def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
     assert summary["resume_command"].startswith("torchrun --standalone --nproc_per_node=2 -m trainlab ")
 
 
+FAIL_RANK_ONE = """
+import sys
+import trainlab.loop
+from trainlab.cli import main
+
+folds, fold = [0], trainlab.loop.EpochTotals.fold
+
+
+def failing_fold(self, *extra):
+    folds[0] += 1
+    if folds[0] == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return fold(self, *extra)
+
+
+if __import__("os").environ["RANK"] == "1":
+    trainlab.loop.EpochTotals.fold = failing_fold
+sys.argv[0] = "train"
+main()
+"""
+
+
+def test_when_one_rank_fails_summary_json_names_that_rank_and_its_error(tmp_path):
+    """Rank 0 sees only its collective break off; the failing rank leaves its error in torchrun's store."""
+    (tmp_path / "fail_rank_one.py").write_text(FAIL_RANK_ONE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "fail_rank_one.py", "trainer.max_epochs=2", "logger.every_n_steps=5", "hydra.run.dir=run",
+                             *QUIET], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed", output
+    assert summary["stop_reason"] == "rank 1 failed: error: RuntimeError: injected failure on rank 1", output
+    assert "failing_fold" in summary["error"] and "all_reduce" in summary["rank_0_error"]
+    assert "rank 1 of 2 failed first, and this rank stopped with it" in output and "MarkupError" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fail_rank_one.py", "run"]
+
+
 def test_two_machines_of_one_process_each_are_one_run(tmp_path):
     """torchrun --nnodes=2, both "machines" here: ranks 0 and 1 both have LOCAL_RANK 0; global rank 0 writes."""
     with socket.socket() as probe:

@@ -6,8 +6,10 @@ Every rank runs the same loop on the same global batch order and makes the same 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -86,3 +88,40 @@ def all_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+FAILURE_KEY = "trainlab/failure/{rank}"
+
+
+def _store() -> Any:
+    """The process group's key-value store (torchrun's, which outlives the workers); None without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=10))  # a failing run must not wait minutes on an unreachable store
+    return store
+
+
+def publish_failure(ranks: Ranks, failure: dict[str, Any]) -> None:
+    """Leave this rank's failure (time, reason, traceback) in the store, where rank 0 reads it after this process is
+    gone: rank 0 itself sees only its own collective fail ("Connection closed by peer")."""
+    try:
+        store = _store()
+        if store is not None:
+            store.set(FAILURE_KEY.format(rank=ranks.rank), json.dumps(failure))
+    except Exception:  # noqa: BLE001 - best effort: the failure is in this rank's own log either way
+        pass
+
+
+def failures(ranks: Ranks) -> dict[int, dict[str, Any]]:
+    """The failures the other ranks published, by rank."""
+    found: dict[int, dict[str, Any]] = {}
+    try:
+        store = _store()
+        for rank in range(ranks.world) if store is not None else ():
+            key = FAILURE_KEY.format(rank=rank)
+            if rank != ranks.rank and store.check([key]):
+                found[rank] = json.loads(store.get(key))
+    except Exception:  # noqa: BLE001 - an unreachable store: rank 0 reports what it saw itself
+        pass
+    return found

@@ -572,6 +572,18 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = F
         return _execute(run, cfg, run_dir, overrides)
 
 
+def blame_first_failure(run: Run) -> None:
+    """Under torchrun, when another rank failed before this one, summary.json gives that rank's error: here the
+    failure shows only as this rank's collective breaking off ("Connection closed by peer")."""
+    failed = distributed.failures(run.ranks)
+    if not failed:  # this rank's own error
+        return
+    rank, first = min(failed.items(), key=lambda item: item[1]["at"])
+    log.error(f"rank {rank} of {run.ranks.world} failed first, and this rank stopped with it: {first['reason']}")
+    run.summary.update(stop_reason=f"rank {rank} failed: {first['reason']}", error=first["error"],
+                       rank_0_error=run.summary["error"])
+
+
 def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[str, int, Run]:
     tic = time.time()
     code = None
@@ -613,7 +625,12 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
             log.error("run failed:\n" + traceback.format_exc())
             run.summary.update(status="failed", stop_reason=f"error: {type(error).__name__}: {error}",
                                error=traceback.format_exc())
+            if run.ranks.main and run.ranks.active:
+                blame_first_failure(run)
     finally:
+        if run.summary["status"] == "failed" and run.ranks.active and not run.ranks.main:
+            distributed.publish_failure(run.ranks, {"at": time.time(), "reason": run.summary["stop_reason"],
+                                                    "error": run.summary.get("error")})
         if run.monitor is not None:
             run.monitor.hparams(hyperparameters(cfg, overrides), run.summary)
             run.monitor.close()  # flushes TensorBoard and metrics.csv, also after a signal
