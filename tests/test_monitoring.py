@@ -91,7 +91,7 @@ def test_epoch_scalars_match_metrics_csv_and_the_weights(momentum_run):
 
 def test_layer_statistics_histograms_and_filters_only_on_recorded_epochs(momentum_run):
     _, acc, _ = momentum_run
-    recorded = [STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH + 1]  # the first step of epochs 2 and 4
+    recorded = [1, STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH + 1]  # the first step of epochs 1 (the init), 2 and 4
     tags = scalars(acc)
     kinds = ("act_mean", "act_std", "dead_relu", "grad_norm", "update_ratio")
     layer_tags = [t for t in tags if t.split("/")[0] in kinds]

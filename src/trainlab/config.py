@@ -121,8 +121,8 @@ class LoggerConfig:
     tensorboard: bool = True
     progress: str = "auto"  # auto: a live bar on a terminal, plain lines elsewhere | bar | lines
     grad_norm: bool = True  # train/grad_norm: the global gradient L2 norm at the last step of each interval
-    # every N epochs (N, 2N, ...), per-layer statistics of the epoch's first step: activation mean/std, dead ReLU
-    # fraction, gradient norm, update-to-weight ratio, first-layer filters; 0 = off
+    # per-layer statistics of the first step of epoch 1 (the initialization) and of every N-th epoch (N, 2N, ...):
+    # activation mean/std, dead ReLU fraction, gradient norm, update-to-weight ratio, first-layer filters; 0 = off
     layer_stats_every_n_epochs: int = 10
     histograms: bool = True  # with layer stats: histograms of weights, gradients and activations
     graph: bool = False  # the model graph (traced once at start; a warning when a model cannot be traced)

@@ -80,7 +80,7 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
              f"seed: {cfg.seed}")
     every = cfg.logger.layer_stats_every_n_epochs
     log.info(f"monitoring: tensorboard {cfg.logger.tensorboard}  every_n_steps {cfg.logger.every_n_steps}  "
-             f"grad_norm {cfg.logger.grad_norm}  layer stats {f'every {every} epochs' if every > 0 else 'off'}  "
+             f"grad_norm {cfg.logger.grad_norm}  layer stats {f'epoch 1 and every {every} epochs' if every > 0 else 'off'}  "
              f"histograms {cfg.logger.histograms}  graph {cfg.logger.graph}")
 
 
@@ -439,7 +439,8 @@ class Run:
             self.epoch_lr, done = resumed["lr"], int(resumed["loader"]["position"])
         self.guard.watch(totals)
         self.monitor.start_epoch(epoch, self.step - done, len(self.train_batches), self.train_batches.batch_size)
-        recording = self.recorder is not None and epoch % cfg.logger.layer_stats_every_n_epochs == 0
+        every = cfg.logger.layer_stats_every_n_epochs  # and epoch 1, whose first step shows the initialization
+        recording = self.recorder is not None and (epoch == 1 or epoch % every == 0)
         if recording:  # hooks for the epoch's first step only; they remove themselves after it
             self.recorder.attach()
         first_step = self.step + 1
