@@ -332,14 +332,14 @@ def test_yaml_option_composes_builds_and_documents_every_knob(name):
     assert all("  # " in line for line in knob_lines), "every knob has a comment giving its unit"
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
     scheduler = schedules.build_scheduler(cfg.scheduler, optimizer, 10, cfg.trainer.max_epochs,
-                                          cfg.early_stopping.mode)
+                                          "min")
     lrs = []
     for _ in range(10 * cfg.trainer.max_epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
     assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
     # a one-epoch run of two steps (the smallest run the other tests train) builds too
-    schedules.build_scheduler(cfg.scheduler, optimizer, 2, 1, cfg.early_stopping.mode).step()
+    schedules.build_scheduler(cfg.scheduler, optimizer, 2, 1, "min").step()
 
 
 # --- dry run -----------------------------------------------------------------------------------------

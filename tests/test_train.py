@@ -12,7 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainlab.run
-from conftest import FAST, run_cli
+from conftest import FAST, compose_cfg, run_cli
+from trainlab.config import ConfigError, validate
 
 SUMMARY_FIELDS = {"status", "stop_reason", "best_epoch", "epochs_run", "best", "test", "wall_time_s", "device",
                   "versions", "overrides"}
@@ -119,12 +120,22 @@ def test_early_stopping_stops_after_patience_epochs(train_inprocess, tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["finished"]
 
 
-def test_early_stopping_on_accuracy_in_max_mode(train_inprocess):
+@pytest.mark.parametrize("mode", ["auto", "max"])
+def test_early_stopping_on_accuracy_keeps_the_highest_epoch(train_inprocess, mode):
+    """mode=auto (the default) reads an accuracy as higher-is-better; it once kept min mode and the worst epoch."""
     status, _, run = train_inprocess(["trainer.max_epochs=4", "early_stopping.monitor=val/acc",
-                                      "early_stopping.mode=max"])
+                                      f"early_stopping.mode={mode}", "early_stopping.patience=2"], name=mode)
     assert status == "completed"
-    assert run.summary["best"]["val/acc"] == max(
-        float(r["val/acc"]) for r in read_csv(run.run_dir / "metrics.csv"))
+    accuracies = [float(r["val/acc"]) for r in read_csv(run.run_dir / "metrics.csv")]
+    assert run.summary["best"]["val/acc"] == max(accuracies) and run.stopper.mode == "max"
+
+
+@pytest.mark.parametrize(("monitor", "mode", "fix"), [("val/acc", "min", "max"), ("train/loss", "max", "min")])
+def test_a_mode_against_the_monitors_direction_is_refused(monitor, mode, fix):
+    with pytest.raises(ConfigError, match=rf"early_stopping.mode='{mode}'.*{monitor} improves when it gets "
+                                          rf"(higher|lower), so mode={mode} would keep its worst epoch; use "
+                                          rf"mode={fix} or mode=auto"):
+        validate(compose_cfg([f"early_stopping.monitor={monitor}", f"early_stopping.mode={mode}"]))
 
 
 def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(train_inprocess, monkeypatch, tmp_path):

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
 
 
+def monitor_mode(monitor: str, mode: str) -> str:
+    """min or max: the direction in which `monitor` improves (early_stopping.mode=auto: max for an accuracy)."""
+    if mode != "auto":
+        return mode
+    return "max" if monitor.endswith("acc") else "min"
+
+
 # --- schemas ---------------------------------------------------------------------------------------
 # Each option file of these groups starts from its schema (`- /schema_<group>@_here_` in its defaults
 # list), so a misspelt key or a value of the wrong type fails while Hydra composes, before any work.
@@ -103,7 +110,7 @@ class TrainerConfig:
 class EarlyStoppingConfig:
     enabled: bool = True
     monitor: str = "val/loss"  # val/loss | val/acc | train/loss | train/acc
-    mode: str = "min"  # min: lower is better; max: higher is better
+    mode: str = "auto"  # auto: min for a loss, max for an accuracy | min: lower is better | max: higher is better
     patience: int = 10  # epochs without improvement before stopping
     min_delta: float = 0.0  # smallest change that counts as an improvement
 
@@ -341,7 +348,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(trainer.threads is None or trainer.threads >= 1, "trainer.threads", trainer.threads,
           "must be at least 1, or null for every available core")
     check(stop.monitor in MONITORS, "early_stopping.monitor", stop.monitor, f"choose one of {', '.join(MONITORS)}")
-    check(stop.mode in ("min", "max"), "early_stopping.mode", stop.mode, "choose min or max")
+    check(stop.mode in ("auto", "min", "max"), "early_stopping.mode", stop.mode, "choose auto, min or max")
+    natural = monitor_mode(str(stop.monitor), "auto")
+    check(stop.mode in ("auto", natural) or stop.monitor not in MONITORS, "early_stopping.mode", stop.mode,
+          f"early_stopping.monitor={stop.monitor} improves when it gets {'higher' if natural == 'max' else 'lower'}, "
+          f"so mode={stop.mode} would keep its worst epoch; use mode={natural} or mode=auto")
     check(stop.patience >= 1, "early_stopping.patience", stop.patience, "must be at least 1 epoch")
     check(stop.min_delta >= 0, "early_stopping.min_delta", stop.min_delta, "must be >= 0")
     check(cfg.checkpoint.every_n_epochs >= 1, "checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs,

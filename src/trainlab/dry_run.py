@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from trainlab.config import monitor_mode
 from trainlab.data import batch_size_at, build_data, train_loader
 from trainlab.models import build_model
 from trainlab.optim import build_optimizer
@@ -34,7 +35,7 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
     model = build_model(cfg, data.input_shape, data.num_classes)
     optimizer = build_optimizer(cfg, model, steps_per_epoch=spe)
     max_epochs = cfg.trainer.max_epochs
-    scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, mode=cfg.early_stopping.mode)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
     swa_start = cfg.regularization.get("swa_start")
     first_swa = max_epochs + 1
     if swa_start is not None:

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from trainlab.config import monitor_mode
+
 DONE = ("completed", "stopped_early")
 # Overrides that do not change the experiment (left out of directory names too, see conf/train.yaml).
 IGNORED_KEYS = ("sweep.resume", "sweep.objective", "hparams_search", "checkpoint.resume", "trainer.device",
@@ -104,7 +106,9 @@ def _monitor(config_path: Path) -> tuple[str, str] | None:
     if not config_path.is_file():
         return None
     stop = OmegaConf.load(config_path).get("early_stopping")
-    return (str(stop.monitor), str(stop.mode)) if stop is not None and "monitor" in stop else None
+    if stop is None or "monitor" not in stop:
+        return None
+    return str(stop.monitor), monitor_mode(str(stop.monitor), str(stop.get("mode", "auto")))
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, faults
-from trainlab.config import ConfigError, validate
+from trainlab.config import ConfigError, monitor_mode, validate
 from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
@@ -132,12 +132,13 @@ class Run:
         steps_per_epoch = len(self.train_batches)
         self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
-                                         mode=cfg.early_stopping.mode)
+                                         mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast = autocast_for(self.device, self.precision)
         self.build_regularization()
         stop = cfg.early_stopping
-        self.stopper = EarlyStopping(stop.monitor, stop.mode, stop.patience, stop.min_delta, stop.enabled)
+        self.stopper = EarlyStopping(stop.monitor, monitor_mode(stop.monitor, stop.mode), stop.patience,
+                                     stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
         self.start_epoch, self.step = 1, 0
         if self.ranks.active:
