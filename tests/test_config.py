@@ -129,6 +129,26 @@ def test_invalid_config_exits_2_and_leaves_no_run_directory(tmp_path, args, mess
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["+trainer.max_epoch=3"], "trainer.max_epoch: no such key; did you mean trainer.max_epochs?"),
+        (["+sede=1"], "sede: no such key; did you mean seed?"),
+        (["+data.val_frac=0.2"], "data.val_frac: no such key; did you mean data.val_fraction?"),
+        (["+model.hiden=[32]"], "model.hiden: no such key; did you mean model.hidden?"),
+        (["model=cnn", "+model.hidden=[32]"], "model.hidden: no such key"),
+        (["normalization=batch", "+normalization.num_groups=4"], "normalization.num_groups: no such key"),
+        (["+sweep.objectiv=best/val/acc"], "sweep.objectiv: no such key; did you mean sweep.objective?"),
+    ],
+    ids=["schema", "root", "data", "model-target", "other-models-key", "other-options-key", "plain-group"],
+)
+def test_keys_added_with_plus_must_exist(overrides, message):
+    """Hydra suggests `+key=value` for a key it does not know; a misspelt one would then train with the default."""
+    with pytest.raises(ConfigError, match="invalid config") as error:
+        validate(compose_cfg(overrides))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (["optimizer.lr=abc"], "optimizer.lr='abc': must be a number"),
         (["optimizer=adam", "optimizer.betas=[0.9,0.99,0.999]"], "must be a list of 2 numbers, e.g. [0.9, 0.999]"),
         (["optimizer=adam", "optimizer.amsgrad=3"], "optimizer.amsgrad=3: must be true or false"),

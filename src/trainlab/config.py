@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import inspect
 import re
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -18,6 +22,11 @@ COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune")
 MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
 AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+# Arguments build_model passes to every model itself (not config keys)
+_MODEL_ARGUMENTS = ("input_shape", "num_classes", "norm", "dropout")
+# Groups whose keys are checked where they are read, against their own option (scheduler.parse, build_optimizer)
+_CHECKED_ELSEWHERE = ("scheduler", "optimizer")
 
 
 class ConfigError(ValueError):
@@ -218,6 +227,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append("missing values (set them on the command line, e.g. key=value): " + ", ".join(missing))
     # Walk the resolved tree: a _target_ produced by an interpolation (oc.create, ...) is checked too.
     problems += [f"_target_ at {path}: {why}" for path, why in _bad_targets(resolved)]
+    problems += _unknown_keys(cfg)
     if not missing:
         problems += _check_values(cfg)
         for group, node in resolved.items():
@@ -230,6 +240,69 @@ def validate(cfg: DictConfig) -> None:
             problems.append(str(error))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys that nothing reads: a misspelt key added with Hydra's `+` (`+trainer.max_epoch=3`, as Hydra's own error
+    suggests for a key it does not know) would otherwise train with the default, silently."""
+    problems = []
+    for name in cfg:
+        if name == "hydra":
+            continue
+        if name not in _root_keys():
+            problems.append(_unknown(str(name), _root_keys()))
+            continue
+        node = cfg[name]
+        known = _known_keys(str(name), node)
+        if known is not None:
+            problems += [_unknown(f"{name}.{key}", [f"{name}.{k}" for k in known]) for key in node if key not in known]
+    return problems
+
+
+def _unknown(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key}: no such key; {hint}valid here: {', '.join(sorted(known))}"
+
+
+@functools.cache
+def _root_keys() -> tuple[str, ...]:
+    """The groups of train.yaml's defaults list and its own keys (seed, dry_run)."""
+    primary = OmegaConf.load(CONF_DIR / "train.yaml")
+    groups = [str(next(iter(entry))) if OmegaConf.is_dict(entry) else str(entry) for entry in primary.defaults]
+    return tuple(g for g in groups if g != "_self_") + tuple(k for k in primary if k not in ("defaults", "hydra"))
+
+
+def _known_keys(group: str, node: Any) -> tuple[str, ...] | None:
+    """The keys `group` may hold: its schema's fields, its `_target_`'s arguments, or its chosen option file's keys;
+    None when they cannot be known (a target taking **kwargs)."""
+    if group in _CHECKED_ELSEWHERE or not OmegaConf.is_dict(node):
+        return None
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        return tuple(f.name for f in dataclasses.fields(schema))
+    if "_target_" in node:
+        if check_target(node["_target_"]) is not None:
+            return None
+        from hydra._internal.utils import _locate
+
+        try:
+            parameters = inspect.signature(_locate(node["_target_"])).parameters.values()
+        except (TypeError, ValueError, ImportError):
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return None
+        return ("_target_", "_partial_", *(p.name for p in parameters if p.name not in ("self", *_MODEL_ARGUMENTS)))
+    return _option_keys(group, str(node.get("name", "")))
+
+
+@functools.cache
+def _option_keys(group: str, name: str) -> tuple[str, ...] | None:
+    """The keys of conf/<group>/<name>.yaml, or of every option of the group when no file has that name."""
+    files = [CONF_DIR / group / f"{name}.yaml"] if (CONF_DIR / group / f"{name}.yaml").is_file() else sorted(
+        (CONF_DIR / group).glob("*.yaml"))
+    keys = {key for path in files for key in OmegaConf.load(path) if key != "defaults"}
+    return tuple(keys) if keys else None
 
 
 def check_target(target: Any) -> str | None:
