@@ -249,3 +249,12 @@ def test_option_trains_two_steps(group, option, train_inprocess):
     assert (status, code) == ("completed", 0), run.summary.get("error")
     assert run.step == 2
     assert 0.0 <= run.summary["test"]["test/acc"] <= 1.0
+
+
+def test_a_refused_run_leaves_the_users_own_directories(tmp_path):
+    """Only the default outputs/runs and outputs, when the refused run leaves them empty, are removed with it."""
+    (tmp_path / "mine" / "project").mkdir(parents=True)
+    result = run_cli(["data.batch_size=0", f"hydra.run.dir={tmp_path / 'mine' / 'project' / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["project"]
+    assert not (tmp_path / "mine" / "project" / "run").exists()

@@ -723,3 +723,25 @@ def test_a_resumed_run_replaces_the_events_logged_after_its_checkpoint(tmp_path,
     status, _, _ = train(tmp_path, [*overrides, "checkpoint.resume=auto"])
     steps = [step for step, _ in logged_losses(tmp_path / "run")]
     assert status == "completed" and steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # 11-13 once, not twice
+
+
+def _train_examples(overrides: list[str]) -> int:
+    from trainlab.data import build_data
+
+    return len(build_data(compose_cfg(overrides).data).train)
+
+
+@pytest.mark.parametrize("case", ["batch-of-one", "schedule", "last-batch"])
+def test_a_training_batch_of_one_example_with_batch_norm_is_refused_before_training(tmp_path, case):
+    """BatchNorm1d fails on one example ("Expected more than 1 value per channel"): once mid-run, after epoch 1."""
+    base = ["trainer.max_epochs=2", "data=synthetic", "data.num_samples=400", "data.shape=[1,8,8]"]
+    n = _train_examples(base)
+    extra = {"batch-of-one": ["data.batch_size=1"],
+             "schedule": ["data.batch_size=16", "data.batch_size_schedule=[[2,0.01]]"],
+             "last-batch": ["data.drop_last=false", f"data.batch_size={n - 1}"]}[case]  # and a last batch of 1
+    status, code, run = train(tmp_path, [*base, *extra])
+    assert (status, code) == ("failed", 2) and run.summary["epochs_run"] == 0
+    epoch = 2 if case == "schedule" else 1
+    assert f"of epoch {epoch} gives batch norm one example per step" in run.summary["error"]
+    status, code, _ = train(tmp_path, [*base, *extra, "normalization=layer"], name="layer")
+    assert (status, code) == ("completed", 0)  # layer norm takes one example

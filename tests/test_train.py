@@ -242,3 +242,16 @@ def test_batch_size_schedule_refuses_a_decaying_schedule():
 
     with pytest.raises(ConfigError, match="scheduler=cosine counts steps of a fixed batch size"):
         validate(compose_cfg(["scheduler=cosine", "data.batch_size_schedule=[[10,2]]"]))
+
+
+def test_a_new_run_in_a_directory_that_holds_one_is_refused_and_changes_nothing(train_inprocess, tmp_path):
+    """It appended its rows to metrics.csv and its points to the curves of the run already there."""
+    assert train_inprocess(["trainer.max_epochs=1"])[:2] == ("completed", 0)
+    run_dir = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in (run_dir / "metrics.csv", run_dir / "summary.json")}
+    status, code, run = train_inprocess(["trainer.max_epochs=1"])
+    assert (status, code) == ("failed", 2)
+    assert "already holds a run (metrics.csv, checkpoints/last.pt, checkpoints/best.pt); continue it with " \
+           "checkpoint.resume=auto" in run.summary["error"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "metrics.csv", run_dir / "summary.json")} == before
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1

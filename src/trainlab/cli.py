@@ -79,11 +79,12 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
     """A run refused before training leaves no directory behind that looks like a real run."""
     if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "summary.json"}:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/runs and outputs, when left empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        if run_dir.parent.name == "runs" and run_dir.parent.parent.name == "outputs":  # the default place
+            for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/runs and outputs, when left empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 def main() -> None:

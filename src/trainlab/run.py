@@ -113,6 +113,7 @@ class Run:
     def build(self) -> None:
         cfg = self.cfg
         validate(cfg)
+        self.check_fresh_directory()
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # stored in every checkpoint
         seed_everything(cfg.seed)
         self.device = self.rank_device(select_device(cfg.trainer.device))
@@ -141,6 +142,7 @@ class Run:
                                      stop.min_delta, stop.enabled)
         self.best_row: dict[str, float] = {}
         self.start_epoch, self.step = 1, 0
+        self.check_batch_norm_batches()
         if self.ranks.active:
             self.check_ranks()
         if self.ranks.rank > 0:
@@ -150,6 +152,18 @@ class Run:
             self.resume(*found)
         if self.ranks.main:
             describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
+
+    def check_fresh_directory(self) -> None:
+        """A new run (no checkpoint.resume) in a directory where one already trained would append its rows to
+        metrics.csv and its points to the TensorBoard curves, and overwrite the checkpoints: refused."""
+        if self.cfg.checkpoint.resume is not None:
+            return
+        found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt")
+                 if (self.run_dir / name).is_file()]
+        if found:
+            raise ConfigError(f"{self.run_dir} already holds a run ({', '.join(found)}); continue it with "
+                              "checkpoint.resume=auto (a sweep: sweep.resume=true), or start this one in a new "
+                              "directory (leave out hydra.run.dir / hydra.sweep.dir, or name another)")
 
     def build_regularization(self) -> None:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
@@ -226,6 +240,22 @@ class Run:
 
         return DistributedDataParallel(self.model,
                                        device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def check_batch_norm_batches(self) -> None:
+        """A training batch of one example fails in BatchNorm1d (no variance over one value per feature), mid-run
+        when only the last batch of an epoch (drop_last=false) or a scheduled batch size is that small: refused."""
+        if not any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
+            return
+        cfg, n, world = self.cfg, len(self.data.train), self.ranks.world
+        for epoch in range(1, cfg.trainer.max_epochs + 1):
+            size = min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
+            last = n % size if not cfg.data.drop_last or size == n else 0
+            if size // world == 1 or last // world == 1:
+                which = f"batch size {size}" if size // world == 1 else f"last batch ({last} of {n} examples)"
+                raise ConfigError(f"the training {which} of epoch {epoch} gives batch norm one example per "
+                                  f"{'process' if world > 1 else 'step'}, which it cannot normalise; raise "
+                                  "data.batch_size (or its batch_size_schedule factors), set data.drop_last=true, or "
+                                  "use another normalization")
 
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
