@@ -116,8 +116,11 @@ def test_hydra_refuses_bad_overrides_before_any_work(tmp_path, args, message):
         (["model=cnn", "model.depth=21"], "model.depth=21"),
         (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: must be a list of 2 numbers"),
         (["model.hidden=[0]"], "model.hidden=[0]: give the hidden layers' widths"),
+        (["trainer.on_nonfinite=skip", "trainer.nonfinite_check=interval"],
+         "on_nonfinite=skip skips a step before its update, which needs each step's verdict"),
     ],
-    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth", "short-betas", "zero-width"],
+    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth", "short-betas", "zero-width",
+         "skip-needs-step"],
 )
 def test_invalid_config_exits_2_and_leaves_no_run_directory(tmp_path, args, message):
     result = run_cli(args, cwd=tmp_path)

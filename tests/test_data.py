@@ -327,11 +327,15 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path):
     ("one_class", r"holds 1 class folder\(s\) \(cat\).*at least 2 classes"),
     ("missing", r"data.path=.*nowhere: no such directory"),
     ("mismatch", r"train/ and test/ have different class folders"),
+    ("train_only", r"holds train/ but no test/; add .*imgs/test with the same class folders, or give "
+                   r"data.path=.*imgs/train"),
 ])
 def test_image_folder_bad_input_is_a_clear_error(tmp_path, damage, message):
     root = tmp_path / "imgs"
     if damage == "one_class":
         write_image_folder(root, classes=("cat",))
+    elif damage == "train_only":
+        write_image_folder(root / "train")
     elif damage == "mismatch":
         write_image_folder(root / "train")
         write_image_folder(root / "test", classes=("cat", "dog"))

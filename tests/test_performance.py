@@ -121,6 +121,15 @@ def test_compile_false_is_the_model_itself():
     assert compiled(model, False) is model  # YAML's false
 
 
+def test_compile_true_is_the_default_mode(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
+    validate(compose_cfg(["trainer.compile=true"]))
+    compiled(nn.Linear(2, 2), True)
+    compiled(nn.Linear(2, 2), "max-autotune")
+    assert modes == ["default", "max-autotune"]
+
+
 def test_autocast_only_for_bf16_and_fp16():
     cpu = torch.device("cpu")
     a, b = torch.randn(4, 4), torch.randn(4, 4)

@@ -271,6 +271,10 @@ def test_report_command(known_sweep, tmp_path, capsys):
         report.main(["report", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "no such sweep directory" in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(SystemExit):
+        report.main(["report", str(tmp_path / "file.txt")])
+    assert "file.txt: is a file, not a sweep directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         report.main(["report", str(tmp_path / "empty")])

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ALLOWED_TARGET_PREFIXES = ("torch.", "torchvision.", "trainlab.")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune", "true")  # true: default
 MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
 AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -105,7 +105,7 @@ class TrainerConfig:
     max_epochs: int = 30
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
-    compile: str = "false"  # false | default | reduce-overhead | max-autotune: torch.compile the model (first steps slow)
+    compile: str = "false"  # false | default (or true) | reduce-overhead | max-autotune: torch.compile the model
     channels_last: str = "auto"  # auto (conv models) | true | false: NHWC memory format for the model
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores
     threads: Optional[int] = None  # CPU threads for torch; null: every available core (OMP_NUM_THREADS if set)
@@ -415,7 +415,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(trainer.precision in PRECISIONS, "trainer.precision", trainer.precision,
           f"choose one of {', '.join(PRECISIONS)}")
     check(str(trainer.compile).lower() in COMPILE_MODES, "trainer.compile", trainer.compile,
-          f"choose one of {', '.join(COMPILE_MODES)}")
+          f"choose one of {', '.join(COMPILE_MODES[:-1])} (true is default)")
     check(str(trainer.channels_last).lower() in ("auto", "true", "false"), "trainer.channels_last",
           trainer.channels_last, "choose auto, true or false")
     check(trainer.threads is None or trainer.threads >= 1, "trainer.threads", trainer.threads,
@@ -439,6 +439,9 @@ def _check_values(cfg: DictConfig) -> list[str]:
           "must be >= 0")
     check(trainer.nonfinite_check in ("auto", "step", "interval"), "trainer.nonfinite_check",
           trainer.nonfinite_check, "choose auto, step or interval")
+    check(not (trainer.on_nonfinite == "skip" and trainer.nonfinite_check == "interval"), "trainer.nonfinite_check",
+          trainer.nonfinite_check, "on_nonfinite=skip skips a step before its update, which needs each step's "
+          "verdict; use nonfinite_check=step or auto with it")
     check(cfg.logger.every_n_steps >= 1, "logger.every_n_steps", cfg.logger.every_n_steps, "must be at least 1")
     check(cfg.logger.progress in ("auto", "bar", "lines"), "logger.progress", cfg.logger.progress,
           "choose auto, bar or lines")

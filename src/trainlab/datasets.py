@@ -291,6 +291,13 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
                           "subfolders, or one with train/ and test/ subfolders of class subfolders")
     trees = {"train": root / "train", "test": root / "test"}
     if not all(t.is_dir() for t in trees.values()):
+        one = next((split for split, tree in trees.items() if tree.is_dir()), None)
+        others = [d for d in root.iterdir() if d.is_dir() and d.name not in trees and not d.name.startswith(".")]
+        if one is not None and not others:
+            missing = "test" if one == "train" else "train"
+            raise ConfigError(f"data.path={cfg.path}: holds {one}/ but no {missing}/; add {root / missing} with the "
+                              f"same class folders, or give data.path={root / one} (its class folders are then split "
+                              "by data.test_fraction)")
         trees = {"train": root}
     scanned = {split: scan_tree(tree) for split, tree in trees.items()}
     classes = scanned["train"][0]

@@ -101,4 +101,5 @@ def compiled(model: nn.Module, mode: str) -> nn.Module:
     mode = switch(mode)
     if mode == "false":
         return model
+    mode = "default" if mode == "true" else mode
     return torch.compile(model, mode=mode)  # type: ignore[return-value]

@@ -175,7 +175,8 @@ def group_over_seeds(jobs: list[Job], metric: str, mode: str) -> list[Group]:
 def build_report(sweep_dir: Path, metric: str | None = None, mode: str | None = None) -> Report:
     """Read every job of `sweep_dir` (finished, failed or never finished) and rank them."""
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+        what = "is a file, not a sweep directory" if sweep_dir.is_file() else "no such sweep directory"
+        raise FileNotFoundError(f"{sweep_dir}: {what}")
     jobs = [read_job(p) for p in job_dirs(sweep_dir)]
     monitor = next((j.monitor for j in jobs if j.monitor is not None), ("val/loss", "min"))
     known = {*COLUMNS, *(k for j in jobs for k in j.values)}
