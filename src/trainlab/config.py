@@ -125,6 +125,16 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # a trainlab checkpoint (best.pt, last.pt, swa.pt) or, with model=torchvision, torchvision's weights name
+    # (DEFAULT, IMAGENET1K_V1, ...): the model starts from these weights; a tensor they do not fit (the classifier of
+    # another class count) keeps its initialization. null: train from the initialization
+    weights: Optional[str] = None
+    freeze: bool = False  # train only the classifier (the last linear layer) and the layers the weights did not fit
+    feature_lr_scale: float = 1.0  # the loaded feature extractor trains at optimizer.lr x this (e.g. 0.1)
+
+
+@dataclass
 class CheckpointConfig:
     resume: Optional[str] = None  # null: start fresh | auto: this run directory's last.pt, if any | PATH to a last.pt
     every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always after the last)
@@ -189,6 +199,7 @@ SCHEMAS = {
     "schema_trainer": TrainerConfig,
     "schema_early_stopping": EarlyStoppingConfig,
     "schema_checkpoint": CheckpointConfig,
+    "schema_finetune": FinetuneConfig,
     "schema_logger": LoggerConfig,
     "schema_augmentation": AugmentationConfig,
     "schema_regularization": RegularizationConfig,

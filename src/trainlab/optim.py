@@ -52,11 +52,12 @@ def decoupled_weight_decay(optimizer: torch.optim.Optimizer, args: Any, kwargs: 
 
 def decayed_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters in the decayed set (for penalties that must skip biases and norm parameters too)."""
-    params = []
-    for group in optimizer.param_groups:
-        count = group.get("decayed_params", 0 if group.get("name") == "no_decay" else len(group["params"]))
-        params += group["params"][:count]
-    return params
+    return [p for group in optimizer.param_groups for p in group["params"][:_decayed_count(group)]]
+
+
+def _decayed_count(group: dict[str, Any]) -> int:
+    """How many of the group's parameters (its first ones) are in the decayed set."""
+    return group.get("decayed_params", 0 if str(group.get("name")).endswith("no_decay") else len(group["params"]))
 
 
 def momentum_at(step: int, start: float, final: float, warmup_steps: int) -> float:
@@ -100,12 +101,14 @@ def _valid_keys(cls: Any) -> list[str] | None:
     return names + [key for key in TRAINLAB_KEYS if key == "decay_norm_and_bias" or "momentum" in names]
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
+                    features: list[nn.Parameter] | None = None, feature_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """cfg.optimizer (a partial torch optimizer) over the model's parameter groups, with cfg.regularization.
 
     The optimizer's own weight decay is forced to 0: decay is trainlab's decoupled pre-hook. With
     `momentum_start` and `momentum_warmup_epochs`, momentum ramps linearly from momentum_start to
-    `momentum` over that many epochs of `steps_per_epoch` steps.
+    `momentum` over that many epochs of `steps_per_epoch` steps. `features` (finetune) train at
+    optimizer.lr x `feature_lr_scale`, in groups of their own after the others.
     """
     options: dict[str, Any] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # type: ignore[assignment]
     target = options.get("_target_")
@@ -144,6 +147,11 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
         groups = [{"params": decay, "weight_decay_decoupled": wd, "name": "decay"},
                   {"params": no_decay, "weight_decay_decoupled": 0.0, "name": "no_decay"}]
         groups = [g for g in groups if g["params"]]
+    if features:
+        if isinstance(cls, type) and issubclass(cls, SINGLE_GROUP):
+            raise ConfigError(f"finetune.feature_lr_scale={feature_lr_scale:g}: optimizer={target} takes one "
+                              "parameter group, so one learning rate; use finetune=frozen, or another optimizer")
+        groups = _scaled_groups(groups, features, feature_lr_scale, float(options.get("lr", 1e-3)))
     own_decay = {"weight_decay": 0.0} if _accepts(cls, "weight_decay") else {}  # AdamW's default is 0.01
     try:
         optimizer = factory(groups, **own_decay, **fast_kernels(cls, options, decay + no_decay))
@@ -155,6 +163,26 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1)
     if wd > 0:
         optimizer.register_step_pre_hook(decoupled_weight_decay)
     return optimizer
+
+
+def _scaled_groups(groups: list[dict[str, Any]], features: list[nn.Parameter], scale: float,
+                   lr: float) -> list[dict[str, Any]]:
+    """Each group split in two: "head" (the classifier and new layers, at lr; first, so the logged lr is
+    optimizer.lr) and "features" (at lr x scale, remembered as the group's lr_scale)."""
+    chosen = {id(p) for p in features}
+    parts: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for group in groups:
+        decayed_ids = {id(p) for p in group["params"][:_decayed_count(group)]}
+        for scaled in (False, True):
+            params = [p for p in group["params"] if (id(p) in chosen) == scaled]
+            params.sort(key=lambda p: id(p) not in decayed_ids)  # decayed first, as decayed_params counts them
+            if params:
+                base = "features" if scaled else "head"
+                parts[scaled].append({**group, "params": params, "name": base if group["name"] == "all" else
+                                      f"{base}_{group['name']}", "decayed_params": sum(id(p) in decayed_ids
+                                                                                      for p in params),
+                                      "lr": lr * (scale if scaled else 1.0), "lr_scale": scale if scaled else 1.0})
+    return parts[False] + parts[True]
 
 
 def fast_kernels(cls: Any, options: dict[str, Any], params: list[torch.Tensor]) -> dict[str, bool]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from trainlab import __version__, checkpoint, distributed, faults
+from trainlab import __version__, checkpoint, distributed, faults, finetune
 from trainlab.config import ConfigError, monitor_mode, validate
 from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
@@ -33,7 +33,7 @@ from trainlab.device import (autocast_for, compiled, configure_backends, select_
 from trainlab.early_stopping import EarlyStopping
 from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
-from trainlab.models import build_model
+from trainlab.models import TorchvisionModel, build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
 from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               write_confusion_csv)
@@ -70,8 +70,9 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
              f"input {list(data.input_shape)}  classes {data.num_classes}")
     log.info(f"model: {type(model).__name__} {_knobs(cfg.model)}  {n_params:,} parameters  "
              f"normalization={cfg.normalization.name}  initialization={cfg.initialization.name}")
+    scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups)  # finetune: the groups' own rates
     groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params "
-                       f"decoupled_wd {g.get('weight_decay_decoupled', 0.0):g}"
+                       + (f"lr {g['lr']:g} " if scaled else "") + f"decoupled_wd {g.get('weight_decay_decoupled', 0.0):g}"
                        for i, g in enumerate(optimizer.param_groups))
     log.info(f"optimizer: {type(optimizer).__name__} lr {cfg.optimizer.lr:g}  groups [{groups}]")
     log.info(f"scheduler: {_knobs(cfg.scheduler)}   regularization: {_knobs(cfg.regularization)}   "
@@ -122,6 +123,9 @@ class Run:
         self.data = build_data(cfg.data)
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
+        # transfer learning: trained weights (on a resume, last.pt's replace them), frozen or slower features
+        features = finetune.prepare(self.model, cfg.finetune,
+                                    self.model.name if isinstance(self.model, TorchvisionModel) else None)
         self.channels_last = uses_channels_last(cfg.trainer, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         # the module the loop calls; shares the weights (under torchrun DDP, which averages the gradients)
@@ -131,7 +135,8 @@ class Run:
         self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
         self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
         steps_per_epoch = len(self.train_batches)
-        self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch)
+        self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch, features=features,
+                                         feature_lr_scale=float(cfg.finetune.feature_lr_scale))
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
                                          mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -460,7 +465,7 @@ class Run:
         averaging = self.swa is not None and epoch >= self.swa_first_epoch
         if averaging:  # SWA epochs run at their own constant rate instead of the schedule
             for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.regularization.swa_lr
+                group["lr"] = self.cfg.regularization.swa_lr * group.get("lr_scale", 1.0)
         self.epoch_lr = self.optimizer.param_groups[0]["lr"]
         totals, done = EpochTotals(), 0
         if self.resume_in_epoch is not None:  # the rest of an epoch that a mid-epoch last.pt interrupted
@@ -535,8 +540,11 @@ class Run:
                 log.warning("SWA averaged no epoch (the run ended before regularization.swa_start)")
             return
         self.train_batches.set_epoch(0)
+        frozen = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in finetune.frozen_norms(self.swa)}
         with self.autocast:
             torch.optim.swa_utils.update_bn(self.train_batches, self.swa)
+        for module in finetune.frozen_norms(self.swa):  # update_bn resets every batch norm: a frozen one keeps its own
+            module.load_state_dict(frozen[id(module)])
         if self.ranks.active:  # each rank's pass saw its part of every batch: keep the ranks' mean statistics
             for module in self.swa.module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:

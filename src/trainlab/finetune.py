@@ -1,0 +1,172 @@
+"""Transfer learning (cfg.finetune): start from trained weights, a trainlab checkpoint or torchvision's, with a new
+classifier for the data's classes; keep the loaded feature extractor frozen, or train it at a lower rate.
+
+The classifier is the model's last linear layer. "Features" are the loaded tensors outside it: a layer the weights
+do not fit (a new classifier, a CIFAR stem in place of ImageNet's) keeps its initialization and trains at
+optimizer.lr like the classifier. Without weights, freeze and feature_lr_scale act on every layer but the classifier
+(the random-features baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from trainlab.config import ConfigError
+
+log = logging.getLogger("trainlab")
+
+
+class _Frozen:
+    """A batch norm of a frozen feature extractor: always in eval mode, so it normalises with the loaded running
+    statistics and never updates them (model.train() reaches it and is ignored)."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return super().train(False)  # type: ignore[misc]
+
+
+_FROZEN_TYPES: dict[type, type] = {}
+
+
+def frozen_type(cls: type) -> type:
+    """`cls` (a batch-norm class) with _Frozen's train(), made once per class."""
+    if cls not in _FROZEN_TYPES:
+        _FROZEN_TYPES[cls] = type(f"Frozen{cls.__name__}", (_Frozen, cls), {})
+    return _FROZEN_TYPES[cls]
+
+
+def classifier(model: nn.Module) -> nn.Linear | None:
+    """The model's last linear layer (MLP, CNN and torchvision classifiers all end in one)."""
+    return next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+
+
+def prepare(model: nn.Module, cfg: DictConfig, model_name: str | None = None) -> list[nn.Parameter]:
+    """Load cfg.weights into `model` and freeze what cfg.freeze asks; returns the parameters that train at
+    optimizer.lr * cfg.feature_lr_scale (empty when frozen, or when the scale is 1)."""
+    scale, freeze = float(cfg.feature_lr_scale), bool(cfg.freeze)
+    if not scale > 0:
+        raise ConfigError(f"finetune.feature_lr_scale={cfg.feature_lr_scale}: must be > 0 (to keep the features "
+                          "as loaded, use finetune=frozen)")
+    if cfg.weights is None and not freeze and scale == 1.0:
+        return []
+    head = classifier(model)
+    if head is None:
+        raise ConfigError("finetune: the model has no linear layer to use as the classifier; finetune needs one")
+    head_names = {f"{name}.{p}" for name, module in model.named_modules() if module is head
+                  for p, _ in module.named_parameters(recurse=False)}
+    loaded = load_weights(model, str(cfg.weights), model_name) if cfg.weights is not None else None
+    if loaded is None and (freeze or scale != 1.0):
+        log.warning("finetune: no finetune.weights, so the feature extractor is the initialization "
+                    f"({'frozen: a random-features baseline' if freeze else f'at lr x {scale:g}'})")
+    features = {name for name, _ in model.named_parameters()
+                if name not in head_names and (loaded is None or name in loaded)}
+    if not freeze:
+        return [p for name, p in model.named_parameters() if name in features] if scale != 1.0 else []
+    for name, parameter in model.named_parameters():
+        if name in features:
+            parameter.requires_grad_(False)
+    frozen_norms = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                f"{name}.weight" in features or (not module.affine and (loaded is None or f"{name}.running_mean"
+                                                                        in loaded))):
+            module.__class__ = frozen_type(type(module))
+            module.eval()
+            frozen_norms += 1
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(f"finetune: feature extractor frozen ({len(features)} tensors, {frozen_norms} batch norms in eval "
+             f"mode); {trainable:,} parameters train")
+    return []
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _Frozen)]
+
+
+def load_weights(model: nn.Module, weights: str, model_name: str | None) -> set[str]:
+    """Copy every tensor of `weights` whose name and shape fit into `model`; returns the names loaded.
+
+    A tensor whose shape differs (the classifier of another class count, a first conv of other channels or
+    kernel) keeps the model's initialization, except a first conv of three input channels loaded into one of a
+    single channel: its kernels are summed over the colours (the response to a grey image stays the same)."""
+    source, where = _source(weights, model_name)
+    own = model.state_dict()
+    prefix = "net." if model_name is not None and not any(k.startswith("net.") for k in source) else ""
+    source = {prefix + k: v for k, v in source.items()}
+    absent = [k for k in own if k not in source and not k.endswith("num_batches_tracked")]
+    if len(absent) == len(own) or not any(k in own for k in source):
+        raise ConfigError(f"finetune.weights={weights}: none of its tensors has a name of this model's "
+                          f"({', '.join(list(source)[:3])}, ... vs {', '.join(list(own)[:3])}, ...); give weights of "
+                          "the same architecture (model and its keys as in the run that saved them)")
+    if absent:
+        raise ConfigError(f"finetune.weights={weights} lacks {len(absent)} of this model's tensors "
+                          f"({', '.join(absent[:4])}{', ...' if len(absent) > 4 else ''}): another architecture; "
+                          "set the model keys of the run that saved them")
+    loaded, kept = set(), []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            value = source.get(name)
+            if value is None:
+                continue
+            if value.shape != tensor.shape and _grey_first_conv(value, tensor):
+                value = value.sum(dim=1, keepdim=True)
+            if value.shape == tensor.shape:
+                tensor.copy_(value)
+                loaded.add(name)
+            else:
+                kept.append(f"{name} ({list(value.shape)} in the weights, {list(tensor.shape)} here)")
+    log.info(f"finetune: loaded {len(loaded)} of {len(own)} tensors from {where}"
+             + (f"; kept the initialization of {', '.join(kept)}" if kept else ""))
+    return loaded
+
+
+def _grey_first_conv(value: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return value.ndim == 4 and value.shape[1] == 3 and tensor.shape[1] == 1 and (
+        value.shape[0], *value.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])
+
+
+def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, description) of a trainlab checkpoint file or, for model=torchvision, torchvision's weights."""
+    from trainlab import checkpoint
+
+    path = Path(weights).expanduser()
+    if path.is_file() or path.suffix in (".pt", ".pth") or "/" in weights:
+        state = checkpoint.load(path)
+        if "model" not in state:
+            raise ConfigError(f"finetune.weights={weights}: holds no model weights")
+        return state["model"], str(path)
+    if model_name is None:
+        raise ConfigError(f"finetune.weights={weights}: no such file; give the path of a trainlab checkpoint "
+                          "(best.pt, last.pt, swa.pt), or use a torchvision weights name with model=torchvision")
+    return _torchvision_weights(weights, model_name)
+
+
+def _torchvision_weights(weights: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's pretrained weights `weights` (DEFAULT, IMAGENET1K_V1, ...) of `model_name`: from torch's hub
+    cache ($TORCH_HOME/hub/checkpoints), downloaded there first when absent (a temporary file, renamed when whole)."""
+    import torchvision
+    from urllib.error import URLError
+
+    try:
+        choices = torchvision.models.get_model_weights(model_name)
+    except (ValueError, KeyError):
+        raise ConfigError(f"finetune.weights={weights}: torchvision has no pretrained weights for "
+                          f"model.name={model_name}") from None
+    names = ["DEFAULT", *(w.name for w in choices)]
+    if weights not in names:
+        raise ConfigError(f"finetune.weights={weights}: not a file, nor weights of {model_name}; choose one of "
+                          f"{', '.join(names)}, or give the path of a trainlab checkpoint")
+    chosen = choices[weights] if weights != "DEFAULT" else choices.DEFAULT
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
+    try:
+        state = torch.hub.load_state_dict_from_url(chosen.url, progress=False, map_location="cpu", weights_only=True)
+    except (URLError, OSError) as error:
+        raise ConfigError(f"finetune.weights={weights}: {model_name}'s {chosen.name} weights are not in {file.parent} "
+                          f"and cannot be downloaded ({error}); download {chosen.url} elsewhere and copy it to {file}"
+                          ) from None
+    return state, f"torchvision {model_name} {chosen.name} ({file})"

@@ -1,0 +1,161 @@
+"""Transfer learning (finetune group): weights of another run or torchvision's, a new classifier, frozen or slower
+features, and the errors of weights that cannot be loaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from trainlab import finetune, optim
+from trainlab.config import ConfigError
+from trainlab.run import Run, execute
+
+DATA = ["data=synthetic", "data.num_samples=600", "data.shape=[1,8,8]", "logger.every_n_steps=5"]
+TARGET = [*DATA, "data.num_classes=4", "data.seed=1"]  # another task: 4 classes of other images
+HEAD = ("7.weight", "7.bias")  # the default MLP's classifier
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """best.pt of a 2-epoch MLP run on 10 classes."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    overrides = [*DATA, "trainer.max_epochs=2"]
+    assert execute(compose_cfg(overrides), run_dir, overrides)[:2] == ("completed", 0)
+    return run_dir / "checkpoints" / "best.pt"
+
+
+def built(tmp_path: Path, overrides: list[str]) -> Run:
+    run = Run(compose_cfg(overrides), tmp_path / "run")
+    run.build()
+    return run
+
+
+def saved(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_weights_of_another_run_load_all_but_a_classifier_of_another_class_count(tmp_path, pretrained, caplog):
+    caplog.set_level(logging.INFO, logger="trainlab")
+    run = built(tmp_path, [*TARGET, f"finetune.weights={pretrained}"])
+    source, state = saved(pretrained), run.model.state_dict()
+    for name, tensor in state.items():
+        if name in HEAD:
+            assert tensor.shape[0] == 4 and source[name].shape[0] == 10
+        else:
+            assert torch.equal(tensor, source[name]), name
+    assert "loaded 12 of 14 tensors" in caplog.text and "kept the initialization of 7.weight ([10, 256]" in caplog.text
+    assert [g["name"] for g in run.optimizer.param_groups] == ["all"]  # every layer trains at optimizer.lr
+
+
+def test_frozen_features_stay_as_loaded_batch_norm_statistics_included(tmp_path, pretrained):
+    overrides = [*TARGET, "trainer.max_epochs=2", "finetune=frozen", f"finetune.weights={pretrained}"]
+    status, code, run = execute(compose_cfg(overrides), tmp_path / "run", overrides)
+    assert (status, code) == ("completed", 0)
+    trained, source = saved(tmp_path / "run" / "checkpoints" / "last.pt"), saved(pretrained)
+    assert {n for n, t in trained.items() if n in source and t.shape == source[n].shape
+            and not torch.equal(t, source[n])} == set()  # weights, running means and variances: as loaded
+    assert [p.numel() for g in run.optimizer.param_groups for p in g["params"]] == [4 * 256, 4]
+    assert run.summary["test"]["test/acc"] > 0.5  # a linear probe on the loaded features learns the new task
+
+    # extended by a third epoch: the resumed run is frozen the same way
+    extended = [*overrides[:-3], "trainer.max_epochs=3", *overrides[-2:], "checkpoint.resume=auto"]
+    assert execute(compose_cfg(extended), tmp_path / "run", extended)[:2] == ("completed", 0)
+    again = saved(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.equal(again[n], trained[n]) for n in trained if n not in HEAD)
+    assert not torch.equal(again["7.weight"], trained["7.weight"])
+
+
+def test_swa_keeps_the_frozen_batch_norm_statistics(tmp_path, pretrained):
+    overrides = [*TARGET, "trainer.max_epochs=4", "finetune=frozen", f"finetune.weights={pretrained}",
+                 "regularization=swa"]
+    assert execute(compose_cfg(overrides), tmp_path / "run", overrides)[:2] == ("completed", 0)
+    averaged, source = saved(tmp_path / "run" / "checkpoints" / "swa.pt"), saved(pretrained)
+    for name in ("2.running_mean", "2.running_var", "5.running_mean", "5.running_var"):
+        assert torch.equal(averaged[name], source[name]), name  # update_bn reset every batch norm
+
+
+def test_low_lr_features_train_at_a_tenth_of_the_classifiers_rate_through_the_schedule(tmp_path, pretrained):
+    run = built(tmp_path, [*TARGET, "finetune=low_lr", f"finetune.weights={pretrained}", "scheduler=cosine",
+                           "regularization.weight_decay=1e-3", "regularization.l2=1e-4"])
+    groups = run.optimizer.param_groups
+    assert [g["name"] for g in groups] == ["head_decay", "head_no_decay", "features_decay", "features_no_decay"]
+    for _ in range(7):
+        head, features = groups[0]["lr"], groups[2]["lr"]
+        assert features == pytest.approx(0.1 * head) and head > 0
+        run.scheduler.step()
+    assert sum(p.numel() for p in groups[0]["params"]) == 4 * 256  # the classifier's weight; its bias is not decayed
+    plain = built(tmp_path / "plain", [*TARGET, "regularization.weight_decay=1e-3", "regularization.l2=1e-4"])
+    decayed = {n for n, p in run.model.named_parameters() if any(p is q for q in optim.decayed_parameters(
+        run.optimizer))}
+    assert decayed == {n for n, p in plain.model.named_parameters()
+                       if any(p is q for q in optim.decayed_parameters(plain.optimizer))}  # l2 skips the same ones
+
+
+def test_a_three_channel_first_conv_loads_into_a_grey_one_summed_over_the_colours(tmp_path):
+    colour = [*DATA[:-1], "data.shape=[3,8,8]", "model=cnn", "model.depth=8", "model.width=4", "trainer.max_epochs=1"]
+    assert execute(compose_cfg(colour), tmp_path / "pre", colour)[:2] == ("completed", 0)
+    source = saved(tmp_path / "pre" / "checkpoints" / "best.pt")
+    first = next(n for n, t in source.items() if t.ndim == 4)
+    run = built(tmp_path, [*colour[:-1], "data.shape=[1,8,8]",
+                           f"finetune.weights={tmp_path / 'pre' / 'checkpoints' / 'best.pt'}"])
+    state = run.model.state_dict()
+    assert torch.equal(state[first], source[first].sum(dim=1, keepdim=True))
+
+
+def test_torchvision_weights_load_from_the_hub_cache_with_a_new_stem_and_classifier(tmp_path, monkeypatch, caplog):
+    import torchvision
+
+    caplog.set_level(logging.INFO, logger="trainlab")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(weights.url).name
+    cached.parent.mkdir(parents=True)
+    reference = torchvision.models.resnet18().state_dict()  # stands in for the download (no internet here)
+    torch.save(reference, cached)
+    run = built(tmp_path, ["model=torchvision", "model.name=resnet18", "data=synthetic", "data.num_samples=200",
+                           "finetune=low_lr", "finetune.weights=IMAGENET1K_V1", "trainer.device=cpu"])
+    state = run.model.state_dict()
+    assert torch.equal(state["net.layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
+    assert torch.equal(state["net.bn1.running_var"], reference["bn1.running_var"])
+    assert state["net.conv1.weight"].shape[-1] == 3 and state["net.fc.weight"].shape[0] == 10  # CIFAR stem, 10 classes
+    assert "loaded 119 of 122 tensors from torchvision resnet18 IMAGENET1K_V1" in caplog.text
+    head = {id(p) for p in run.optimizer.param_groups[0]["params"]}
+    assert {id(run.model.net.conv1.weight), id(run.model.net.fc.weight)} <= head  # new layers train at full lr
+
+
+@pytest.mark.parametrize("case", ["offline", "unknown-name", "missing-file", "other-architecture", "not-torchvision"])
+def test_weights_that_cannot_be_loaded_are_named_with_the_fix(tmp_path, monkeypatch, pretrained, case):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    tv = ["model=torchvision", "model.name=resnet18", "data=synthetic", "data.num_samples=200"]
+    overrides, message = {
+        "offline": ([*tv, "finetune.weights=DEFAULT"], r"resnet18's IMAGENET1K_V1 weights are not in .*torch/hub/"
+                    r"checkpoints and cannot be downloaded \(.*name resolution.*\); download https://download.pytorch"
+                    r".org/models/resnet18-f37072fd.pth elsewhere and copy it to .*resnet18-f37072fd.pth"),
+        "unknown-name": ([*tv, "finetune.weights=IMAGENET"], "not a file, nor weights of resnet18; choose one of "
+                         "DEFAULT, IMAGENET1K_V1"),
+        "missing-file": ([*TARGET, f"finetune.weights={tmp_path / 'none.pt'}"], "none.pt does not exist"),
+        "other-architecture": ([*TARGET, "model=cnn", f"finetune.weights={pretrained}"], "none of its tensors has a "
+                               "name of this model's"),
+        "not-torchvision": ([*TARGET, "finetune.weights=DEFAULT"], "no such file; give the path of a trainlab "
+                            "checkpoint"),
+    }[case]
+    status, code, run = execute(compose_cfg(overrides), tmp_path / "run", overrides)
+    assert (status, code) == ("failed", 2) and not run.started
+    assert __import__("re").search(message, run.summary["error"]), run.summary["error"]
+    assert not (tmp_path / "torch" / "hub" / "checkpoints").exists() or not any(
+        (tmp_path / "torch" / "hub" / "checkpoints").iterdir())  # no partial download
+
+
+def test_a_model_without_a_linear_layer_cannot_be_fine_tuned():
+    with pytest.raises(ConfigError, match="no linear layer"):
+        finetune.prepare(torch.nn.Conv2d(1, 2, 3), compose_cfg(["finetune=frozen"]).finetune)
