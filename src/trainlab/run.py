@@ -72,7 +72,8 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
              f"normalization={cfg.normalization.name}  initialization={cfg.initialization.name}")
     scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups)  # finetune: the groups' own rates
     groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params "
-                       + (f"lr {g['lr']:g} " if scaled else "") + f"decoupled_wd {g.get('weight_decay_decoupled', 0.0):g}"
+                       + (f"lr {g['lr']:g} " if scaled else "")
+                       + f"decoupled_wd {g.get('weight_decay_decoupled', 0.0):g}"
                        for i, g in enumerate(optimizer.param_groups))
     log.info(f"optimizer: {type(optimizer).__name__} lr {cfg.optimizer.lr:g}  groups [{groups}]")
     log.info(f"scheduler: {_knobs(cfg.scheduler)}   regularization: {_knobs(cfg.regularization)}   "
@@ -80,8 +81,9 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     log.info(f"device: {device}  precision: {precision}  max_epochs: {cfg.trainer.max_epochs}  "
              f"seed: {cfg.seed}")
     every = cfg.logger.layer_stats_every_n_epochs
+    layer_stats = f"epoch 1 and every {every} epochs" if every > 0 else "off"
     log.info(f"monitoring: tensorboard {cfg.logger.tensorboard}  every_n_steps {cfg.logger.every_n_steps}  "
-             f"grad_norm {cfg.logger.grad_norm}  layer stats {f'epoch 1 and every {every} epochs' if every > 0 else 'off'}  "
+             f"grad_norm {cfg.logger.grad_norm}  layer stats {layer_stats}  "
              f"histograms {cfg.logger.histograms}  graph {cfg.logger.graph}")
 
 
