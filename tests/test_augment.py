@@ -121,6 +121,28 @@ def test_random_rotate_draws_one_angle_per_image_within_the_bound():
     assert len({round(float(o.sum()), 1) for o in out}) > 32  # the angles differ per image
 
 
+# --- zoom ------------------------------------------------------------------------------------------
+
+
+def test_zoom_matches_torchvision_in_and_out_and_keeps_the_centre():
+    images = distinct(2, h=8, w=12)
+    assert torch.allclose(augment.zoom(images, torch.ones(2)), images, atol=1e-4)
+    for factor in (0.75, 1.5, 2.0):
+        theirs = TF.affine(images, angle=0.0, translate=[0, 0], scale=factor, shear=[0.0, 0.0],
+                           interpolation=InterpolationMode.BILINEAR)
+        assert torch.allclose(augment.zoom(images, torch.full((2,), factor)), theirs, atol=1e-3), factor
+    out = augment.zoom(images, torch.full((2,), 0.5))
+    assert out[..., 0, :].abs().max() == 0 and out[..., :, -1].abs().max() == 0  # zoomed out: a black border
+
+
+def test_random_zoom_draws_one_factor_per_image_within_the_bound():
+    images = distinct(1, h=9, w=9).expand(64, -1, -1, -1).contiguous()
+    out = augment.random_zoom(images, 0.2, gen(3))
+    factors = augment._uniform(64, 0.8, 1.2, gen(3), images.device)
+    assert factors.min() >= 0.8 and factors.max() <= 1.2 and factors.std() > 0.05
+    assert torch.allclose(out, augment.zoom(images, factors), atol=1e-5)
+
+
 # --- cutout and noise ------------------------------------------------------------------------------
 
 
@@ -262,7 +284,8 @@ def test_mixup_and_cutmix_together_mix_each_image_by_one_of_them():
 
 # --- the built device-path function ----------------------------------------------------------------
 
-EVERYTHING = dict(crop_padding=2, crop_padding_mode="reflect", translate=0.2, rotate=10.0, hflip=0.5, vflip=0.5,
+EVERYTHING = dict(crop_padding=2, crop_padding_mode="reflect", translate=0.2, rotate=10.0, scale=0.1, hflip=0.5,
+                  vflip=0.5,
                   brightness=0.3, contrast=0.3, saturation=0.3, cutout_size=3, noise_std=2.0, mixup_alpha=0.2,
                   cutmix_alpha=1.0)
 
@@ -298,6 +321,7 @@ def test_device_path_refuses_what_it_cannot_do():
     ("augmentation.vflip=2", r"augmentation.vflip=2.0: is a probability"),
     ("augmentation.rotate=400", r"augmentation.rotate=400.0: is in degrees"),
     ("augmentation.cutout_size=-3", r"augmentation.cutout_size=-3: must be >= 0"),
+    ("augmentation.scale=1.0", r"augmentation.scale=1.0: is the largest zoom change, in \[0, 1\)"),
     ("augmentation.policy=autoaug", r"augmentation.policy='autoaug': choose one of autoaugment, randaugment"),
     ("augmentation=trivialaugment", r"augmentation.policy='trivialaugment': runs only on the DataLoader path"),
     ("augmentation.randaugment_magnitude=31", r"augmentation.randaugment_magnitude=31: must be in \[0, 30\]"),
@@ -329,10 +353,12 @@ def test_v2_transform_is_none_without_per_image_augmentation():
 def test_v2_transform_maps_each_option_to_its_torchvision_counterpart():
     pipeline = augment.build_v2_transform(node(**EVERYTHING))
     kinds = [type(t) for t in pipeline.transforms]
-    assert kinds == [augment.PadRandomCrop, v2.RandomAffine, v2.RandomRotation, v2.RandomHorizontalFlip,
-                     v2.RandomVerticalFlip, v2.ColorJitter, augment.Cutout, v2.ToDtype, v2.GaussianNoise]
-    affine, rotation, jitter, noise = (pipeline.transforms[k] for k in (1, 2, 5, 8))
+    assert kinds == [augment.PadRandomCrop, v2.RandomAffine, v2.RandomRotation, v2.RandomAffine,
+                     v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.ColorJitter, augment.Cutout, v2.ToDtype,
+                     v2.GaussianNoise]
+    affine, rotation, zoom, jitter, noise = (pipeline.transforms[k] for k in (1, 2, 3, 6, 9))
     assert affine.translate == (0.2, 0.2) and list(affine.degrees) == [0.0, 0.0]
+    assert zoom.scale == (0.9, 1.1) and zoom.translate is None and zoom.interpolation == InterpolationMode.BILINEAR
     assert list(rotation.degrees) == [-10.0, 10.0] and rotation.interpolation == InterpolationMode.BILINEAR
     assert jitter.brightness == (0.7, 1.3) and jitter.saturation == (0.7, 1.3)
     assert (noise.sigma, noise.clip) == (2.0, False)

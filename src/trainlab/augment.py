@@ -92,6 +92,21 @@ def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Gen
     return rotate(images, _uniform(images.shape[0], -max_degrees, max_degrees, generator, images.device))
 
 
+def zoom(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Scale image i by factors[i] about its centre: > 1 zooms in (the border leaves the frame), < 1 zooms out
+    (black border); bilinear, as torchvision's affine(scale=...)."""
+    inverse = 1.0 / factors.to(images.dtype)
+    zero = torch.zeros_like(inverse)
+    theta = torch.stack([torch.stack([inverse, zero, zero], 1), torch.stack([zero, inverse, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_zoom(images: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """Scale each image by a factor drawn uniformly from [1 - amount, 1 + amount] (RandomAffine's scale draw)."""
+    return zoom(images, _uniform(images.shape[0], 1.0 - amount, 1.0 + amount, generator, images.device))
+
+
 # --- occlusion and noise ---------------------------------------------------------------------------
 
 
@@ -219,6 +234,7 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
         raise ConfigError(f"augmentation.cutout_size={cfg.cutout_size} is larger than the {h}x{w} images; "
                           f"choose at most {min(h, w)}")
     translate_f, degrees, flip_h, flip_v = float(cfg.translate), float(cfg.rotate), float(cfg.hflip), float(cfg.vflip)
+    amount = float(cfg.scale)
     colour = (float(cfg.brightness), float(cfg.contrast), float(cfg.saturation))
     size, std = int(cfg.cutout_size), float(cfg.noise_std)
     steps: list[Step] = []
@@ -228,6 +244,8 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
         steps.append(lambda x, g: translate(x, translate_f, g))
     if degrees > 0:
         steps.append(lambda x, g: random_rotate(x, degrees, g))
+    if amount > 0:
+        steps.append(lambda x, g: random_zoom(x, amount, g))
     if flip_h > 0:
         steps.append(lambda x, g: hflip(x, flip_h, g))
     if flip_v > 0:
@@ -339,6 +357,9 @@ def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor
         steps.append(v2.RandomAffine(degrees=0.0, translate=(float(cfg.translate), float(cfg.translate))))
     if cfg.rotate > 0:
         steps.append(v2.RandomRotation(float(cfg.rotate), interpolation=v2.InterpolationMode.BILINEAR))
+    if cfg.scale > 0:
+        steps.append(v2.RandomAffine(degrees=0.0, scale=(1.0 - float(cfg.scale), 1.0 + float(cfg.scale)),
+                                     interpolation=v2.InterpolationMode.BILINEAR))
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(float(cfg.hflip)))
     if cfg.vflip > 0:

@@ -161,6 +161,7 @@ class AugmentationConfig:
     crop_padding_mode: str = "zeros"  # zeros | reflect
     translate: float = 0.0  # largest shift, as a fraction of the width (x) and height (y); zero fill
     rotate: float = 0.0  # largest rotation in degrees: angle uniform in [-rotate, rotate]; bilinear, zero fill
+    scale: float = 0.0  # zoom about the centre by a factor uniform in [1 - scale, 1 + scale]; bilinear, zero fill
     hflip: float = 0.0  # probability of flipping each training image left-right
     vflip: float = 0.0  # probability of flipping each training image upside down
     brightness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]
@@ -496,6 +497,8 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(0.0 <= aug.translate < 1.0, "augmentation.translate", aug.translate,
           "is a fraction of the image size in [0, 1), e.g. 0.125")
     check(0.0 <= aug.rotate <= 180.0, "augmentation.rotate", aug.rotate, "is in degrees, 0 to 180")
+    check(0.0 <= aug.scale < 1.0, "augmentation.scale", aug.scale,
+          "is the largest zoom change, in [0, 1): the factor is uniform in [1 - scale, 1 + scale]")
     for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
         check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
     check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
