@@ -611,7 +611,12 @@ def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = F
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, live, ranks)
     with run.signals:
-        return _execute(run, cfg, run_dir, overrides)
+        status, code, run = _execute(run, cfg, run_dir, overrides)
+    received = run.signals.received
+    if code == 0 and received is not None:  # after the last step (in the test): the run finished, yet it stops here
+        log.warning(f"{faults.signal_name(received)} after training: the run finished its test and summary.json")
+        code = faults.INTERRUPT_EXIT_CODES.get(received, 143)
+    return status, code, run
 
 
 def blame_first_failure(run: Run) -> None:

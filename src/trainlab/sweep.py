@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainlab.config import ConfigError
+from trainlab.config import ConfigError, monitor_mode
 
 log = logging.getLogger("trainlab")
 
 DONE = ("completed", "stopped_early")  # statuses a resumed sweep does not run again
 OBJECTIVE_SECTIONS = ("best", "test")  # sweep.objective = <section>/<metric>, read from summary.json
+STOPPED_CODES = (130, 143)  # a run's exit code after a stop signal (faults.INTERRUPT_EXIT_CODES)
 
 
 class JobFailed(RuntimeError):
@@ -47,6 +48,31 @@ def objective_value(summary: dict[str, Any], objective: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def objective_names(monitor: str) -> list[str]:
+    """The values of sweep.objective a summary.json holds: best/<val metric or the monitor>, test/test/<metric>."""
+    best = dict.fromkeys(("val/loss", "val/acc", monitor))
+    return [*(f"best/{m}" for m in best), "test/test/loss", "test/test/acc"]
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """Refuse a sweep.objective that no summary.json holds, and one that the search's direction
+    (hydra.sweeper.direction, in a sweep's config) would optimise the wrong way, e.g. seek the worst accuracy."""
+    objective = cfg.sweep.objective
+    if objective is None:
+        return
+    names = objective_names(str(cfg.early_stopping.monitor))
+    if objective not in names:
+        raise ConfigError(f"sweep.objective={objective}: no summary.json holds it; choose one of {', '.join(names)}")
+    direction = OmegaConf.select(cfg, "hydra.sweeper.direction", default=None)
+    direction = getattr(direction, "name", direction)  # optuna's Direction enum or its name
+    higher = monitor_mode(objective, "auto") == "max"
+    wanted = "maximize" if higher else "minimize"
+    if isinstance(direction, str) and direction.lower() in ("minimize", "maximize") and direction.lower() != wanted:
+        raise ConfigError(f"sweep.objective={objective} improves when it gets {'higher' if higher else 'lower'}, but "
+                          f"hydra.sweeper.direction={direction} searches for its {'lowest' if higher else 'highest'} "
+                          f"value; set hydra.sweeper.direction={wanted}")
+
+
 def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
                   execute: Callable[..., tuple[str, int, Any]]) -> str | float:
     """One job of a sweep. Returns its status, or its objective value when `sweep.objective` is set.
@@ -56,8 +82,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
     (the report at the end lists it and the sweep exits 1); only a search (sweep.objective set) raises
     JobFailed, so that its sweeper records the trial as failed instead of a value.
     """
-    if cfg.sweep.objective is not None:
-        objective_value({}, cfg.sweep.objective)  # a misspelt objective fails before training, not after
+    check_objective(cfg)  # also checked when the sweep starts (ReportCallback); here for jobs started elsewhere
     previous = read_summary(run_dir) if cfg.sweep.resume else None
     if previous is not None and previous.get("status") in DONE:
         log.info(f"sweep.resume: skipped, {previous['status']} in an earlier sweep ({run_dir})")
@@ -69,8 +94,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
         status, code, run = execute(cfg, run_dir, overrides)
         summary = run.summary
         _record_process(run_dir)
-        if status == "interrupted":  # Ctrl-C or preemption stops the sweep, not just this job
-            log.warning(f"sweep interrupted in {run_dir.name} (its last.pt is saved); continue the sweep with the same "
+        # Ctrl-C or preemption stops the sweep, not just this job; also when it came during the job's test, which
+        # finished (status completed, exit code 130 or 143)
+        if status == "interrupted" or code in STOPPED_CODES:
+            state = "its last.pt is saved" if status == "interrupted" else f"it finished first: {status}"
+            log.warning(f"sweep interrupted in {run_dir.name} ({state}); continue the sweep with the same "
                         f"command plus hydra.sweep.dir={run_dir.parent} sweep.resume=true")
             sys.exit(code)
     if cfg.sweep.objective is None:
@@ -95,7 +123,15 @@ def _record_process(run_dir: Path) -> None:
 
 
 class ReportCallback(Callback):
-    """At the end of every sweep: the report (table, CSV, Markdown, PNG); exit 1 naming the failed jobs."""
+    """At the start of every sweep: sweep.objective is checked (exit 2). At the end: the report (table, CSV,
+    Markdown, PNG); exit 1 naming the failed jobs, or, for a search, when no trial gave the objective a value."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_objective(config)
+        except ConfigError as error:
+            log.error(str(error))
+            sys.exit(2)  # before any job ran or any directory was made
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.dry_run:
@@ -111,4 +147,19 @@ class ReportCallback(Callback):
         if failed:
             log.error(f"{len(failed)} of {len(report.jobs)} jobs did not complete:\n" +
                       "\n".join(f"  {job.name}: {job.status} ({job.reason})" for job in failed))
+        objective = config.sweep.objective
+        if objective is not None and not any(_has_value(report.sweep_dir / j.name, objective) for j in report.jobs):
+            log.error(f"no trial succeeded: none of the {len(report.jobs)} jobs gave sweep.objective={objective} a "
+                      "value, so the search has no best parameters")
+            sys.exit(1)
+        if failed:
             sys.exit(1)  # SystemExit passes through Hydra's callback guard, which turns exceptions into warnings
+
+
+def _has_value(run_dir: Path, objective: str) -> bool:
+    """Whether the job completed with a finite sweep.objective: a trial the search recorded as complete."""
+    summary = read_summary(run_dir)
+    if summary is None or summary.get("status") not in DONE:
+        return False
+    value = objective_value(summary, objective)
+    return value is not None and math.isfinite(value)
