@@ -365,7 +365,7 @@ def publish(report: Report, console: Console | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `trainlab` command: `trainlab report <sweep_dir>`."""
+    """The `trainlab` command: `trainlab report <sweep_dir>`, `trainlab ensemble <runs>`."""
     parser = argparse.ArgumentParser(prog="trainlab", description="trainlab's tools besides `train`.")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="rank the jobs of a sweep directory (finished, partial or failed)")
@@ -376,7 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--mode", choices=("min", "max"), default=None,
                         help="min: lower is better; default: early_stopping.mode for its monitor, else max for "
                              "accuracies and min otherwise")
+    together = commands.add_parser("ensemble", help="average the predictions of trained runs on their test split")
+    together.add_argument("runs", type=Path, nargs="+", help="run directories, or sweep directories of them")
+    together.add_argument("--checkpoint", choices=("tested", "best", "last", "swa"), default="tested",
+                          help="each run's weights: tested (what its test used: swa.pt after SWA, else best.pt), "
+                               "best, last or swa")
+    together.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
+    together.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
     args = parser.parse_args(argv)
+    if args.command == "ensemble":
+        _ensemble(parser, args)
+        return
     if args.sweep_dir.is_dir() and not job_dirs(args.sweep_dir):
         parser.exit(2, f"trainlab report: {args.sweep_dir} holds no job directories (subdirectories with .hydra/ "
                        "or summary.json); give the directory of a sweep, e.g. outputs/multirun/<time>\n")
@@ -384,6 +394,20 @@ def main(argv: list[str] | None = None) -> None:
         write_report(args.sweep_dir, args.metric, args.mode)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"trainlab report: {error}\n")
+
+
+def _ensemble(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from trainlab import ensemble
+    from trainlab.config import ConfigError
+
+    try:
+        result = ensemble.ensemble(args.runs, args.checkpoint, args.device)
+    except ConfigError as error:
+        parser.exit(2, f"trainlab ensemble: {error}\n")
+    Console(width=None if sys.stdout.isatty() else 160).print(ensemble.table(result))
+    if args.csv is not None:
+        ensemble.write_csv(result, args.csv)
+        print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":
