@@ -157,3 +157,17 @@ def test_a_single_run_signalled_during_its_test_writes_its_summary_and_exits_143
     assert result.returncode == 143, result.stdout + result.stderr
     assert "SIGTERM after training: the run finished its test and summary.json" in result.stdout + result.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_sweep_into_a_directory_whose_jobs_trained_is_refused_unless_resumed(tmp_path):
+    """Every job was refused (its directory holds a run) and the report showed the old results, exit 0."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"hydra.sweep.dir={sweep} already holds a sweep (2 jobs trained); continue it with sweep.resume=true" in (
+        result.stdout + result.stderr)
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before  # nothing written
+    assert run_cli([*args, "sweep.resume=true"], cwd=tmp_path).returncode == 0

@@ -73,6 +73,20 @@ def check_objective(cfg: DictConfig) -> None:
                           f"value; set hydra.sweeper.direction={wanted}")
 
 
+def check_new_sweep(cfg: DictConfig) -> None:
+    """A sweep into a hydra.sweep.dir whose jobs already trained, without sweep.resume, would have every job refused
+    (each directory holds a run) and report the old results as if new: refused at the start. A search (Optuna)
+    continues its stored study in the same directory, with new job numbers, and is left alone."""
+    sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", default=None)
+    if sweep_dir is None or cfg.sweep.resume or cfg.sweep.objective is not None or not Path(sweep_dir).is_dir():
+        return
+    trained = [p for p in Path(sweep_dir).iterdir() if (p / "metrics.csv").is_file()]
+    if trained:
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir} already holds a sweep ({len(trained)} jobs trained); continue "
+                          "it with sweep.resume=true (jobs that completed are skipped), or leave out hydra.sweep.dir "
+                          "for a new sweep")
+
+
 def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
                   execute: Callable[..., tuple[str, int, Any]]) -> str | float:
     """One job of a sweep. Returns its status, or its objective value when `sweep.objective` is set.
@@ -129,6 +143,7 @@ class ReportCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_objective(config)
+            check_new_sweep(config)
         except ConfigError as error:
             log.error(str(error))
             sys.exit(2)  # before any job ran or any directory was made
