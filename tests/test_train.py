@@ -255,3 +255,15 @@ def test_a_new_run_in_a_directory_that_holds_one_is_refused_and_changes_nothing(
            "checkpoint.resume=auto" in run.summary["error"]
     assert {p.name: p.read_bytes() for p in (run_dir / "metrics.csv", run_dir / "summary.json")} == before
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_wall_time_counts_every_process_of_a_resumed_run(train_inprocess, tmp_path):
+    import time
+
+    assert train_inprocess(["trainer.max_epochs=1"])[:2] == ("completed", 0)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["wall_time_s"]
+    tic = time.time()
+    _, _, run = train_inprocess(["trainer.max_epochs=2", "checkpoint.resume=auto"])
+    second = time.time() - tic
+    assert run.summary["status"] == "completed" and 0 < saved
+    assert saved < run.summary["wall_time_s"] <= saved + second  # the first process's seconds, then this one's

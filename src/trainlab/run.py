@@ -112,6 +112,8 @@ class Run:
         # the ranks agreed on at the last logging interval (so that all of them stop after the same step)
         self.stop_signals: Any = self.signals if not ranks.active else types.SimpleNamespace(received=None)
         self.resume_in_epoch: dict[str, Any] | None = None  # the rest of an epoch a mid-epoch last.pt left
+        self.began = time.time()  # this process's part of the run
+        self.earlier_wall_s = 0.0  # the wall time of the processes before a resume (saved in last.pt)
 
     def build(self) -> None:
         cfg = self.cfg
@@ -298,6 +300,11 @@ class Run:
             raise checkpoint.CheckpointWriteError(*failed)
 
     @property
+    def wall_time_s(self) -> float:
+        """Seconds since the run began, across resumes (the time after the last save of a killed process is lost)."""
+        return self.earlier_wall_s + time.time() - self.began
+
+    @property
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated and saved as best: the EMA average when there is one."""
         return self.ema.module if self.ema is not None else self.model
@@ -321,6 +328,7 @@ class Run:
             "best_row": self.best_row,
             "rng": checkpoint.rng_state(),
             "config": self.config_yaml,
+            "wall_time_s": self.wall_time_s,
             # torchrun: each rank's own random streams (dropout, augmentation), gathered from all of them
             "ranks": distributed.gather({"rng": checkpoint.rng_state(), "loader": self.train_batches.state_dict()},
                                         self.ranks) if self.ranks.active else None,
@@ -377,6 +385,7 @@ class Run:
         self.best_row = dict(state.get("best_row", {}))
         checkpoint.set_rng_state(own["rng"])
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
+        self.earlier_wall_s = float(state.get("wall_time_s", 0.0))
         self.resume_in_epoch = state.get("in_epoch")
         if self.resume_in_epoch is not None and "loader" in own:
             self.resume_in_epoch["loader"] = own["loader"]  # this rank's augmentation stream
@@ -632,7 +641,6 @@ def blame_first_failure(run: Run) -> None:
 
 
 def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[str, int, Run]:
-    tic = time.time()
     code = None
     earlier_summary = (run_dir / "summary.json").is_file()  # a resume refused before training keeps it
     try:
@@ -686,7 +694,7 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
                 getattr(run, name).close()
     status = run.summary["status"]
     run.summary.update(
-        wall_time_s=round(time.time() - tic, 3),
+        wall_time_s=round(run.wall_time_s, 3),
         device=str(getattr(run, "device", cfg.trainer.device)),
         precision=getattr(run, "precision", None),
         versions=versions(),
