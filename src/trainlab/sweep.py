@@ -21,6 +21,9 @@ log = logging.getLogger("trainlab")
 DONE = ("completed", "stopped_early")  # statuses a resumed sweep does not run again
 OBJECTIVE_SECTIONS = ("best", "test")  # sweep.objective = <section>/<metric>, read from summary.json
 STOPPED_CODES = (130, 143)  # a run's exit code after a stop signal (faults.INTERRUPT_EXIT_CODES)
+# Set by a launcher that stopped the sweep on a stop signal (hydra/launcher=parallel): the exit code (130, 143) and
+# the line that says how to continue; the report callback then ends the sweep with them, after the report.
+STOPPED: dict[str, Any] = {}
 
 
 class JobFailed(RuntimeError):
@@ -162,6 +165,9 @@ class ReportCallback(Callback):
         if failed:
             log.error(f"{len(failed)} of {len(report.jobs)} jobs did not complete:\n" +
                       "\n".join(f"  {job.name}: {job.status} ({job.reason})" for job in failed))
+        if STOPPED:  # the jobs a stop signal ended are not failures: the sweep ends as stopped (130, 143)
+            log.warning(STOPPED["message"])
+            sys.exit(STOPPED["code"])
         objective = config.sweep.objective
         if objective is not None and not any(_has_value(report.sweep_dir / j.name, objective) for j in report.jobs):
             log.error(f"no trial succeeded: none of the {len(report.jobs)} jobs gave sweep.objective={objective} a "
