@@ -359,3 +359,37 @@ def test_messages_paths_and_values_are_printed_as_they_are_not_as_rich_markup():
     out = console.export_text()
     assert reason in out and "/runs/[bold]a" in out and "--logdir /runs/[bold]a" in out
     assert "root: /data/[red]x[/red]" in out
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Adam", "Adadelta"])
+def test_effective_step_size_of_adaptive_optimizers_is_the_median_of_their_rule(name):
+    from trainlab.layer_stats import effective_lrs
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    optimizer = getattr(torch.optim, name)(model.parameters(), lr=0.05)
+    assert effective_lrs(optimizer) == {}  # no state before the first step
+    sizes = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).pow(2).mean().backward()
+        optimizer.step()
+        sizes.append(effective_lrs(optimizer)["0"])
+    states = [optimizer.state[p] for p in model.parameters()]
+    if name == "Adagrad":
+        rule = [0.05 / (s["sum"].sqrt() + 1e-10) for s in states]
+        assert all(b <= a for a, b in zip(sizes, sizes[1:]))  # the sum only grows: the step only shrinks
+    elif name == "RMSprop":
+        rule = [0.05 / (s["square_avg"].sqrt() + 1e-8) for s in states]
+    elif name == "Adam":
+        rule = [0.05 * (1 - 0.999 ** 30) ** 0.5 / (1 - 0.9 ** 30) / (s["exp_avg_sq"].sqrt() + 1e-8) for s in states]
+    else:
+        rule = [0.05 * (s["acc_delta"] + 1e-6).sqrt() / (s["square_avg"] + 1e-6).sqrt() for s in states]
+    assert sizes[-1] == pytest.approx(float(torch.cat([r.flatten() for r in rule]).median()), rel=1e-6)
+    assert effective_lrs(torch.optim.SGD(model.parameters(), lr=0.1)) == {}  # one rate for all: the lr tag
+
+
+def test_adagrad_run_logs_its_shrinking_effective_step_size(train_inprocess, tmp_path):
+    train_inprocess(["trainer.max_epochs=3", "optimizer=adagrad", "early_stopping.enabled=false"])
+    sizes = [v for _, v in scalars(events(tmp_path / "run"))["lr_effective/all"]]
+    assert len(sizes) == 3 and sizes[0] > sizes[1] > sizes[2] > 0

@@ -198,3 +198,53 @@ def image_grid(tiles: torch.Tensor, padding: int) -> torch.Tensor:
     grid = canvas.reshape(rows, cols, channels, h + padding, w + padding).permute(2, 0, 3, 1, 4)
     grid = grid.reshape(channels, rows * (h + padding), cols * (w + padding))
     return torch.nn.functional.pad(grid, (0, padding, 0, padding), value=1.0)  # the right and bottom margins
+
+
+SAMPLE_PER_TENSOR = 4096  # coordinates of each parameter read for the median step size (every k-th one)
+
+
+def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Per parameter group, the median over its coordinates of the step size an adaptive optimizer applies to
+    a unit gradient: lr / (sqrt(G) + eps) for Adagrad (G the sum of squared gradients: it only grows, so the step
+    shrinks), lr / (sqrt(v) + eps) for RMSprop (v a running mean: it follows the gradients), Adam's and AdamW's
+    with their bias corrections, Adadelta's sqrt(delta + eps) / sqrt(v + eps) times lr. Empty for other optimizers,
+    and before the first step. Large tensors are read at up to SAMPLE_PER_TENSOR evenly spaced coordinates."""
+    kind = type(optimizer).__name__
+    if kind not in ("Adagrad", "RMSprop", "Adam", "AdamW", "Adadelta"):
+        return {}
+    found = {}
+    with torch.no_grad():
+        for index, group in enumerate(optimizer.param_groups):
+            steps = []
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if state and float(state.get("step", 1)) > 0:  # Adagrad's state exists before its first step
+                    # the same coordinates of every state tensor, then the step sizes of those alone:
+                    sampled = {k: _sampled(v) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in state.items()}
+                    steps.append(_step_size(kind, group, sampled))
+            if steps:
+                found[str(group.get("name", index))] = float(torch.cat(steps).float().median())
+    return found
+
+
+def _sampled(values: torch.Tensor) -> torch.Tensor:
+    flat = values.reshape(-1)
+    return flat[:: max(1, flat.numel() // SAMPLE_PER_TENSOR)]
+
+
+def _step_size(kind: str, group: dict, state: dict) -> torch.Tensor:
+    """The per-coordinate multiplier of the gradient in the optimizer's next update (without momentum)."""
+    lr, eps = group["lr"], group["eps"]
+    step = float(state["step"]) if "step" in state else 0.0
+    if kind == "Adagrad":
+        return lr / (1 + (step - 1) * group["lr_decay"]) / (state["sum"].sqrt() + eps)
+    if kind == "RMSprop":
+        v = state["square_avg"]
+        if group["centered"]:
+            v = v - state["grad_avg"] ** 2
+        return lr / (v.sqrt() + eps)
+    if kind == "Adadelta":
+        return lr * (state["acc_delta"] + eps).sqrt() / (state["square_avg"] + eps).sqrt()
+    beta1, beta2 = group["betas"]
+    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    return lr * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step) / (v.sqrt() + eps)

@@ -23,7 +23,7 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from trainlab.layer_stats import LayerStats, global_norm
+from trainlab.layer_stats import LayerStats, effective_lrs, global_norm
 from trainlab.loop import Interval
 
 log = logging.getLogger("trainlab")
@@ -244,6 +244,8 @@ class RunMonitor:
                 values["train/weight_norm"] = norm  # read with the epoch's last interval (the divergence check)
             elif self.model is not None:
                 values["train/weight_norm"] = global_norm(self.model.parameters()).item()
+            if self.optimizer is not None:  # adaptive optimizers: the median step size per unit gradient
+                values.update({f"lr_effective/{name}": lr for name, lr in effective_lrs(self.optimizer).items()})
             if self.device is not None and self.device.type == "cuda":
                 values["perf/gpu_max_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                 torch.cuda.reset_peak_memory_stats(self.device)
