@@ -94,6 +94,30 @@ def test_ema_equals_the_closed_form_average():
     assert expected == pytest.approx(0.9 * (0.9 * (0.9 * 1 + 0.2) + 0.4) + 0.8)
 
 
+def test_ema_warmup_ramps_the_decay_so_the_first_weights_fade():
+    model = nn.Linear(1, 1, bias=False)
+    ema = ema_model(model, decay=0.99, warmup=True)
+    expected = None
+    for n, value in enumerate([1.0, 2.0, 4.0, 8.0, 16.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update_parameters(model)
+        decay = min(0.99, (1 + n) / (10 + n))  # n updates before this one
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        assert ema.module.weight.item() == pytest.approx(expected)
+    assert ema_model(model, 0.99, warmup=True).decay_now() == 0.1 and ema.decay_now() == pytest.approx(6 / 15)
+    assert ema_model(model, 0.5, warmup=True).decay_now() == 0.1  # min(decay, ramp)
+
+
+def test_ema_warmup_in_a_short_run_tests_the_trained_weights_not_the_initial_ones(train_inprocess):
+    """4 epochs of 20 steps: without warmup a 0.99 average still holds 0.99**80 = 45 % of the initial weights."""
+    common = ["trainer.max_epochs=4", "regularization=ema"]
+    _, _, plain = train_inprocess(common, name="plain")
+    _, _, warm = train_inprocess([*common, "regularization.ema_warmup=true"], name="warm")
+    assert warm.summary["test"]["test/loss"] < 0.5 * plain.summary["test"]["test/loss"]
+    assert warm.ema.n_averaged == plain.ema.n_averaged > 0
+
+
 def test_first_swa_epoch():
     assert first_swa_epoch(0.75, 4) == 4
     assert first_swa_epoch(0.75, 30) == 23

@@ -187,6 +187,7 @@ class RegularizationConfig:
     grad_clip_norm: Optional[float] = None  # rescale the gradient when its global L2 norm exceeds this
     grad_clip_value: Optional[float] = None  # clamp each gradient element to [-value, value]
     ema_decay: Optional[float] = None  # per-step decay of the weight average (e.g. 0.999); evaluated and saved
+    ema_warmup: bool = False  # true: the decay ramps up as min(ema_decay, (1 + n) / (10 + n)) after n updates
     swa_start: Optional[float] = None  # fraction of trainer.max_epochs after which SWA averages each epoch
     swa_lr: float = 0.01  # constant learning rate during the SWA epochs (absolute)
 

@@ -55,10 +55,10 @@ class EMA(nn.Module):
     update never reads a device tensor back to the host: no synchronisation per step.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         super().__init__()
         self.module = copy.deepcopy(model)
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.n_averaged = 0
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -74,11 +74,17 @@ class EMA(nn.Module):
         if self.n_averaged == 0:
             torch._foreach_copy_(mine, theirs)
         elif floats:
-            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay)
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay_now())
             for a, b in zip(mine, theirs):
                 if not a.is_floating_point():
                     a.copy_(b)
         self.n_averaged += 1
+
+    def decay_now(self) -> float:
+        """The decay of the next update: `decay`, or with warmup min(decay, (1 + n) / (10 + n)) after n updates, so
+        that the first weights' share fades within the first few hundred steps whatever the decay."""
+        n = self.n_averaged
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     def get_extra_state(self) -> dict[str, int]:
         return {"n_averaged": self.n_averaged}
@@ -87,9 +93,9 @@ class EMA(nn.Module):
         self.n_averaged = int(state["n_averaged"])
 
 
-def ema_model(model: nn.Module, decay: float) -> EMA:
+def ema_model(model: nn.Module, decay: float, warmup: bool = False) -> EMA:
     """The exponential moving average of `model`'s weights with per-step `decay` (see EMA)."""
-    return EMA(model, decay)
+    return EMA(model, decay, warmup)
 
 
 def swa_model(model: nn.Module) -> AveragedModel:

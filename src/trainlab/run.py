@@ -194,7 +194,7 @@ class Run:
             policy=trainer.on_nonfinite, max_skips=trainer.max_nonfinite_skips,
             check_grads=self.precision != "fp16",  # under fp16 the scaler skips inf-gradient steps itself
             agree=functools.partial(distributed.all_true, device=self.device) if self.ranks.active else None)
-        self.ema = ema_model(model, reg.ema_decay) if reg.ema_decay is not None else None
+        self.ema = ema_model(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay is not None else None
         self.swa = swa_model(model) if reg.swa_start is not None else None
         self.swa_first_epoch = (first_swa_epoch(reg.swa_start, self.cfg.trainer.max_epochs)
                                 if reg.swa_start is not None else None)
