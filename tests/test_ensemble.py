@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
+from test_data import write_image_folder
 from trainlab import ensemble, report
 from trainlab.config import ConfigError
 from trainlab.run import execute
@@ -78,3 +80,91 @@ def test_runs_that_cannot_be_ensembled_are_refused_with_exit_2(seeds, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         report.main(["ensemble", str(tmp_path / "nowhere"), str(seeds)])
     assert exit_info.value.code == 2 and "nowhere: no such run or sweep directory" in capsys.readouterr().err
+
+
+# --- relative data paths: those of the directory the run was trained in ---------------------------------
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("cache", [[], ["data.cache_dir=decoded"]], ids=["root_cache", "literal_cache_dir"])
+def test_relative_data_paths_are_read_from_the_directory_the_run_was_trained_in(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRAINLAB_DATA", raising=False)  # data.root is then the relative default, data
+    lab, elsewhere = tmp_path / "lab", tmp_path / "elsewhere"
+    write_image_folder(lab / "imgs")
+    elsewhere.mkdir()
+    monkeypatch.chdir(lab)
+    run = trained(lab / "run", ["trainer.max_epochs=1", "data=image_folder", "data.path=imgs", "data.image_size=8",
+                                *cache])
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(lab)}}}, run / ".hydra" / "hydra.yaml")  # as Hydra writes it
+    cached = listing(lab / ("decoded" if cache else "data/cache"))
+    assert len(cached) == 1
+    monkeypatch.chdir(elsewhere)
+    result = ensemble.ensemble([run, run])
+    tested = json.loads((run / "summary.json").read_text())["test"]
+    assert result.members[0].acc == pytest.approx(tested["test/acc"], abs=1e-7)
+    assert result.examples == 5  # 0.2 of the 24 images
+    assert listing(elsewhere) == []  # no data/cache of its own: the run's cache was read
+    assert listing(lab / ("decoded" if cache else "data/cache")) == cached
+
+
+def test_a_run_without_hydra_record_of_its_cwd_is_read_from_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    assert ensemble.run_cwd(tmp_path / "run") == tmp_path  # no hydra.yaml
+    OmegaConf.save({"hydra": {"job": {"name": "train"}}}, tmp_path / "run" / ".hydra" / "hydra.yaml")
+    assert ensemble.run_cwd(tmp_path / "run") == tmp_path  # no hydra.runtime.cwd in it
+    OmegaConf.save({"hydra": {"runtime": {"cwd": "/srv/lab"}}}, tmp_path / "run" / ".hydra" / "hydra.yaml")
+    assert ensemble.run_cwd(tmp_path / "run") == Path("/srv/lab")
+
+
+def test_anchoring_changes_relative_paths_only():
+    data = OmegaConf.create({"data": {"path": "/images", "root": "store", "cache_dir": "${.root}/cache"}}).data
+    ensemble.anchor_data(data, Path("/srv/lab"))
+    assert OmegaConf.to_container(data, resolve=True) == {"path": "/images", "root": "/srv/lab/store",
+                                                          "cache_dir": "/srv/lab/store/cache"}
+    data = OmegaConf.create({"path": "~/images", "root": "/data", "cache_dir": None})
+    ensemble.anchor_data(data, Path("/srv/lab"))
+    assert OmegaConf.to_container(data) == {"path": "~/images", "root": "/data", "cache_dir": None}
+    digits = OmegaConf.create({"name": "digits", "batch_size": 64})
+    ensemble.anchor_data(digits, Path("/srv/lab"))
+    assert OmegaConf.to_container(digits) == {"name": "digits", "batch_size": 64}
+
+
+# --- option errors: one line and exit 2, before any run is evaluated ------------------------------------
+
+
+def command_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["ensemble", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "why"), [(".", "is a directory"), ("missing/e.csv", "no such directory")])
+def test_a_csv_that_cannot_be_written_exits_2_before_evaluating(name, why, seeds, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ensemble, "predict", lambda *args: pytest.fail("evaluated a run before checking --csv"))
+    path = tmp_path / name
+    err = command_error([str(seeds), "--csv", str(path)], capsys)
+    assert err.startswith(f"trainlab ensemble: --csv {path}: {why}")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_a_failed_csv_write_exits_2_with_its_reason(seeds, capsys):
+    err = command_error([str(seeds / "0_seed=0"), str(seeds / "1_seed=1"), "--csv", "/proc/nope.csv"], capsys)
+    assert err == "trainlab ensemble: --csv /proc/nope.csv: No such file or directory\n"
+
+
+@pytest.mark.parametrize(("device", "cuda_devices", "message"), [
+    ("bogus", 0, "--device bogus: not a device; choose auto, cpu, cuda, cuda:N or mps"),
+    ("cuda", 0, "--device cuda: no CUDA device is available here; use --device cpu or auto"),
+    ("cuda:3", 1, "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("mps", 0, "--device mps: MPS is not available here; use --device cpu or auto"),
+])
+def test_devices_that_cannot_be_used_exit_2_naming_the_option(device, cuda_devices, message, seeds, monkeypatch,
+                                                              capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert command_error([str(seeds), "--device", device], capsys) == f"trainlab ensemble: {message}\n"

@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune", "true")  # true: default
 MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
 AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Arguments build_model passes to every model itself (not config keys)
 _MODEL_ARGUMENTS = ("input_shape", "num_classes", "norm", "dropout")
@@ -423,7 +423,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
         check(data.image_size >= 1, "data.image_size", data.image_size, "must be at least 1 pixel, e.g. 32")
         check(data.channels in (1, 3), "data.channels", data.channels, "choose 3 (RGB) or 1 (greyscale)")
     check(trainer.max_epochs >= 1, "trainer.max_epochs", trainer.max_epochs, "must be at least 1")
-    check(bool(_DEVICE_PATTERN.match(trainer.device)), "trainer.device", trainer.device,
+    check(bool(DEVICE_PATTERN.match(trainer.device)), "trainer.device", trainer.device,
           "choose auto, cpu, cuda, cuda:N or mps")
     check(trainer.precision in PRECISIONS, "trainer.precision", trainer.precision,
           f"choose one of {', '.join(PRECISIONS)}")

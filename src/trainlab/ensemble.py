@@ -3,7 +3,7 @@
 Each member is rebuilt from its run directory (.hydra/config.yaml) and its checkpoint, and evaluated with its own
 input normalization (the statistics of its own training split). The test split depends only on the data, so runs
 of one dataset that differ in seed, optimizer or model share it; members whose test images or labels differ are
-refused.
+refused. Relative data paths are those of the directory each run was trained in, not the current one.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from trainlab.config import ConfigError
+from trainlab.config import DEVICE_PATTERN, ConfigError
 
 CHECKPOINTS = ("tested", "best", "last", "swa")
 
@@ -71,6 +71,46 @@ def _weights(run_dir: Path, which: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def run_cwd(run_dir: Path) -> Path:
+    """The directory the run was trained from (hydra.runtime.cwd in its .hydra/hydra.yaml), else the current one."""
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    return Path(cwd) if cwd is not None else Path.cwd()
+
+
+def anchor_data(data: DictConfig, cwd: Path) -> None:
+    """Resolve the relative data.path, data.root and data.cache_dir of a run's config against `cwd`, in place.
+
+    root comes before cache_dir, so an interpolated cache_dir (${.root}/cache) follows the anchored root and a
+    literal relative one is anchored itself.
+    """
+    for key in ("path", "root", "cache_dir"):
+        if key not in data or OmegaConf.is_missing(data, key) or data[key] is None:
+            continue
+        if not Path(data[key]).expanduser().is_absolute():
+            data[key] = str(cwd / data[key])
+
+
+def select(device: str) -> torch.device:
+    """The device of --device, with errors that name that option (select_device's name trainer.device)."""
+    from trainlab.device import select_device
+
+    if not DEVICE_PATTERN.match(device):
+        raise ConfigError(f"--device {device}: not a device; choose auto, cpu, cuda, cuda:N or mps")
+    try:
+        return select_device(device)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("trainer.device=", "--device ")) from None
+
+
+def check_csv(path: Path) -> None:
+    """Refuse a --csv path that cannot be written, before any run is evaluated."""
+    if path.is_dir():
+        raise ConfigError(f"--csv {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--csv {path}: no such directory {path.parent}")
+
+
 @torch.inference_mode()
 def predict(run_dir: Path, weights: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(class probabilities [N, C] in float64 on the CPU, labels [N], the test images' digest) of one run."""
@@ -79,6 +119,7 @@ def predict(run_dir: Path, weights: Path, device: torch.device) -> tuple[torch.T
     from trainlab.models import build_model
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    anchor_data(cfg.data, run_cwd(run_dir))
     data = build_data(cfg.data)
     model = build_model(cfg, data.input_shape, data.num_classes)
     mismatch = checkpoint.model_mismatch(model.state_dict(), state := checkpoint.load(weights)["model"])
@@ -96,9 +137,7 @@ def predict(run_dir: Path, weights: Path, device: torch.device) -> tuple[torch.T
 
 def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu") -> Ensemble:
     """Each member's test loss and accuracy, and those of the mean of their probabilities."""
-    from trainlab.device import select_device
-
-    target = select_device(device)
+    target = select(device)
     results, reference = [], None
     for run_dir, weights in members(paths, which):
         probs, labels, digest = predict(run_dir, weights, target)

@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                           help="each run's weights: tested (what its test used: swa.pt after SWA, else best.pt), "
                                "best, last or swa")
     together.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
-    together.add_argument("--csv", type=Path, default=None, help="also write the table to this CSV file")
+    together.add_argument("--csv", type=Path, default=None,
+                          help="also write the table to this CSV file (in an existing directory)")
     args = parser.parse_args(argv)
     if args.command == "ensemble":
         _ensemble(parser, args)
@@ -401,12 +402,17 @@ def _ensemble(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     from trainlab.config import ConfigError
 
     try:
+        if args.csv is not None:
+            ensemble.check_csv(args.csv)
         result = ensemble.ensemble(args.runs, args.checkpoint, args.device)
     except ConfigError as error:
         parser.exit(2, f"trainlab ensemble: {error}\n")
     Console(width=None if sys.stdout.isatty() else 160).print(ensemble.table(result))
     if args.csv is not None:
-        ensemble.write_csv(result, args.csv)
+        try:
+            ensemble.write_csv(result, args.csv)
+        except OSError as error:
+            parser.exit(2, f"trainlab ensemble: --csv {args.csv}: {error.strerror or error}\n")
         print(f"wrote {args.csv}")
 
 
