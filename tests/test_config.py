@@ -261,3 +261,14 @@ def test_a_refused_run_leaves_the_users_own_directories(tmp_path):
     assert result.returncode == 2
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["project"]
     assert not (tmp_path / "mine" / "project" / "run").exists()
+
+
+@pytest.mark.parametrize("again", [["model=cnn"], ["dry_run=true"]], ids=["new-run", "dry-run"])
+def test_a_refused_run_in_a_directory_that_holds_one_writes_nothing_there(tmp_path, again):
+    """Refused inside the run, it came after Hydra had rewritten the old run's .hydra/ record and train.log."""
+    run_dir = tmp_path / "run"
+    assert run_cli(["trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_cli([*again, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2 and f"{run_dir} already holds a run (metrics.csv" in result.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

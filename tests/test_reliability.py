@@ -327,8 +327,12 @@ def test_a_run_that_stopped_early_continues_only_with_more_patience(tmp_path):
 def test_resume_refuses_weights_only_a_directory_and_a_file_that_is_no_checkpoint(tmp_path, interrupted_run):
     best = interrupted_run.parent / "best.pt"
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    (tmp_path / "hello.txt").write_text("hello\n")  # reached the unpickler's internals: KeyError, not a message
+    (tmp_path / "metrics.csv").write_text("epoch,step\n1,10\n")  # likewise, IndexError
     for target, message in ((best, "holds weights only, not a training state"), (tmp_path, "is a directory"),
-                            (tmp_path / "notes.pt", "is corrupted or not a checkpoint")):
+                            (tmp_path / "notes.pt", "is corrupted or not a checkpoint"),
+                            (tmp_path / "hello.txt", "is corrupted or not a checkpoint"),
+                            (tmp_path / "metrics.csv", "is corrupted or not a checkpoint")):
         status, code, run = train(tmp_path, ["trainer.max_epochs=3", f"checkpoint.resume={target}"], name="again")
         assert (status, code) == ("failed", 2) and message in run.summary["error"], run.summary["error"]
 
@@ -731,17 +735,37 @@ def _train_examples(overrides: list[str]) -> int:
     return len(build_data(compose_cfg(overrides).data).train)
 
 
-@pytest.mark.parametrize("case", ["batch-of-one", "schedule", "last-batch"])
+@pytest.mark.parametrize("case", ["batch-of-one", "schedule", "last-batch", "conv-1x1-maps", "frozen"])
 def test_a_training_batch_of_one_example_with_batch_norm_is_refused_before_training(tmp_path, case):
     """BatchNorm1d fails on one example ("Expected more than 1 value per channel"): once mid-run, after epoch 1."""
     base = ["trainer.max_epochs=2", "data=synthetic", "data.num_samples=400", "data.shape=[1,8,8]"]
     n = _train_examples(base)
     extra = {"batch-of-one": ["data.batch_size=1"],
              "schedule": ["data.batch_size=16", "data.batch_size_schedule=[[2,0.01]]"],
-             "last-batch": ["data.drop_last=false", f"data.batch_size={n - 1}"]}[case]  # and a last batch of 1
+             "last-batch": ["data.drop_last=false", f"data.batch_size={n - 1}"],  # and a last batch of 1
+             # 4 stages halve 8x8 maps to 1x1: one value per channel of an example, as in an MLP
+             "conv-1x1-maps": ["model=cnn", "model.depth=10", "model.stages=4", "data.drop_last=false",
+                               f"data.batch_size={n - 1}"],
+             "frozen": ["data.batch_size=1", "finetune=frozen"]}[case]  # frozen norms run in eval mode
     status, code, run = train(tmp_path, [*base, *extra])
+    if case == "frozen":
+        assert (status, code) == ("completed", 0)
+        return
     assert (status, code) == ("failed", 2) and run.summary["epochs_run"] == 0
     epoch = 2 if case == "schedule" else 1
-    assert f"of epoch {epoch} gives batch norm one example per step" in run.summary["error"]
+    assert f"in epoch {epoch} give batch norm one value per channel (this model's batch norms see 1 per example)" \
+        in run.summary["error"]
     status, code, _ = train(tmp_path, [*base, *extra, "normalization=layer"], name="layer")
     assert (status, code) == ("completed", 0)  # layer norm takes one example
+
+
+def test_resume_auto_without_a_last_pt_starts_fresh_in_place_of_the_first_attempts_rows(tmp_path):
+    """A first attempt killed before its first last.pt left metrics.csv rows; the fresh start appended to them."""
+    overrides = ["trainer.max_epochs=2", "checkpoint.resume=auto"]
+    assert train(tmp_path, overrides)[:2] == ("completed", 0)
+    for name in ("last.pt", "last.prev.pt"):
+        (tmp_path / "run" / "checkpoints" / name).unlink(missing_ok=True)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=3", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0) and run.start_epoch == 1
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]

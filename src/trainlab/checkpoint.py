@@ -115,6 +115,8 @@ def load(path: str | Path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"checkpoint {path} is corrupted or incomplete ({detail})") from None
+    except Exception:  # noqa: BLE001 - a text file can reach the unpickler's internals (KeyError, IndexError)
+        raise ConfigError(f"checkpoint {path} is corrupted or not a checkpoint (torch cannot read it)") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise ConfigError(f"checkpoint {path} is not a trainlab checkpoint (no format_version)")
     return state

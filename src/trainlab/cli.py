@@ -11,8 +11,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import register_configs
 
@@ -85,6 +86,22 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
                     parent.rmdir()
                 except OSError:
                     break
+
+
+class FreshRunDirectory(Callback):
+    """Before Hydra writes its record (.hydra/) and train.log into the run directory: a new run or a dry run in a
+    directory that already holds a run is refused (exit 2) with nothing written there."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from trainlab.config import fresh_directory_problem
+
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: the other ranks' directory is a scratch one
+            return
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        problem = fresh_directory_problem(run_dir, config.checkpoint.resume, bool(config.dry_run))
+        if problem is not None:
+            print(f"train: {problem}", file=sys.stderr)
+            sys.exit(2)
 
 
 def main() -> None:

@@ -33,6 +33,20 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
 
 
+def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = False) -> str | None:
+    """Why a new run (no checkpoint.resume) or a dry run may not start in `run_dir`: it already holds a run, whose
+    metrics.csv and curves the new one would extend and whose checkpoints and record it would overwrite."""
+    if resume is not None and not dry_run:
+        return None
+    found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt") if (run_dir / name).is_file()]
+    if not found:
+        return None
+    fix = "" if dry_run else "continue it with checkpoint.resume=auto (a sweep: sweep.resume=true), or "
+    return (f"{run_dir} already holds a run ({', '.join(found)}); {fix}start this "
+            f"{'dry run' if dry_run else 'one'} in a new directory (leave out hydra.run.dir / hydra.sweep.dir, or "
+            "name another)")
+
+
 def monitor_mode(monitor: str, mode: str) -> str:
     """min or max: the direction in which `monitor` improves (early_stopping.mode=auto: max for an accuracy)."""
     if mode != "auto":

@@ -10,6 +10,8 @@ optimizer.lr like the classifier. Without weights, freeze and feature_lr_scale a
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,84 +47,118 @@ def classifier(model: nn.Module) -> nn.Linear | None:
     return next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
 
 
-def prepare(model: nn.Module, cfg: DictConfig, model_name: str | None = None) -> list[nn.Parameter]:
-    """Load cfg.weights into `model` and freeze what cfg.freeze asks; returns the parameters that train at
-    optimizer.lr * cfg.feature_lr_scale (empty when frozen, or when the scale is 1)."""
+@dataclass
+class Transfer:
+    """What finetune did to a model: the names of its feature tensors (loaded, outside the classifier), and the
+    parameters among them that train at optimizer.lr x feature_lr_scale (none when frozen or at scale 1)."""
+
+    features: list[str] = field(default_factory=list)
+    scaled: list[nn.Parameter] = field(default_factory=list)
+
+
+def prepare(model: nn.Module, cfg: DictConfig, model_name: str | None = None,
+            recorded: list[str] | None = None) -> Transfer:
+    """Load cfg.weights into `model`, and freeze what cfg.freeze asks or pick the features cfg.feature_lr_scale
+    slows. `recorded`: the feature names a resumed checkpoint saved; the weights file is then not read (last.pt
+    holds the weights, and the file may be gone)."""
     scale, freeze = float(cfg.feature_lr_scale), bool(cfg.freeze)
-    if not scale > 0:
-        raise ConfigError(f"finetune.feature_lr_scale={cfg.feature_lr_scale}: must be > 0 (to keep the features "
-                          "as loaded, use finetune=frozen)")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"finetune.feature_lr_scale={cfg.feature_lr_scale}: must be a number > 0 (to keep the "
+                          "features as loaded, use finetune=frozen)")
     if cfg.weights is None and not freeze and scale == 1.0:
-        return []
+        return Transfer()
     head = classifier(model)
     if head is None:
         raise ConfigError("finetune: the model has no linear layer to use as the classifier; finetune needs one")
     head_names = {f"{name}.{p}" for name, module in model.named_modules() if module is head
                   for p, _ in module.named_parameters(recurse=False)}
-    loaded = load_weights(model, str(cfg.weights), model_name) if cfg.weights is not None else None
-    if loaded is None and (freeze or scale != 1.0):
-        log.warning("finetune: no finetune.weights, so the feature extractor is the initialization "
-                    f"({'frozen: a random-features baseline' if freeze else f'at lr x {scale:g}'})")
-    features = {name for name, _ in model.named_parameters()
-                if name not in head_names and (loaded is None or name in loaded)}
+    if recorded is not None:
+        features = set(recorded)
+    else:
+        loaded = load_weights(model, str(cfg.weights), model_name, head_names) if cfg.weights is not None else None
+        if loaded is None:
+            log.warning("finetune: no finetune.weights, so the feature extractor is the initialization "
+                        f"({'frozen: a random-features baseline' if freeze else f'at lr x {scale:g}'})")
+        features = {name for name, _ in model.named_parameters()
+                    if name not in head_names and (loaded is None or name in loaded)}
+    transfer = Transfer(features=sorted(features))
     if not freeze:
-        return [p for name, p in model.named_parameters() if name in features] if scale != 1.0 else []
+        transfer.scaled = [p for name, p in model.named_parameters() if name in features] if scale != 1.0 else []
+        return transfer
     for name, parameter in model.named_parameters():
         if name in features:
             parameter.requires_grad_(False)
-    frozen_norms = 0
+    frozen = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-                f"{name}.weight" in features or (not module.affine and (loaded is None or f"{name}.running_mean"
-                                                                        in loaded))):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in features:
             module.__class__ = frozen_type(type(module))
             module.eval()
-            frozen_norms += 1
+            frozen += 1
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"finetune: feature extractor frozen ({len(features)} tensors, {frozen_norms} batch norms in eval "
-             f"mode); {trainable:,} parameters train")
-    return []
+    log.info(f"finetune: feature extractor frozen ({len(features)} tensors, {frozen} batch norms in eval mode); "
+             f"{trainable:,} parameters train")
+    return transfer
 
 
 def frozen_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _Frozen)]
 
 
-def load_weights(model: nn.Module, weights: str, model_name: str | None) -> set[str]:
-    """Copy every tensor of `weights` whose name and shape fit into `model`; returns the names loaded.
+def load_weights(model: nn.Module, weights: str, model_name: str | None, head: set[str]) -> set[str]:
+    """Copy the tensors of `weights` into `model`; returns the names of the parameters and buffers loaded.
 
-    A tensor whose shape differs (the classifier of another class count, a first conv of other channels or
-    kernel) keeps the model's initialization, except a first conv of three input channels loaded into one of a
-    single channel: its kernels are summed over the colours (the response to a grey image stays the same)."""
+    The weights must be of the same architecture: the same tensor names, and the same shapes except in the
+    classifier (`head`: another class count) and the first layer (other input channels or a new stem), which
+    keep the model's initialization. A first conv of three input channels loaded into one of a single channel is
+    summed over the colours instead (the response to a grey image stays the same). A batch norm right after a
+    first layer that was not loaded keeps its initialization too (its statistics were those of the old layer)."""
     source, where = _source(weights, model_name)
     own = model.state_dict()
     prefix = "net." if model_name is not None and not any(k.startswith("net.") for k in source) else ""
     source = {prefix + k: v for k, v in source.items()}
-    absent = [k for k in own if k not in source and not k.endswith("num_batches_tracked")]
-    if len(absent) == len(own) or not any(k in own for k in source):
-        raise ConfigError(f"finetune.weights={weights}: none of its tensors has a name of this model's "
-                          f"({', '.join(list(source)[:3])}, ... vs {', '.join(list(own)[:3])}, ...); give weights of "
-                          "the same architecture (model and its keys as in the run that saved them)")
-    if absent:
-        raise ConfigError(f"finetune.weights={weights} lacks {len(absent)} of this model's tensors "
-                          f"({', '.join(absent[:4])}{', ...' if len(absent) > 4 else ''}): another architecture; "
-                          "set the model keys of the run that saved them")
-    loaded, kept = set(), []
+    counters = {k for k in (*own, *source) if k.endswith("num_batches_tracked")}
+    absent = [k for k in own if k not in source and k not in counters]
+    extra = [k for k in source if k not in own and k not in counters]
+    first = _first_layer(model)
+    reshaped = [f"{k} ({list(source[k].shape)} in the weights, {list(v.shape)} here)" for k, v in own.items()
+                if k in source and source[k].shape != v.shape and k not in head and k not in first]
+    if absent or extra or reshaped:
+        parts = [f"{what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}" for what, keys in
+                 (("missing", absent), ("not in this model", extra), ("other shapes", reshaped)) if keys]
+        raise ConfigError(f"finetune.weights={weights} is not of this model's architecture ({'; '.join(parts)}); "
+                          "give weights of the same model, normalization and widths (only the classifier and the "
+                          "first layer may differ)")
+    loaded, kept, skipped = set(), [], set()
+    if not all(source[k].shape == own[k].shape or _grey_first_conv(source[k], own[k]) for k in first):
+        # the first layer keeps its initialization: so does the batch norm after it (its statistics were the old one's)
+        norm = next((n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        if norm is not None:
+            skipped = {k for k in own if k.startswith(f"{norm}.")}
+            kept.append(f"{norm} (the batch norm after the new first layer)")
     with torch.no_grad():
         for name, tensor in own.items():
-            value = source.get(name)
+            value = source[name] if name in source and name not in skipped else None
             if value is None:
                 continue
             if value.shape != tensor.shape and _grey_first_conv(value, tensor):
                 value = value.sum(dim=1, keepdim=True)
             if value.shape == tensor.shape:
                 tensor.copy_(value)
-                loaded.add(name)
+                if name not in counters:
+                    loaded.add(name)
             else:
                 kept.append(f"{name} ({list(value.shape)} in the weights, {list(tensor.shape)} here)")
-    log.info(f"finetune: loaded {len(loaded)} of {len(own)} tensors from {where}"
+    log.info(f"finetune: loaded {len(loaded)} of {len(own) - len(counters & set(own))} tensors from {where}"
              + (f"; kept the initialization of {', '.join(kept)}" if kept else ""))
     return loaded
+
+
+def _first_layer(model: nn.Module) -> set[str]:
+    """The state-dict names of the model's first layer with weights (a conv or linear)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            return {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return set()
 
 
 def _grey_first_conv(value: torch.Tensor, tensor: torch.Tensor) -> bool:
@@ -136,6 +172,10 @@ def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tenso
 
     path = Path(weights).expanduser()
     if path.is_file() or path.suffix in (".pt", ".pth") or "/" in weights:
+        if not path.is_file():
+            raise ConfigError(f"finetune.weights={weights}: {'is a directory' if path.is_dir() else 'no such file'}; "
+                              "give the path of a trainlab checkpoint (best.pt, last.pt, swa.pt) of the run to start "
+                              "from (quote a sweep job's path: 'finetune.weights=\"<path>\"')")
         state = checkpoint.load(path)
         if "model" not in state:
             raise ConfigError(f"finetune.weights={weights}: holds no model weights")

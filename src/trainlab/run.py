@@ -26,7 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, faults, finetune
-from trainlab.config import ConfigError, monitor_mode, validate
+from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, validate
 from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
@@ -119,6 +119,14 @@ class Run:
         cfg = self.cfg
         validate(cfg)
         self.check_fresh_directory()
+        found = checkpoint.find_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        if found is None and cfg.checkpoint.resume == "auto" and (self.run_dir / "metrics.csv").is_file():
+            # a first attempt killed before its first last.pt: this fresh start replaces its rows (and its curves,
+            # which the monitor purges from step 1 as on any resume)
+            log.warning(f"checkpoint.resume=auto: no last.pt in {self.ckpt_dir}; starting fresh in place of the "
+                        "earlier attempt's metrics.csv rows and curves")
+            if self.ranks.main:
+                checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", 0)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # stored in every checkpoint
         seed_everything(cfg.seed)
         self.device = self.rank_device(select_device(cfg.trainer.device))
@@ -127,9 +135,11 @@ class Run:
         self.data = build_data(cfg.data)
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
-        # transfer learning: trained weights (on a resume, last.pt's replace them), frozen or slower features
-        features = finetune.prepare(self.model, cfg.finetune,
-                                    self.model.name if isinstance(self.model, TorchvisionModel) else None)
+        # transfer learning: trained weights, frozen or slower features (on a resume, last.pt's weights and the
+        # feature names it recorded: the weights file is not read again)
+        self.transfer = finetune.prepare(self.model, cfg.finetune,
+                                         self.model.name if isinstance(self.model, TorchvisionModel) else None,
+                                         recorded=found[1].get("finetune_features") if found is not None else None)
         self.channels_last = uses_channels_last(cfg.trainer, self.model)
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         # the module the loop calls; shares the weights (under torchrun DDP, which averages the gradients)
@@ -139,7 +149,8 @@ class Run:
         self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
         self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
         steps_per_epoch = len(self.train_batches)
-        self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch, features=features,
+        self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch,
+                                         features=self.transfer.scaled,
                                          feature_lr_scale=float(cfg.finetune.feature_lr_scale))
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
                                          mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
@@ -156,7 +167,6 @@ class Run:
             self.check_ranks()
         if self.ranks.rank > 0:
             torch.manual_seed(cfg.seed * 1_000_003 + self.ranks.rank)  # dropout: each rank its own masks
-        found = checkpoint.find_resume(cfg.checkpoint.resume, self.ckpt_dir)
         if found is not None:
             self.resume(*found)
         if self.ranks.main:
@@ -164,15 +174,11 @@ class Run:
 
     def check_fresh_directory(self) -> None:
         """A new run (no checkpoint.resume) in a directory where one already trained would append its rows to
-        metrics.csv and its points to the TensorBoard curves, and overwrite the checkpoints: refused."""
-        if self.cfg.checkpoint.resume is not None:
-            return
-        found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt")
-                 if (self.run_dir / name).is_file()]
-        if found:
-            raise ConfigError(f"{self.run_dir} already holds a run ({', '.join(found)}); continue it with "
-                              "checkpoint.resume=auto (a sweep: sweep.resume=true), or start this one in a new "
-                              "directory (leave out hydra.run.dir / hydra.sweep.dir, or name another)")
+        metrics.csv and its points to the TensorBoard curves, and overwrite the checkpoints: refused. (`train`
+        refuses it earlier, before Hydra writes its record there: cli.FreshRunDirectory.)"""
+        problem = fresh_directory_problem(self.run_dir, self.cfg.checkpoint.resume)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def build_regularization(self) -> None:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
@@ -251,20 +257,23 @@ class Run:
                                        device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def check_batch_norm_batches(self) -> None:
-        """A training batch of one example fails in BatchNorm1d (no variance over one value per feature), mid-run
+        """Batch norm fails in training on one value per channel (no variance): a batch of one example where a
+        norm sees a single value per channel of each example (an MLP's BatchNorm1d, a conv net's 1x1 maps). Mid-run
         when only the last batch of an epoch (drop_last=false) or a scheduled batch size is that small: refused."""
-        if not any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
+        if min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device), default=2) > 1:
             return
         cfg, n, world = self.cfg, len(self.data.train), self.ranks.world
         for epoch in range(1, cfg.trainer.max_epochs + 1):
             size = min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
             last = n % size if not cfg.data.drop_last or size == n else 0
             if size // world == 1 or last // world == 1:
-                which = f"batch size {size}" if size // world == 1 else f"last batch ({last} of {n} examples)"
-                raise ConfigError(f"the training {which} of epoch {epoch} gives batch norm one example per "
-                                  f"{'process' if world > 1 else 'step'}, which it cannot normalise; raise "
-                                  "data.batch_size (or its batch_size_schedule factors), set data.drop_last=true, or "
-                                  "use another normalization")
+                which = (f"the training batches of {size}" if size // world == 1
+                         else f"the last training batch ({last} of {n} examples)")
+                raise ConfigError(f"{which} in epoch {epoch} give batch norm one value per channel"
+                                  f"{' on a process' if world > 1 else ''} (this model's batch norms see "
+                                  f"{min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device))}"
+                                  " per example), which it cannot normalise; raise data.batch_size (or its "
+                                  "batch_size_schedule factors), set data.drop_last=true, or use another normalization")
 
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
@@ -329,6 +338,7 @@ class Run:
             "rng": checkpoint.rng_state(),
             "config": self.config_yaml,
             "wall_time_s": self.wall_time_s,
+            "finetune_features": self.transfer.features,  # what finetune loaded: frozen or slower on a resume
             # torchrun: each rank's own random streams (dropout, augmentation), gathered from all of them
             "ranks": distributed.gather({"rng": checkpoint.rng_state(), "loader": self.train_batches.state_dict()},
                                         self.ranks) if self.ranks.active else None,
@@ -589,6 +599,27 @@ class Run:
             self.monitor.confusion(counts, self.step)
         log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
                  f"acc {metrics['acc']:.4f}")
+
+
+def batch_norm_values_per_example(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[int]:
+    """For each batch norm that trains (not a frozen one), the values per channel one example gives it: 1 for an
+    MLP's, H x W of its input for a conv net's. One forward pass of a zero image, in eval mode."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in finetune.frozen_norms(model)]
+    if not norms:
+        return []
+    seen: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].numel() // args[0].shape[1]))
+             for m in norms]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return seen
 
 
 class _NoSchedule:
