@@ -110,23 +110,37 @@ def test_hydra_refuses_bad_overrides_before_any_work(tmp_path, args, message):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["trainer.max_epochs=0"], "trainer.max_epochs=0: must be at least 1"),
-        (["model._target_=os.system"], "'os.system' is not allowed"),
-        (["trainer.device=cuda:7"], "trainer.device=cuda:7"),
-        (["model=cnn", "model.depth=21"], "model.depth=21"),
-        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: must be a list of 2 numbers"),
-        (["model.hidden=[0]"], "model.hidden=[0]: give the hidden layers' widths"),
-        (["trainer.on_nonfinite=skip", "trainer.nonfinite_check=interval"],
-         "on_nonfinite=skip skips a step before its update, which needs each step's verdict"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0: must be at least 1"),  # refused by validate
+        (["trainer.device=cuda:7"], "trainer.device=cuda:7"),  # refused while the run is built
     ],
-    ids=["bad-value", "target-allowlist", "missing-device", "bad-depth", "short-betas", "zero-width",
-         "skip-needs-step"],
+    ids=["bad-value", "missing-device"],
 )
 def test_invalid_config_exits_2_and_leaves_no_run_directory(tmp_path, args, message):
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model._target_=os.system"], "'os.system' is not allowed"),
+        (["model=cnn", "model.depth=21"], "model.depth=21"),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: must be a list of 2 numbers"),
+        (["model.hidden=[0]"], "model.hidden=[0]: give the hidden layers' widths"),
+        (["trainer.on_nonfinite=skip", "trainer.nonfinite_check=interval"],
+         "on_nonfinite=skip skips a step before its update, which needs each step's verdict"),
+    ],
+    ids=["target-allowlist", "bad-depth", "short-betas", "zero-width", "skip-needs-step"],
+)
+def test_invalid_config_fails_with_exit_code_2_before_training(tmp_path, args, message):
+    """The same path as the command line's (whose exit and clean directory the test above checks), in-process."""
+    from trainlab.run import execute
+
+    status, code, run = execute(compose_cfg(args), tmp_path / "run", args)
+    assert (status, code) == ("failed", 2) and not run.started
+    assert message in run.summary["error"]
 
 
 @pytest.mark.parametrize(
@@ -263,7 +277,8 @@ def test_a_refused_run_leaves_the_users_own_directories(tmp_path):
     assert not (tmp_path / "mine" / "project" / "run").exists()
 
 
-@pytest.mark.parametrize("again", [["model=cnn"], ["dry_run=true"]], ids=["new-run", "dry-run"])
+@pytest.mark.parametrize("again", [["model=cnn"], pytest.param(["dry_run=true"], marks=pytest.mark.slow)],
+                         ids=["new-run", "dry-run"])
 def test_a_refused_run_in_a_directory_that_holds_one_writes_nothing_there(tmp_path, again):
     """Refused inside the run, it came after Hydra had rewritten the old run's .hydra/ record and train.log."""
     run_dir = tmp_path / "run"

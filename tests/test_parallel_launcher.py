@@ -87,7 +87,7 @@ def sweep_process():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the job's process in /proc")
-@pytest.mark.parametrize("target", ["sweep", "job"])
+@pytest.mark.parametrize("target", ["sweep", pytest.param("job", marks=pytest.mark.slow)])
 def test_sigterm_stops_the_running_job_saved_and_the_sweep_starts_no_other(tmp_path, sweep_process, target):
     """SIGTERM to the sweep (passed on to its job), or to the job itself (preemption): either stops the sweep."""
     started, jobs = sweep_process
@@ -112,6 +112,7 @@ def test_sigterm_stops_the_running_job_saved_and_the_sweep_starts_no_other(tmp_p
     assert f"hydra.sweep.dir={sweep} sweep.resume=true" in output.splitlines()[-1]
 
 
+@pytest.mark.slow  # 13 s: two jobs
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the job's process in /proc")
 def test_a_killed_job_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, sweep_process):
     started, jobs = sweep_process

@@ -78,6 +78,7 @@ def test_objective_check_reads_the_monitor_and_the_direction():
     check_objective(compose_cfg(["sweep.objective=best/val/acc"]))  # a job's config: no sweeper to check
 
 
+@pytest.mark.slow  # 18 s: two searches
 def test_a_resumed_seeded_search_proposes_new_points(tmp_path):
     seeded = [*SEARCH, "hydra.sweeper.sampler.seed=0"]
     resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
