@@ -371,3 +371,12 @@ def test_dry_run_of_plateau_shows_a_reduction_every_patience_epochs(capsys):
     spe = len(curve) // 7
     # the constant metric: epoch 1 sets the best, epochs 2-3 and 4-5 and 6-7 are bad
     assert curve[::spe] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_an_experiments_schedule_knob_left_by_another_scheduler_names_how_to_drop_it():
+    """experiment=cifar10_fast sets scheduler.pct_start for its one-cycle; with scheduler=cosine it stays behind."""
+    from trainlab.config import validate
+
+    with pytest.raises(ConfigError, match=r"unexpected keyword scheduler.pct_start;.*goes with ~scheduler.pct_start"):
+        validate(compose_train(["experiment=cifar10_fast", "scheduler=cosine"]))
+    validate(compose_train(["experiment=cifar10_fast", "scheduler=cosine", "~scheduler.pct_start"]))

@@ -289,7 +289,8 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
     warmup_epochs = options.pop("warmup_epochs", 0)
     valid = knobs_of(name)
     problems = [f"scheduler={name}: unexpected keyword scheduler.{key}; {name} takes warmup_epochs"
-                f"{''.join(', ' + k for k in valid)}" for key in options if key not in valid]
+                f"{''.join(', ' + k for k in valid)} (a key an experiment set for its own schedule goes with "
+                f"~scheduler.{key})" for key in options if key not in valid]
     if not _number(warmup_epochs):
         problems.append(f"scheduler.warmup_epochs={warmup_epochs!r}: must be a number of epochs")
     problems += [f"scheduler.{key}={value!r}: must be {KNOB_RULES[key][1]}"
