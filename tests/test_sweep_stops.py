@@ -172,3 +172,10 @@ def test_a_sweep_into_a_directory_whose_jobs_trained_is_refused_unless_resumed(t
         result.stdout + result.stderr)
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before  # nothing written
     assert run_cli([*args, "sweep.resume=true"], cwd=tmp_path).returncode == 0
+
+
+def test_a_sweep_that_fails_before_any_job_leaves_no_directory(tmp_path):
+    """Hydra writes multirun.yaml before it composes the jobs; an unknown option among the values failed after."""
+    result = run_cli(["-m", "optimizer=adamm,sgd", *TINY], cwd=tmp_path)
+    assert result.returncode != 0 and "optimizer/adamm" in result.stderr
+    assert not (tmp_path / "outputs").exists()

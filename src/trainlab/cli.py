@@ -108,7 +108,28 @@ def main() -> None:
     """Console-script entry point."""
     register_configs()
     _torchrun_arguments()
-    _train()
+    try:
+        _train()
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            _remove_unstarted_sweep()
+        raise
+
+
+def _remove_unstarted_sweep() -> None:
+    """A sweep that failed before any job (an unknown option among its values, say) leaves no directory holding
+    only Hydra's multirun.yaml behind."""
+    from trainlab.sweep import SWEEP_DIR
+
+    for sweep_dir in SWEEP_DIR:
+        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+            if sweep_dir.parent.name == "multirun" and sweep_dir.parent.parent.name == "outputs":  # the default
+                for parent in (sweep_dir.parent, sweep_dir.parent.parent):  # when left empty
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
 
 
 def _torchrun_arguments() -> None:

@@ -24,6 +24,9 @@ STOPPED_CODES = (130, 143)  # a run's exit code after a stop signal (faults.INTE
 # Set by a launcher that stopped the sweep on a stop signal (hydra/launcher=parallel): the exit code (130, 143) and
 # the line that says how to continue; the report callback then ends the sweep with them, after the report.
 STOPPED: dict[str, Any] = {}
+# The directory of the sweep this process runs (set when it starts): one that a failed start left with nothing but
+# Hydra's multirun.yaml is removed (cli.main)
+SWEEP_DIR: list[Path] = []
 
 
 class JobFailed(RuntimeError):
@@ -144,6 +147,7 @@ class ReportCallback(Callback):
     Markdown, PNG); exit 1 naming the failed jobs, or, for a search, when no trial gave the objective a value."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SWEEP_DIR[:] = [Path(str(config.hydra.sweep.dir))]
         try:
             check_objective(config)
             check_new_sweep(config)
