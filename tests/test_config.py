@@ -141,6 +141,10 @@ def test_invalid_config_fails_with_exit_code_2_before_training(tmp_path, args, m
     status, code, run = execute(compose_cfg(args), tmp_path / "run", args)
     assert (status, code) == ("failed", 2) and not run.started
     assert message in run.summary["error"]
+    # refused by validate, before a device was chosen (it said "auto"), or while building, on the device chosen
+    assert run.summary["device"] == (None if not hasattr(run, "device") else str(run.device))
+    assert (run.summary["device"] is None) == (args[0] in ("model._target_=os.system", "optimizer=adam",
+                                                            "trainer.on_nonfinite=skip"))
 
 
 @pytest.mark.parametrize(

@@ -726,7 +726,7 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     status = run.summary["status"]
     run.summary.update(
         wall_time_s=round(run.wall_time_s, 3),
-        device=str(getattr(run, "device", cfg.trainer.device)),
+        device=str(run.device) if hasattr(run, "device") else None,  # null: refused before a device was chosen
         precision=getattr(run, "precision", None),
         versions=versions(),
         overrides=list(overrides),
