@@ -79,13 +79,19 @@ def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:
     """A run refused before training leaves no directory behind that looks like a real run."""
     if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "summary.json"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.parent.name == "runs" and run_dir.parent.parent.name == "outputs":  # the default place
-            for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/runs and outputs, when left empty
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+        _remove(run_dir, "runs")
+
+
+def _remove(directory: Path, default: str) -> None:
+    """Delete `directory`, then outputs/<default> and outputs when it was in that default place and left them empty
+    (a directory of the user's own choosing is never removed with it)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.parent.name == default and directory.parent.parent.name == "outputs":
+        for parent in (directory.parent, directory.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 class FreshRunDirectory(Callback):
@@ -123,13 +129,7 @@ def _remove_unstarted_sweep() -> None:
 
     for sweep_dir in SWEEP_DIR:
         if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-            shutil.rmtree(sweep_dir, ignore_errors=True)
-            if sweep_dir.parent.name == "multirun" and sweep_dir.parent.parent.name == "outputs":  # the default
-                for parent in (sweep_dir.parent, sweep_dir.parent.parent):  # when left empty
-                    try:
-                        parent.rmdir()
-                    except OSError:
-                        break
+            _remove(sweep_dir, "multirun")
 
 
 def _torchrun_arguments() -> None:
