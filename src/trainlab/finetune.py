@@ -175,7 +175,7 @@ def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tenso
         if not path.is_file():
             raise ConfigError(f"finetune.weights={weights}: {'is a directory' if path.is_dir() else 'no such file'}; "
                               "give the path of a trainlab checkpoint (best.pt, last.pt, swa.pt) of the run to start "
-                              "from (quote a sweep job's path: 'finetune.weights=\"<path>\"')")
+                              "from (quote a path with = or , in it: 'finetune.weights=\"<path>\"')")
         state = checkpoint.load(path)
         if "model" not in state:
             raise ConfigError(f"finetune.weights={weights}: holds no model weights")
