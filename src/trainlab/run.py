@@ -256,31 +256,35 @@ class Run:
         return DistributedDataParallel(self.model,
                                        device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def train_batch_sizes(self) -> dict[int, int]:
+        """The training batch size of every epoch (data.batch_size_schedule applied, at most the training split)."""
+        cfg, n = self.cfg, len(self.data.train)
+        return {epoch: min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
+                for epoch in range(1, cfg.trainer.max_epochs + 1)}
+
     def check_batch_norm_batches(self) -> None:
         """Batch norm fails in training on one value per channel (no variance): a batch of one example where a
         norm sees a single value per channel of each example (an MLP's BatchNorm1d, a conv net's 1x1 maps). Mid-run
         when only the last batch of an epoch (drop_last=false) or a scheduled batch size is that small: refused."""
-        if min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device), default=2) > 1:
+        per_example = min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device), default=2)
+        if per_example > 1:
             return
         cfg, n, world = self.cfg, len(self.data.train), self.ranks.world
-        for epoch in range(1, cfg.trainer.max_epochs + 1):
-            size = min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
+        for epoch, size in self.train_batch_sizes().items():
             last = n % size if not cfg.data.drop_last or size == n else 0
             if size // world == 1 or last // world == 1:
                 which = (f"the training batches of {size}" if size // world == 1
                          else f"the last training batch ({last} of {n} examples)")
                 raise ConfigError(f"{which} in epoch {epoch} give batch norm one value per channel"
                                   f"{' on a process' if world > 1 else ''} (this model's batch norms see "
-                                  f"{min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device))}"
-                                  " per example), which it cannot normalise; raise data.batch_size (or its "
+                                  f"{per_example} per example), which it cannot normalise; raise data.batch_size (or its "
                                   "batch_size_schedule factors), set data.drop_last=true, or use another normalization")
 
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
         cfg, world, n = self.cfg, self.ranks.world, len(self.data.train)
         problems = []
-        sizes = sorted({min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
-                        for epoch in range(1, cfg.trainer.max_epochs + 1)})
+        sizes = sorted(set(self.train_batch_sizes().values()))
         if any(size % world for size in sizes):
             capped = f", at most the {n} training examples" if n in sizes else ""
             problems.append(f"data.batch_size={cfg.data.batch_size} (batches of {sizes}{capped}): each of the "
@@ -561,11 +565,11 @@ class Run:
                 log.warning("SWA averaged no epoch (the run ended before regularization.swa_start)")
             return
         self.train_batches.set_epoch(0)
-        frozen = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in finetune.frozen_norms(self.swa)}
+        frozen = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in finetune.frozen_norms(self.swa)]
         with self.autocast:
             torch.optim.swa_utils.update_bn(self.train_batches, self.swa)
-        for module in finetune.frozen_norms(self.swa):  # update_bn resets every batch norm: a frozen one keeps its own
-            module.load_state_dict(frozen[id(module)])
+        for module, state in frozen:  # update_bn resets every batch norm: a frozen one keeps its own
+            module.load_state_dict(state)
         if self.ranks.active:  # each rank's pass saw its part of every batch: keep the ranks' mean statistics
             for module in self.swa.module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
@@ -604,8 +608,8 @@ class Run:
 def batch_norm_values_per_example(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[int]:
     """For each batch norm that trains (not a frozen one), the values per channel one example gives it: 1 for an
     MLP's, H x W of its input for a conv net's. One forward pass of a zero image, in eval mode."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in finetune.frozen_norms(model)]
+    frozen = finetune.frozen_norms(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen]
     if not norms:
         return []
     seen: list[int] = []
