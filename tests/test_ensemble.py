@@ -145,7 +145,7 @@ def command_error(argv: list[str], capsys) -> str:
 
 @pytest.mark.parametrize(("name", "why"), [(".", "is a directory"), ("missing/e.csv", "no such directory")])
 def test_a_csv_that_cannot_be_written_exits_2_before_evaluating(name, why, seeds, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ensemble, "predict", lambda *args: pytest.fail("evaluated a run before checking --csv"))
+    monkeypatch.setattr(ensemble, "RebuiltRun", lambda *args: pytest.fail("evaluated a run before checking --csv"))
     path = tmp_path / name
     err = command_error([str(seeds), "--csv", str(path)], capsys)
     assert err.startswith(f"trainlab ensemble: --csv {path}: {why}")

@@ -192,6 +192,34 @@ def saved_model_options(config_yaml: str | None) -> str:
     return " ".join(f"model.{k}={v}" for k, v in model.items() if k not in ("_target_", "_partial_"))
 
 
+# --- snapshots (checkpoint.snapshots=cycles) -------------------------------------------------------
+
+SNAPSHOT_NAME = re.compile(r"^snapshot_(\d+)\.pt$")
+
+
+def snapshot_name(epoch: int) -> str:
+    """The file name of the snapshot taken at the end of `epoch`."""
+    return f"snapshot_{epoch}.pt"
+
+
+def snapshots(directory: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every snapshot in a checkpoints directory, by epoch."""
+    found = [(int(m.group(1)), p) for p in directory.glob("snapshot_*.pt") if (m := SNAPSHOT_NAME.match(p.name))]
+    return sorted(found) if directory.is_dir() else []
+
+
+def keep_snapshots_up_to(directory: Path, epoch: int) -> list[Path]:
+    """Delete the snapshots taken after `epoch` (a resumed run takes them again); returns what was removed."""
+    removed = [path for e, path in snapshots(directory) if e > epoch]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        _fsync_dir(directory)
+        log.info(f"removed snapshot(s) of epochs after {epoch}, which this run takes again: "
+                 + ", ".join(p.name for p in removed))
+    return removed
+
+
 def keep_metrics_up_to(path: Path, epoch: int) -> None:
     """Drop metrics.csv rows after `epoch`: a resumed run writes them again."""
     if not path.is_file():

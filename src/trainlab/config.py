@@ -20,6 +20,7 @@ ALLOWED_TARGET_PREFIXES = ("torch.", "torchvision.", "trainlab.")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune", "true")  # true: default
 MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
+CYCLE_SCHEDULES = ("cosine_restarts", "cyclic")  # schedules whose lr runs in cycles: checkpoint.snapshots=cycles
 AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -153,6 +154,10 @@ class CheckpointConfig:
     resume: Optional[str] = None  # null: start fresh | auto: this run directory's last.pt, if any | PATH to a last.pt
     every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always after the last)
     every_n_steps: Optional[int] = None  # also write last.pt every N optimizer steps, mid-epoch; null: off
+    # none | cycles: the weights at the end of each cycle of a cyclic lr schedule (cosine_restarts, cyclic), where
+    # the lr is lowest, as checkpoints/snapshot_<epoch>.pt: a snapshot ensemble (`trainlab ensemble --checkpoint
+    # snapshots`). Cycles must end at epoch ends
+    snapshots: str = "none"
 
 
 @dataclass
@@ -461,6 +466,14 @@ def _check_values(cfg: DictConfig) -> list[str]:
           cfg.checkpoint.every_n_steps, "must be at least 1, or null for epoch checkpoints only")
     check(cfg.checkpoint.resume is None or cfg.checkpoint.resume.strip() != "", "checkpoint.resume",
           cfg.checkpoint.resume, "give null, auto, or the path of a last.pt")
+    snapshots = cfg.checkpoint.snapshots
+    check(snapshots in ("none", "cycles"), "checkpoint.snapshots", snapshots, "choose none or cycles")
+    check(snapshots != "cycles" or cfg.scheduler.name in CYCLE_SCHEDULES, "checkpoint.snapshots", snapshots,
+          f"takes a snapshot at the end of each learning-rate cycle, and scheduler={cfg.scheduler.name} has no "
+          f"cycles; use scheduler={' or scheduler='.join(CYCLE_SCHEDULES)}, or checkpoint.snapshots=none")
+    check(snapshots != "cycles" or cfg.regularization.swa_start is None, "checkpoint.snapshots", snapshots,
+          "SWA (regularization.swa_start) replaces the schedule's cycles with a constant lr; average the weights "
+          "(swa) or the cycle ends' predictions (snapshots), not both")
     check(trainer.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", trainer.on_nonfinite, "choose stop or skip")
     check(trainer.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", trainer.max_nonfinite_skips,
           "must be >= 0")

@@ -4,12 +4,17 @@ Each member is rebuilt from its run directory (.hydra/config.yaml) and its check
 input normalization (the statistics of its own training split). The test split depends only on the data, so runs
 of one dataset that differ in seed, optimizer or model share it; members whose test images or labels differ are
 refused. Relative data paths are those of the directory each run was trained in, not the current one.
+
+`--checkpoint snapshots` makes every snapshot of a run (checkpoint.snapshots=cycles: the weights at the end of each
+learning-rate cycle) a member: a snapshot ensemble (Huang et al. 2017), from one run or from several.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import DEVICE_PATTERN, ConfigError
 
-CHECKPOINTS = ("tested", "best", "last", "swa")
+CHECKPOINTS = ("tested", "best", "last", "swa", "snapshots")
 
 
 @dataclass
@@ -36,39 +41,48 @@ class Ensemble:
     loss: float  # cross-entropy of the averaged probabilities
     acc: float
     examples: int
+    snapshots: bool = False  # the members are snapshots (--checkpoint snapshots)
 
 
 def members(paths: list[Path], which: str = "tested") -> list[tuple[Path, Path]]:
-    """(run directory, weights file) of each run in `paths`: run directories, or sweep directories whose jobs have
-    the weights (jobs without them, failed or unfinished, are left out)."""
+    """(run directory, weights file) of each member in `paths`: run directories, or sweep directories whose jobs have
+    the weights (jobs without them, failed or unfinished, are left out). which=snapshots: every snapshot of each."""
     found: list[tuple[Path, Path]] = []
     for path in paths:
         if not path.is_dir():
             raise ConfigError(f"{path}: no such run or sweep directory")
         if (path / ".hydra" / "config.yaml").is_file():
             weights = _weights(path, which)
-            if weights is None:
-                raise ConfigError(f"{path}: no {which} weights in {path / 'checkpoints'} (did the run train?)")
-            found.append((path, weights))
+            if not weights:
+                what = ("no snapshots (snapshot_<epoch>.pt; train with checkpoint.snapshots=cycles)"
+                        if which == "snapshots" else f"no {which} weights")
+                raise ConfigError(f"{path}: {what} in {path / 'checkpoints'}"
+                                  + ("" if which == "snapshots" else " (did the run train?)"))
+            found += [(path, w) for w in weights]
             continue
         jobs = [p for p in sorted(path.iterdir()) if (p / ".hydra" / "config.yaml").is_file()]
         if not jobs:
             raise ConfigError(f"{path}: neither a run directory (.hydra/config.yaml) nor a sweep of them")
-        found += [(job, w) for job in jobs if (w := _weights(job, which)) is not None]
+        found += [(job, w) for job in jobs for w in _weights(job, which)]
     if len(found) < 2:
-        raise ConfigError(f"an ensemble needs at least 2 runs with {which} weights; found {len(found)} in "
-                          f"{', '.join(map(str, paths))}")
+        what = "snapshots" if which == "snapshots" else f"runs with {which} weights"
+        raise ConfigError(f"an ensemble needs at least 2 {what}; found {len(found)} in {', '.join(map(str, paths))}")
     return found
 
 
-def _weights(run_dir: Path, which: str) -> Path | None:
-    """The run's checkpoint for `which`: tested = the weights its test used (swa.pt after SWA, else best.pt)."""
+def _weights(run_dir: Path, which: str) -> list[Path]:
+    """The run's checkpoints for `which`: tested = the weights its test used (swa.pt after SWA, else best.pt);
+    snapshots = its snapshot_<epoch>.pt files, by epoch."""
+    from trainlab import checkpoint
+
+    if which == "snapshots":
+        return [path for _, path in checkpoint.snapshots(run_dir / "checkpoints")]
     if which == "tested":
         summary = run_dir / "summary.json"
         tested = json.loads(summary.read_text()).get("tested_weights") if summary.is_file() else None
         which = Path(tested).stem if tested else "best"
     path = run_dir / "checkpoints" / f"{which}.pt"
-    return path if path.is_file() else None
+    return [path] if path.is_file() else []
 
 
 def run_cwd(run_dir: Path) -> Path:
@@ -112,35 +126,56 @@ def check_csv(path: Path) -> None:
 
 
 @torch.inference_mode()
-def predict(run_dir: Path, weights: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(class probabilities [N, C] in float64 on the CPU, labels [N], the test images' digest) of one run."""
-    from trainlab import checkpoint
-    from trainlab.data import build_data, eval_loader
-    from trainlab.models import build_model
-
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    anchor_data(cfg.data, run_cwd(run_dir))
-    data = build_data(cfg.data)
-    model = build_model(cfg, data.input_shape, data.num_classes)
-    mismatch = checkpoint.model_mismatch(model.state_dict(), state := checkpoint.load(weights)["model"])
-    if mismatch is not None:
-        raise ConfigError(f"{weights} does not fit the model of {run_dir / '.hydra' / 'config.yaml'}: {mismatch}")
-    model.load_state_dict(state)
-    model.to(device).eval()
-    probabilities, labels = [], []
-    for images, targets in eval_loader(cfg, data, data.test, device):
-        probabilities.append(torch.softmax(model(images).double(), dim=1).cpu())
+def probabilities(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  autocast: AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities [N, C] in float64 on the CPU, labels [N]) of `model` in eval mode over `batches`."""
+    model.eval()
+    probs, labels = [], []
+    for images, targets in batches:
+        with autocast if autocast is not None else nullcontext():
+            logits = model(images)
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())
         labels.append(targets.cpu())
-    digest = torch.stack([data.test.images.double().sum(), (data.test.images.double() ** 2).sum()])
-    return torch.cat(probabilities), torch.cat(labels), digest
+    return torch.cat(probs), torch.cat(labels)
+
+
+class RebuiltRun:
+    """A run rebuilt from its directory (config, data with its own normalization, model), kept while its members
+    (one checkpoint, or each snapshot) are evaluated."""
+
+    def __init__(self, run_dir: Path, device: torch.device):
+        from trainlab.data import build_data, eval_loader
+        from trainlab.models import build_model
+
+        self.run_dir, self.cfg = run_dir, OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        anchor_data(self.cfg.data, run_cwd(run_dir))
+        self.data = build_data(self.cfg.data)
+        self.model = build_model(self.cfg, self.data.input_shape, self.data.num_classes).to(device)
+        self.batches = eval_loader(self.cfg, self.data, self.data.test, device)
+        images = self.data.test.images.double()
+        self.digest = torch.stack([images.sum(), (images ** 2).sum()])
+
+    def predict(self, weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class probabilities [N, C] in float64 on the CPU, labels [N]) of `weights` on the run's test split."""
+        from trainlab import checkpoint
+
+        mismatch = checkpoint.model_mismatch(self.model.state_dict(), state := checkpoint.load(weights)["model"])
+        if mismatch is not None:
+            raise ConfigError(f"{weights} does not fit the model of {self.run_dir / '.hydra' / 'config.yaml'}: "
+                              f"{mismatch}")
+        self.model.load_state_dict(state)
+        return probabilities(self.model, self.batches)
 
 
 def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu") -> Ensemble:
     """Each member's test loss and accuracy, and those of the mean of their probabilities."""
     target = select(device)
-    results, reference = [], None
+    results, reference, rebuilt = [], None, None
     for run_dir, weights in members(paths, which):
-        probs, labels, digest = predict(run_dir, weights, target)
+        if rebuilt is None or rebuilt.run_dir != run_dir:  # a run's snapshots share its data and model
+            rebuilt = RebuiltRun(run_dir, target)
+        probs, labels = rebuilt.predict(weights)
+        digest = rebuilt.digest
         if reference is None:
             reference = (run_dir, labels, digest, probs.shape[1])
         elif not (torch.equal(labels, reference[1]) and torch.equal(digest, reference[2])
@@ -151,14 +186,21 @@ def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu") -> E
     labels = reference[1]
     mean = torch.stack([probs for _, _, probs in results]).mean(dim=0)
     chosen = [Member(run_dir, weights, *_scores(probs, labels)) for run_dir, weights, probs in results]
-    return Ensemble(chosen, *_scores(mean, labels), examples=len(labels))
+    return Ensemble(chosen, *_scores(mean, labels), examples=len(labels), snapshots=which == "snapshots")
+
+
+def sums(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed cross-entropy, correct predictions, examples] of class probabilities (float64); predictions as argmax
+    counts them (the first maximum)."""
+    picked = probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)
+    hits = (probabilities.argmax(dim=1) == labels).double().sum()
+    return torch.stack([-picked.log().sum(), hits, torch.tensor(float(len(labels)), dtype=torch.float64)])
 
 
 def _scores(probabilities: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(cross-entropy, accuracy) of class probabilities; predictions as argmax counts them (the first maximum)."""
-    picked = probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)
-    loss = float(-picked.log().mean())
-    return loss, float((probabilities.argmax(dim=1) == labels).double().mean())
+    """(cross-entropy, accuracy) of class probabilities."""
+    loss, hits, n = sums(probabilities, labels).tolist()
+    return loss / n, hits / n
 
 
 def write_csv(result: Ensemble, path: Path) -> None:
@@ -174,8 +216,10 @@ def table(result: Ensemble):
     from rich.table import Table
     from rich.text import Text
 
-    out = Table(title=f"ensemble of {len(result.members)} runs on {result.examples} test images (mean of "
-                      "probabilities)")
+    runs = len({m.run_dir for m in result.members})
+    what = f"{len(result.members)} snapshots of {runs} run{'s' if runs > 1 else ''}" if result.snapshots else \
+        f"{len(result.members)} runs"
+    out = Table(title=f"ensemble of {what} on {result.examples} test images (mean of probabilities)")
     for column in ("member", "weights", "test/loss", "test/acc"):
         out.add_column(column, justify="left" if column in ("member", "weights") else "right")
     for m in result.members:
@@ -184,6 +228,9 @@ def table(result: Ensemble):
     best = max(m.acc for m in result.members)
     out.caption = f"accuracy {result.acc - best:+.4f} against the best member, {result.acc - mean_acc(result):+.4f} " \
                   "against the members' mean"
+    if result.snapshots and runs == 1:
+        last = result.members[-1]
+        out.caption += f", {result.acc - last.acc:+.4f} (loss {result.loss - last.loss:+.4f}) against the last snapshot"
     return out
 
 

@@ -378,9 +378,10 @@ def main(argv: list[str] | None = None) -> None:
                              "accuracies and min otherwise")
     together = commands.add_parser("ensemble", help="average the predictions of trained runs on their test split")
     together.add_argument("runs", type=Path, nargs="+", help="run directories, or sweep directories of them")
-    together.add_argument("--checkpoint", choices=("tested", "best", "last", "swa"), default="tested",
+    together.add_argument("--checkpoint", choices=("tested", "best", "last", "swa", "snapshots"), default="tested",
                           help="each run's weights: tested (what its test used: swa.pt after SWA, else best.pt), "
-                               "best, last or swa")
+                               "best, last, swa, or snapshots (every snapshot_<epoch>.pt of each run: a snapshot "
+                               "ensemble, see checkpoint.snapshots)")
     together.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     together.add_argument("--csv", type=Path, default=None,
                           help="also write the table to this CSV file (in an existing directory)")

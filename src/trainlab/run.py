@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from trainlab import __version__, checkpoint, distributed, faults, finetune
+from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, validate
 from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
@@ -39,7 +39,7 @@ from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_
                               write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
-from trainlab.schedules import build_scheduler
+from trainlab.schedules import build_scheduler, snapshot_epochs
 
 log = logging.getLogger("trainlab")
 
@@ -127,6 +127,7 @@ class Run:
                         "earlier attempt's metrics.csv rows and curves")
             if self.ranks.main:
                 checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", 0)
+                checkpoint.keep_snapshots_up_to(self.ckpt_dir, 0)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # stored in every checkpoint
         seed_everything(cfg.seed)
         self.device = self.rank_device(select_device(cfg.trainer.device))
@@ -154,6 +155,9 @@ class Run:
                                          feature_lr_scale=float(cfg.finetune.feature_lr_scale))
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
                                          mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
+        # checkpoint.snapshots=cycles: the epochs at whose end a cycle of the schedule ends (its lowest lr)
+        self.snapshot_epochs = (snapshot_epochs(cfg.scheduler, steps_per_epoch, cfg.trainer.max_epochs)
+                                if cfg.checkpoint.snapshots == "cycles" else [])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast = autocast_for(self.device, self.precision)
         self.build_regularization()
@@ -171,6 +175,20 @@ class Run:
             self.resume(*found)
         if self.ranks.main:
             describe(self.model, self.optimizer, cfg, d, self.device, self.precision)
+            self.describe_snapshots()
+
+    def describe_snapshots(self) -> None:
+        """Where the snapshots will be taken, and what may keep some from being taken."""
+        if not self.snapshot_epochs:
+            return
+        epochs = ", ".join(map(str, self.snapshot_epochs))
+        log.info(f"snapshots: the weights at the end of each lr cycle, epochs {epochs}, as "
+                 f"{self.ckpt_dir.name}/{checkpoint.snapshot_name(self.snapshot_epochs[0])}, ...")
+        stop = self.cfg.early_stopping
+        if stop.enabled:
+            log.warning(f"snapshots with early stopping (patience {stop.patience}): each restart raises the loss for a "
+                        "while, so the run may stop before its later cycles end; early_stopping.enabled=false keeps "
+                        "them all")
 
     def check_fresh_directory(self) -> None:
         """A new run (no checkpoint.resume) in a directory where one already trained would append its rows to
@@ -408,11 +426,29 @@ class Run:
         if self.ranks.main and best.is_file() and best.resolve() != (self.ckpt_dir / "best.pt").resolve():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(best, self.ckpt_dir / "best.pt")
-        if self.ranks.main:  # rows written after this checkpoint go
+        if self.ranks.main:  # rows written after this checkpoint go, and so do snapshots: this run takes them again
             checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])
+            self.resume_snapshots(path, state["epoch"])
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
+
+    def resume_snapshots(self, path: Path, epoch: int) -> None:
+        """The snapshots of a run resumed after `epoch`: those taken after it are deleted (the resumed run takes them
+        again, so none is lost or kept twice); a last.pt of another directory brings its earlier ones along."""
+        if not self.snapshot_epochs:
+            return
+        checkpoint.keep_snapshots_up_to(self.ckpt_dir, epoch)
+        if path.parent.resolve() != self.ckpt_dir.resolve():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for taken, snapshot in checkpoint.snapshots(path.parent):
+                if taken <= epoch:
+                    shutil.copy2(snapshot, self.ckpt_dir / snapshot.name)
+        have = {taken for taken, _ in checkpoint.snapshots(self.ckpt_dir)}
+        missing = [e for e in self.snapshot_epochs if e <= epoch and e not in have]
+        if missing:
+            log.warning(f"no snapshot of epoch(s) {', '.join(map(str, missing))}: the run trained them without "
+                        "checkpoint.snapshots=cycles; its snapshot ensemble holds only the later ones")
 
     def own_streams(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's random states in the checkpoint; refused when it was saved by another number of processes
@@ -478,6 +514,7 @@ class Run:
             log.error(f"{reason}; checkpoints keep the last finite state (last.pt, best.pt)")
         self.summary.update(status=status, stop_reason=reason)
         self.finish_swa()
+        self.test_snapshots()
         self.test()
 
     def train_epoch(self, epoch: int) -> bool:
@@ -529,6 +566,8 @@ class Run:
             self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
             self.save_weights("best.pt", self.eval_model, epoch,
                               metric={self.stopper.monitor: row[self.stopper.monitor]})
+        if epoch in self.snapshot_epochs:  # before last.pt: a run resumed from it never misses this snapshot
+            self.save_weights(checkpoint.snapshot_name(epoch), self.model, epoch, step=self.step)
         self.monitor.end_epoch(row)
         self.summary["epochs_run"] = epoch
         stop = self.stopper.should_stop
@@ -580,6 +619,37 @@ class Run:
                                "val/acc": val["acc"]}
         self.save_weights("swa.pt", self.swa.module, self.summary["epochs_run"])
         log.info(f"SWA over {int(self.swa.n_averaged)} epochs: val/loss {val['loss']:.4f}  val/acc {val['acc']:.4f}")
+
+    def test_snapshots(self) -> None:
+        """Each snapshot's test loss and accuracy, and those of the mean of their class probabilities (the snapshot
+        ensemble, as `trainlab ensemble --checkpoint snapshots` computes it), into summary.json."""
+        taken = [(e, path) for e, path in checkpoint.snapshots(self.ckpt_dir) if e <= self.summary["epochs_run"]]
+        if not self.snapshot_epochs or not taken:
+            return
+        probabilities, labels = [], None
+        for _, path in taken:
+            self.model.load_state_dict(checkpoint.load(path)["model"])
+            probs, labels = ensemble.probabilities(self.model, self.test_batches, self.autocast)
+            probabilities.append(probs)
+        # [loss sum, hits, examples] per snapshot and for their mean; under torchrun summed over the ranks' parts
+        sums = torch.stack([ensemble.sums(p, labels) for p in probabilities]
+                           + [ensemble.sums(torch.stack(probabilities).mean(dim=0), labels)])
+        if self.reduce is not None:
+            sums = self.reduce(sums.to(self.device)).cpu()
+        scores = [{"test/loss": loss / n, "test/acc": hits / n} for loss, hits, n in sums.tolist()]
+        self.summary["snapshots"] = [{"epoch": e, "weights": path.name, **score}
+                                     for (e, path), score in zip(taken, scores)]
+        if len(taken) < 2:
+            log.warning(f"only the snapshot of epoch {taken[0][0]} was taken (the run ended before its next cycle "
+                        "did): no snapshot ensemble")
+            return
+        self.summary["snapshot_ensemble"] = {"members": len(taken), **scores[-1]}
+        if self.monitor is not None:
+            self.monitor.test_metrics({"test/snapshot_ensemble_loss": scores[-1]["test/loss"],
+                                       "test/snapshot_ensemble_acc": scores[-1]["test/acc"]}, self.step)
+        log.info(f"snapshot ensemble of {len(taken)} (epochs {', '.join(str(e) for e, _ in taken)}): test loss "
+                 f"{scores[-1]['test/loss']:.4f}  acc {scores[-1]['test/acc']:.4f}; the last snapshot alone: loss "
+                 f"{scores[-2]['test/loss']:.4f}  acc {scores[-2]['test/acc']:.4f}")
 
     def test(self) -> None:
         """Evaluate on the test split (used for nothing else): the SWA average when SWA ran, else best.pt."""

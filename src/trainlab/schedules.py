@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab.config import ConfigError
+from trainlab.config import CYCLE_SCHEDULES, ConfigError
 
 # Each schedule returns the multiplier of optimizer.lr. Its first argument is its clock, which starts
 # when warmup ends: `progress` runs from 0 to 1 over the rest of the run; `epochs` is the time since
@@ -298,6 +298,54 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
     if problems:
         raise ConfigError("; ".join(problems))
     return name, float(warmup_epochs), options
+
+
+def cycle_boundaries(name: str, knobs: dict[str, Any], horizon: float) -> list[float]:
+    """Where the cycles of schedule `name` end, in epochs since warmup, up to `horizon` (inclusive).
+
+    cosine_restarts: T0, T0 + T0*m, ... (each a restart back to the top); cyclic: every 2 * half_cycle_epochs
+    (each a trough, back at base_lr_fraction). Both are the lowest lr of their cycle.
+    """
+    if name not in CYCLE_SCHEDULES:
+        raise ConfigError(f"scheduler={name} has no cycles; choose one of {', '.join(CYCLE_SCHEDULES)}")
+    defaults = {k: p.default for k, p in inspect.signature(SCHEDULES[name]).parameters.items()}
+    knobs = {**defaults, **knobs}
+    ends: list[float] = []
+    if name == "cosine_restarts":
+        end, length = knobs["period_epochs"], knobs["period_epochs"]
+        while end <= horizon + RESTART_TOLERANCE:
+            ends.append(end)
+            length *= knobs["period_mult"]
+            end += length
+    else:
+        cycle = 2.0 * knobs["half_cycle_epochs"]
+        ends = [k * cycle for k in range(1, math.floor(horizon / cycle + RESTART_TOLERANCE) + 1)]
+    return ends
+
+
+def snapshot_epochs(cfg: DictConfig, steps_per_epoch: int, max_epochs: int) -> list[int]:
+    """The epochs at whose end checkpoint.snapshots=cycles saves the weights: those where a cycle of cfg.scheduler
+    ends (warmup included). ConfigError when a cycle ends inside an epoch (its end would then be saved at a high lr,
+    after the restart) or when fewer than 2 cycles end within the run (no ensemble)."""
+    name, warmup_epochs, knobs = parse(cfg)
+    warmup = round(warmup_epochs * steps_per_epoch)  # as build_scheduler counts it
+    # the optimizer steps each cycle ends after: the first step of the next one, as the schedule places it
+    ends = [math.ceil(warmup + (b - RESTART_TOLERANCE) * steps_per_epoch)
+            for b in cycle_boundaries(name, knobs, max_epochs - warmup / steps_per_epoch)]
+    inside = [e / steps_per_epoch for e in ends if e % steps_per_epoch]
+    if inside:
+        raise ConfigError(f"checkpoint.snapshots=cycles: cycles of scheduler={name} end inside an epoch (at epoch "
+                          f"{', '.join(f'{e:.4g}' for e in inside)} of {steps_per_epoch} steps each); a snapshot is "
+                          "taken at an epoch's end, which after a restart mid-epoch is no longer the cycle's lowest "
+                          "lr. Choose scheduler.warmup_epochs and "
+                          + ("period_epochs, period_mult" if name == "cosine_restarts" else "half_cycle_epochs")
+                          + " so that every cycle ends at a whole epoch")
+    epochs = [e // steps_per_epoch for e in ends]
+    if len(epochs) < 2:
+        raise ConfigError(f"checkpoint.snapshots=cycles: {len(epochs)} cycle(s) of scheduler={name} end within "
+                          f"trainer.max_epochs={max_epochs}{f' (at epoch {epochs[0]})' if epochs else ''}; a "
+                          "snapshot ensemble needs at least 2: raise trainer.max_epochs or shorten the cycles")
+    return epochs
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int,

@@ -1,0 +1,228 @@
+"""Snapshot ensembles within one run (checkpoint.snapshots=cycles): the weights at the end of each lr cycle, their
+ensemble on the test split, refused settings, and snapshots across a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import trainlab.run
+from conftest import compose_cfg, run_cli
+from trainlab import checkpoint, ensemble, report
+from trainlab.config import ConfigError
+from trainlab.loop import evaluate
+from trainlab.run import execute
+from trainlab.schedules import build_scheduler, snapshot_epochs
+
+STEPS_PER_EPOCH = 20  # digits: 1294 training images, batch 64, drop_last
+# SGDR periods of 1, 2, 4 epochs: cycles end after epochs 1 and 3; epoch 4 is part of a cycle that ends at 7.
+# EMA on: best.pt holds the average, the snapshots the raw weights.
+SNAPSHOTS = ["scheduler=cosine_restarts", "scheduler.period_epochs=1", "scheduler.period_mult=2",
+             "trainer.max_epochs=4", "checkpoint.snapshots=cycles", "early_stopping.enabled=false",
+             "regularization=ema", "logger.every_n_steps=5", "logger.tensorboard=false",
+             "trainer.device=cpu"]
+
+
+def train(run_dir: Path, overrides: list[str]):
+    """execute() as `train` runs it, with Hydra's record of the config (which `trainlab ensemble` rebuilds from)."""
+    cfg = compose_cfg(overrides)
+    result = execute(cfg, run_dir, overrides)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return result
+
+
+def snapshot_states(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    return {epoch: checkpoint.load(path)["model"] for epoch, path in checkpoint.snapshots(run_dir / "checkpoints")}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """SNAPSHOTS trained without interruption, with the raw and EMA weights it had at each epoch's end."""
+    run_dir = tmp_path_factory.mktemp("snapshots") / "run"
+    at_epoch_end: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    save_last = trainlab.run.Run.save_last
+
+    def recording(self, epoch, finished, in_epoch=None):
+        if in_epoch is None:
+            at_epoch_end[epoch] = {name: {k: v.clone() for k, v in model.state_dict().items()}
+                                   for name, model in (("raw", self.model), ("ema", self.ema.module))}
+        save_last(self, epoch, finished, in_epoch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainlab.run.Run, "save_last", recording)
+        status, code, run = train(run_dir, SNAPSHOTS)
+    assert (status, code) == ("completed", 0)
+    return run, at_epoch_end
+
+
+def test_one_snapshot_per_cycle_at_its_end_with_the_raw_weights_of_then(whole):
+    run, at_epoch_end = whole
+    ckpt = run.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("snapshot*")) == ["snapshot_1.pt", "snapshot_3.pt"]
+    # the schedule restarts (back to lr0) at the first step after epochs 1 and 3, and at no other epoch's end
+    factor = run.scheduler.factor
+    restarts = [e for e in range(1, 5) if factor(e * STEPS_PER_EPOCH) > factor(e * STEPS_PER_EPOCH - 1)]
+    assert restarts == [1, 3]
+    states = snapshot_states(run.run_dir)
+    for epoch, state in states.items():
+        assert checkpoint.load(ckpt / f"snapshot_{epoch}.pt")["epoch"] == epoch
+        assert state.keys() == at_epoch_end[epoch]["raw"].keys()
+        assert all(torch.equal(state[k], at_epoch_end[epoch]["raw"][k]) for k in state)
+        ema = at_epoch_end[epoch]["ema"]
+        assert any(not torch.equal(state[k], ema[k]) for k in state if k in ema)  # not the EMA's average
+    assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1])  # two different snapshots
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert [(s["epoch"], s["weights"]) for s in summary["snapshots"]] == [(1, "snapshot_1.pt"), (3, "snapshot_3.pt")]
+    assert summary["snapshot_ensemble"]["members"] == 2
+    assert summary["tested_weights"] == "best.pt"  # the run's own test is unchanged
+
+
+def test_the_ensemble_is_the_mean_of_the_snapshots_softmax_outputs(whole, capsys):
+    run, _ = whole
+    result = ensemble.ensemble([run.run_dir], which="snapshots")
+    assert [m.weights.name for m in result.members] == ["snapshot_1.pt", "snapshot_3.pt"]
+    # by hand: each snapshot in the run's own model, on the run's own test batches
+    probabilities, labels = [], torch.cat([y for _, y in run.test_batches])
+    for member in result.members:
+        run.model.load_state_dict(checkpoint.load(member.weights)["model"])
+        own = evaluate(run.model, run.test_batches, run.autocast)  # the snapshot tested as the run tests
+        assert (member.loss, member.acc) == pytest.approx((own["loss"], own["acc"]), rel=1e-5)
+        with torch.no_grad():
+            probabilities.append(torch.cat([F.softmax(run.model(x).double(), dim=1) for x, _ in run.test_batches]))
+    mean = torch.stack(probabilities).mean(dim=0)
+    assert result.loss == pytest.approx(F.nll_loss(mean.log(), labels).item(), rel=1e-12)
+    assert result.acc == pytest.approx((mean.argmax(dim=1) == labels).double().mean().item(), abs=1e-12)
+    assert result.loss < sum(m.loss for m in result.members) / 2  # not the members' mean loss (Jensen, strictly)
+    # summary.json's snapshot scores, computed at the end of the run, are the command's
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["snapshot_ensemble"]["test/loss"] == pytest.approx(result.loss, rel=1e-9)
+    assert summary["snapshot_ensemble"]["test/acc"] == pytest.approx(result.acc, abs=1e-12)
+    assert [s["test/loss"] for s in summary["snapshots"]] == pytest.approx([m.loss for m in result.members],
+                                                                           rel=1e-9)
+    report.main(["ensemble", str(run.run_dir), "--checkpoint", "snapshots"])
+    out = capsys.readouterr().out
+    assert "ensemble of 2 snapshots of 1 run on 359 test images" in out and "against the last snapshot" in out
+
+
+@pytest.mark.parametrize(("name", "half_cycle", "warmup", "mult", "max_epochs", "expected"), [
+    ("cosine_restarts", None, 0, 2, 14, [2, 6, 14]),
+    ("cosine_restarts", None, 1, 1, 7, [3, 5, 7]),  # warmup shifts every cycle
+    ("cyclic", 1.5, 0, None, 12, [3, 6, 9, 12]),  # troughs every 2 x 1.5 epochs
+])
+def test_snapshot_epochs_are_where_the_schedules_own_cycles_end(name, half_cycle, warmup, mult, max_epochs,
+                                                                 expected):
+    knobs = {"name": name, "warmup_epochs": warmup}
+    knobs.update({"half_cycle_epochs": half_cycle} if name == "cyclic" else {"period_epochs": 2, "period_mult": mult})
+    cfg = OmegaConf.create(knobs)
+    assert snapshot_epochs(cfg, STEPS_PER_EPOCH, max_epochs) == expected
+    # independently, from the lr factors: a cycle ends after step s when s starts the next one (SGDR: the lr jumps
+    # back up; cyclic: a trough, the lowest lr, after which it rises)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = build_scheduler(cfg, optimizer, STEPS_PER_EPOCH, max_epochs).factor
+    lr = [factor(s) for s in range(max_epochs * STEPS_PER_EPOCH + 2)]
+    ends = [s for s in range(1, len(lr) - 1) if (lr[s] > lr[s - 1] and lr[s] == 1.0 if name == "cosine_restarts"
+                                                 else lr[s - 1] > lr[s] < lr[s + 1])]
+    assert [s // STEPS_PER_EPOCH for s in ends if s % STEPS_PER_EPOCH == 0] == expected
+    assert all(s % STEPS_PER_EPOCH == 0 for s in ends if s >= warmup * STEPS_PER_EPOCH)
+
+
+# --- refused settings: exit 2, a message that names the fix, no run directory left ----------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheduler=cosine"], "checkpoint.snapshots='cycles': takes a snapshot at the end of each learning-rate cycle, "
+                           "and scheduler=cosine has no cycles; use scheduler=cosine_restarts or scheduler=cyclic"),
+    (["scheduler=cosine_restarts", "scheduler.period_epochs=1.5", "trainer.max_epochs=4"],
+     "cycles of scheduler=cosine_restarts end inside an epoch (at epoch 1.5 of 20 steps each)"),
+])
+def test_refused_settings_exit_2_from_the_command_line_and_leave_nothing(overrides, message, tmp_path):
+    result = run_cli([*overrides, "checkpoint.snapshots=cycles", f"hydra.run.dir={tmp_path / 'run'}",
+                      "trainer.device=cpu"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory, no outputs/
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["checkpoint.snapshots=epochs"], "checkpoint.snapshots='epochs': choose none or cycles"),
+    (["scheduler=cosine_restarts", "regularization=swa"], "SWA (regularization.swa_start) replaces the schedule's "
+                                                          "cycles with a constant lr"),
+    (["scheduler=cosine_restarts", "trainer.max_epochs=20"],  # periods of 10 and 20 epochs: one ends by epoch 20
+     "1 cycle(s) of scheduler=cosine_restarts end within trainer.max_epochs=20 (at epoch 10); a snapshot ensemble "
+     "needs at least 2"),
+    (["scheduler=cyclic", "scheduler.half_cycle_epochs=0.75", "trainer.max_epochs=4"],
+     "cycles of scheduler=cyclic end inside an epoch (at epoch 1.5 of 20 steps each)"),
+])
+def test_refused_settings_name_the_problem_before_training(overrides, message, tmp_path):
+    if "checkpoint.snapshots=epochs" not in overrides:
+        overrides = [*overrides, "checkpoint.snapshots=cycles"]
+    status, code, run = execute(compose_cfg(overrides), tmp_path / "run", overrides)
+    assert (status, code) == ("failed", 2) and not run.started
+    assert message in run.summary["error"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_ensemble_command_refuses_a_run_without_snapshots(whole, tmp_path, capsys):
+    run, _ = whole
+    plain = tmp_path / "plain"
+    shutil.copytree(run.run_dir, plain)
+    for _, path in checkpoint.snapshots(plain / "checkpoints"):
+        path.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["ensemble", str(plain), "--checkpoint", "snapshots"])
+    assert exit_info.value.code == 2
+    assert "no snapshots (snapshot_<epoch>.pt; train with checkpoint.snapshots=cycles)" in capsys.readouterr().err
+    shutil.copy2(run.run_dir / "checkpoints" / "snapshot_3.pt", plain / "checkpoints")
+    with pytest.raises(ConfigError, match="an ensemble needs at least 2 snapshots; found 1"):
+        ensemble.ensemble([plain], which="snapshots")
+
+
+# --- resume: no snapshot lost, none stale or twice -------------------------------------------------------
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """SIGTERM to this process right after optimizer step `step` (as tests/test_reliability.py sends it)."""
+    on_step = trainlab.run.Run.on_step
+
+    def sending(self, s, totals):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        on_step(self, s, totals)
+
+    monkeypatch.setattr(trainlab.run.Run, "on_step", sending)
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_snapshots_of_an_uninterrupted_one(whole, tmp_path, monkeypatch):
+    run, _ = whole
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 47)  # epoch 3, mid-cycle: last.pt inside epoch 3, snapshot_1 taken
+        status, code, _ = train(run_dir, SNAPSHOTS)
+    assert (status, code) == ("interrupted", 143)
+    ckpt = run_dir / "checkpoints"
+    assert [e for e, _ in checkpoint.snapshots(ckpt)] == [1]
+    # as if an earlier attempt had taken snapshot_3 and been killed before its last.pt: that file is not this
+    # run's epoch 3, and a resume that stops again before epoch 3 ends must not keep it
+    shutil.copy2(ckpt / "snapshot_1.pt", ckpt / "snapshot_3.pt")
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 55)
+        status, code, _ = train(run_dir, [*SNAPSHOTS, "checkpoint.resume=auto"])
+    assert (status, code) == ("interrupted", 143)
+    assert [e for e, _ in checkpoint.snapshots(ckpt)] == [1]
+    status, code, resumed = train(run_dir, [*SNAPSHOTS, "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0)
+    got, expected = snapshot_states(run_dir), snapshot_states(run.run_dir)
+    assert got.keys() == expected.keys() == {1, 3}
+    for epoch in expected:
+        assert all(torch.equal(got[epoch][k], expected[epoch][k]) for k in expected[epoch]), epoch
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["snapshot_ensemble"] == json.loads((run.run_dir / "summary.json").read_text())["snapshot_ensemble"]
