@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,28 @@ def test_a_run_stopped_and_resumed_ends_with_the_snapshots_of_an_uninterrupted_o
         assert all(torch.equal(got[epoch][k], expected[epoch][k]) for k in expected[epoch]), epoch
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["snapshot_ensemble"] == json.loads((run.run_dir / "summary.json").read_text())["snapshot_ensemble"]
+
+
+# --- torchrun: rank 0 writes; the end-of-run scores sum every rank's part of the test split ------------------
+
+
+def test_under_torchrun_rank_0_writes_the_snapshots_and_scores_the_whole_test_split(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    overrides = [o for o in SNAPSHOTS if not o.startswith(("trainer.max_epochs", "scheduler.period_mult"))]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "trainlab", *overrides, "scheduler.period_mult=1", "trainer.max_epochs=3",
+                             "logger.progress=lines", "hydra.run.dir=run"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    run_dir = tmp_path / "run"
+    assert [e for e, _ in checkpoint.snapshots(run_dir / "checkpoints")] == [1, 2, 3]
+    assert not list(scratch.glob("trainlab-rank*"))  # the other rank wrote only its scratch directory, now gone
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2
+    whole = ensemble.ensemble([run_dir], which="snapshots")  # one process, every test image
+    assert summary["snapshot_ensemble"]["test/loss"] == pytest.approx(whole.loss, rel=1e-9)
+    assert summary["snapshot_ensemble"]["test/acc"] == pytest.approx(whole.acc, abs=1e-12)
+    assert [v for s in summary["snapshots"] for v in (s["test/loss"], s["test/acc"])] == pytest.approx(
+        [v for m in whole.members for v in (m.loss, m.acc)], rel=1e-9)
