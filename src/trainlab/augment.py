@@ -22,6 +22,7 @@ Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Te
 Step = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 PIXEL_MAX = 255.0  # colour adjustments clamp to the uint8 range, like torchvision's
+BLUR_MIN_SIGMA = 0.1  # pixels: blur sigmas are drawn from [0.1, augmentation.blur_sigma]
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -105,6 +106,131 @@ def zoom(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 def random_zoom(images: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
     """Scale each image by a factor drawn uniformly from [1 - amount, 1 + amount] (RandomAffine's scale draw)."""
     return zoom(images, _uniform(images.shape[0], 1.0 - amount, 1.0 + amount, generator, images.device))
+
+
+def shear(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Shear image i along x by degrees[i] about its centre: row y moves by tan(degrees[i])·y pixels (y up from the
+    centre, so positive angles slant the content right at the top); bilinear, zero fill, as torchvision's
+    affine(shear=[degrees[i], 0])."""
+    _, _, h, w = images.shape
+    slope = torch.tan(torch.deg2rad(degrees.to(images.dtype)))
+    one, zero = torch.ones_like(slope), torch.zeros_like(slope)
+    # output (x, y), y down from the centre, samples the input at (x + slope·y, y); h/w converts y's normalised units
+    theta = torch.stack([torch.stack([one, slope * h / w, zero], 1), torch.stack([zero, one, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_shear(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Shear each image along x by an angle drawn uniformly from [-max_degrees, max_degrees] (RandomAffine's shear)."""
+    return shear(images, _uniform(images.shape[0], -max_degrees, max_degrees, generator, images.device))
+
+
+def _corners(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """The pixel coordinates (x, y) of the top-left, top-right, bottom-right and bottom-left pixels, [4, 2]."""
+    return torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float32, device=device)
+
+
+def perspective(images: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Warp image i so that its corner pixels land on corners[i] ([N, 4, 2]: (x, y) pixel coordinates of the new
+    top-left, top-right, bottom-right, bottom-left); bilinear, zero fill, as torchvision's perspective. An image
+    whose corners admit no homography (three of them on one line) is returned unchanged."""
+    n, _, h, w = images.shape
+    # Solved in grid_sample's [-1, 1] units (p / (size / 2) - 1, torchvision's mapping of its pixel coordinates),
+    # where the 8x8 system is well conditioned in float32: the homography takes each output point (x, y) to the
+    # input point ((a x + b y + c) / (g x + h y + 1), (d x + e y + f) / (g x + h y + 1)).
+    half = torch.tensor([w / 2, h / 2], dtype=images.dtype, device=images.device)
+    src = (_corners(h, w, images.device).to(images.dtype) / half - 1).expand(n, 4, 2)
+    dst = corners.to(images.dtype) / half - 1
+    x, y, sx, sy = dst[..., 0], dst[..., 1], src[..., 0], src[..., 1]
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_x = torch.stack([x, y, one, zero, zero, zero, -sx * x, -sx * y], -1)
+    rows_y = torch.stack([zero, zero, zero, x, y, one, -sy * x, -sy * y], -1)
+    system = torch.stack([rows_x, rows_y], 2).view(n, 8, 8)
+    coeffs, info = torch.linalg.solve_ex(system, torch.stack([sx, sy], 2).view(n, 8))
+    identity = torch.eye(2, 3, dtype=images.dtype, device=images.device).expand(n, 2, 3)
+    base = F.affine_grid(identity, list(images.shape), align_corners=False).view(n, h * w, 2)
+    points = torch.cat([base, torch.ones_like(base[..., :1])], -1)  # [N, H·W, 3]
+    numerator = points @ coeffs[:, :6].view(n, 2, 3).transpose(1, 2)
+    denominator = points @ torch.cat([coeffs[:, 6:], torch.ones_like(coeffs[:, :1])], 1).unsqueeze(-1)
+    # a pixel on the homography's vanishing line maps to infinity (0/0 exactly on it): outside, so zero fill
+    grid = torch.nan_to_num(numerator / denominator, nan=2.0).clamp(-2.0, 2.0).view(n, h, w, 2)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return torch.where((info == 0).view(n, 1, 1, 1), warped, images)
+
+
+def random_perspective(images: torch.Tensor, distortion: float, p: float, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomPerspective(distortion, p) per image: with probability p, move each corner inwards by
+    whole pixels drawn uniformly from 0..int(distortion·(W // 2)) in x and 0..int(distortion·(H // 2)) in y."""
+    n, _, h, w = images.shape
+    apply = torch.rand(n, generator=generator, device=images.device) < p
+    reach_x, reach_y = int(distortion * (w // 2)) + 1, int(distortion * (h // 2)) + 1
+    dx = torch.randint(0, reach_x, (n, 4), generator=generator, device=images.device)
+    dy = torch.randint(0, reach_y, (n, 4), generator=generator, device=images.device)
+    inwards = torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]], device=images.device)  # from each corner
+    corners = _corners(h, w, images.device) + inwards * torch.stack([dx, dy], -1)
+    return torch.where(apply.view(n, 1, 1, 1), perspective(images, corners), images)
+
+
+def elastic(images: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """Output pixel (x, y) of image i samples the input at (x, y) + displacement[i, y, x] ([N, H, W, 2]: x then y,
+    in grid_sample's [-1, 1] units, as torchvision's elastic_transform); bilinear, zero fill."""
+    n = images.shape[0]
+    identity = torch.eye(2, 3, dtype=images.dtype, device=images.device).expand(n, 2, 3)
+    grid = F.affine_grid(identity, list(images.shape), align_corners=False) + displacement.to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def elastic_displacement(n: int, h: int, w: int, alpha: float, sigma: float, generator: torch.Generator | None,
+                         device: torch.device) -> torch.Tensor:
+    """torchvision's ElasticTransform(alpha, sigma) field for n images, [N, H, W, 2]: per axis, uniform noise in
+    [-1, 1] per pixel, gaussian-blurred with std sigma pixels (blur_kernel_size), times alpha / W (x) or alpha / H
+    (y); so a pixel moves by alpha / 2 times the smoothed noise, in pixels."""
+    size = blur_kernel_size(sigma, h, w)
+    sigmas = torch.full((n,), float(sigma), device=device)
+    fields = []
+    for extent in (w, h):  # x, then y: torchvision's order of draws
+        noise = 2 * torch.rand(n, 1, h, w, generator=generator, device=device) - 1
+        fields.append(gaussian_blur(noise, sigmas, size) * (alpha / extent))
+    return torch.cat(fields, 1).permute(0, 2, 3, 1)
+
+
+def random_elastic(images: torch.Tensor, alpha: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Elastic deformation of each image by its own field from elastic_displacement (Simard et al. 2003)."""
+    n, _, h, w = images.shape
+    return elastic(images, elastic_displacement(n, h, w, alpha, sigma, generator, images.device))
+
+
+# --- blur ------------------------------------------------------------------------------------------
+
+
+def blur_kernel_size(sigma: float, h: int, w: int) -> int:
+    """Taps per axis of a gaussian of std `sigma` pixels: int(8·sigma + 1) made odd (about ±4 sigma, torchvision's
+    ElasticTransform rule), at most 2·min(H, W) - 1 so that its reflect padding fits inside the image."""
+    size = int(8 * sigma + 1)
+    return min(size + 1 - size % 2, 2 * min(h, w) - 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur image i with a gaussian of std sigmas[i] pixels, kernel_size (odd) taps per axis, reflect padding; as
+    torchvision's gaussian_blur. One separable, grouped convolution over the whole batch."""
+    n, c, h, w = images.shape
+    offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - kernel_size // 2
+    taps = torch.softmax(-0.5 * (offsets / sigmas.to(images.dtype).view(n, 1)) ** 2, dim=1)  # [N, k], sums to 1
+    taps = taps.repeat_interleave(c, 0)  # one filter per (image, channel)
+    pad = kernel_size // 2
+    out = F.pad(images.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    out = F.conv2d(out, taps.view(n * c, 1, kernel_size, 1), groups=n * c)
+    out = F.conv2d(out, taps.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return out.view(n, c, h, w)
+
+
+def random_blur(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Blur each image with a sigma drawn uniformly from [0.1, max_sigma] pixels (torchvision's GaussianBlur draw)
+    and the kernel of blur_kernel_size(max_sigma)."""
+    n, _, h, w = images.shape
+    sigmas = _uniform(n, BLUR_MIN_SIGMA, max_sigma, generator, images.device)
+    return gaussian_blur(images, sigmas, blur_kernel_size(max_sigma, h, w))
 
 
 # --- occlusion and noise ---------------------------------------------------------------------------
@@ -224,7 +350,7 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 
 
 def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> list[Step]:
-    """The per-image transforms of cfg, in the order they run: geometry, colour, occlusion, noise."""
+    """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise."""
     _, h, w = input_shape
     padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
     if mode == "reflect" and padding >= min(h, w):
@@ -234,7 +360,9 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
         raise ConfigError(f"augmentation.cutout_size={cfg.cutout_size} is larger than the {h}x{w} images; "
                           f"choose at most {min(h, w)}")
     translate_f, degrees, flip_h, flip_v = float(cfg.translate), float(cfg.rotate), float(cfg.hflip), float(cfg.vflip)
-    amount = float(cfg.scale)
+    amount, shear_deg = float(cfg.scale), float(cfg.shear)
+    distortion, distortion_p = float(cfg.perspective), float(cfg.perspective_p)
+    alpha, sigma, blur_max = float(cfg.elastic_alpha), float(cfg.elastic_sigma), float(cfg.blur_sigma)
     colour = (float(cfg.brightness), float(cfg.contrast), float(cfg.saturation))
     size, std = int(cfg.cutout_size), float(cfg.noise_std)
     steps: list[Step] = []
@@ -246,12 +374,20 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
         steps.append(lambda x, g: random_rotate(x, degrees, g))
     if amount > 0:
         steps.append(lambda x, g: random_zoom(x, amount, g))
+    if shear_deg > 0:
+        steps.append(lambda x, g: random_shear(x, shear_deg, g))
+    if distortion > 0 and distortion_p > 0:
+        steps.append(lambda x, g: random_perspective(x, distortion, distortion_p, g))
+    if alpha > 0:
+        steps.append(lambda x, g: random_elastic(x, alpha, sigma, g))
     if flip_h > 0:
         steps.append(lambda x, g: hflip(x, flip_h, g))
     if flip_v > 0:
         steps.append(lambda x, g: vflip(x, flip_v, g))
     if max(colour) > 0:
         steps.append(lambda x, g: color_jitter(x, *colour, g))
+    if blur_max > 0:
+        steps.append(lambda x, g: random_blur(x, blur_max, g))
     if size > 0:
         steps.append(lambda x, g: cutout(x, size, g))
     if std > 0:
@@ -341,6 +477,41 @@ class Cutout:
         return TF.erase(image, top, left, self.size, self.size, torch.zeros((), dtype=image.dtype))
 
 
+class Elastic:
+    """v2 counterpart of random_elastic: torchvision's ElasticTransform draw with blur_kernel_size's kernel, which
+    fits images of any size (torchvision's own int(8·sigma + 1) taps need images larger than 4·sigma)."""
+
+    def __init__(self, alpha: float, sigma: float):
+        self.alpha, self.sigma = alpha, sigma
+
+    def __repr__(self) -> str:
+        return f"Elastic(alpha={self.alpha}, sigma={self.sigma})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = image.shape[-2:]
+        displacement = elastic_displacement(1, h, w, self.alpha, self.sigma, None, image.device)
+        return TF.elastic(image, displacement, interpolation=TF.InterpolationMode.BILINEAR)
+
+
+class RandomBlur:
+    """v2 counterpart of random_blur: sigma uniform in [0.1, max_sigma], the kernel of blur_kernel_size(max_sigma)."""
+
+    def __init__(self, max_sigma: float):
+        self.max_sigma = max_sigma
+
+    def __repr__(self) -> str:
+        return f"RandomBlur(max_sigma={self.max_sigma})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        size = blur_kernel_size(self.max_sigma, *image.shape[-2:])
+        sigma = float(_uniform(1, BLUR_MIN_SIGMA, self.max_sigma, None, image.device))
+        return TF.gaussian_blur(image, [size, size], [sigma, sigma])
+
+
 def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None.
 
@@ -355,11 +526,19 @@ def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor
         steps.append(PadRandomCrop(int(cfg.crop_padding), str(cfg.crop_padding_mode)))
     if cfg.translate > 0:
         steps.append(v2.RandomAffine(degrees=0.0, translate=(float(cfg.translate), float(cfg.translate))))
+    # fill=None: grid_sample's zero padding, as on the device. (Their default fill=0 multiplies the border pixels by
+    # the interpolated coverage a second time, darkening them.)
+    bilinear = {"interpolation": v2.InterpolationMode.BILINEAR, "fill": None}
     if cfg.rotate > 0:
-        steps.append(v2.RandomRotation(float(cfg.rotate), interpolation=v2.InterpolationMode.BILINEAR))
+        steps.append(v2.RandomRotation(float(cfg.rotate), **bilinear))
     if cfg.scale > 0:
-        steps.append(v2.RandomAffine(degrees=0.0, scale=(1.0 - float(cfg.scale), 1.0 + float(cfg.scale)),
-                                     interpolation=v2.InterpolationMode.BILINEAR))
+        steps.append(v2.RandomAffine(degrees=0.0, scale=(1.0 - float(cfg.scale), 1.0 + float(cfg.scale)), **bilinear))
+    if cfg.shear > 0:  # one number: along x only, U(-shear, shear)
+        steps.append(v2.RandomAffine(degrees=0.0, shear=float(cfg.shear), **bilinear))
+    if cfg.perspective > 0 and cfg.perspective_p > 0:
+        steps.append(v2.RandomPerspective(float(cfg.perspective), float(cfg.perspective_p), **bilinear))
+    if cfg.elastic_alpha > 0:
+        steps.append(Elastic(float(cfg.elastic_alpha), float(cfg.elastic_sigma)))
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(float(cfg.hflip)))
     if cfg.vflip > 0:
@@ -369,6 +548,8 @@ def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor
                                     saturation=float(cfg.saturation)))
     if cfg.policy is not None:
         steps.append(build_policy(cfg))
+    if cfg.blur_sigma > 0:
+        steps.append(RandomBlur(float(cfg.blur_sigma)))
     if cfg.cutout_size > 0:
         steps.append(Cutout(int(cfg.cutout_size)))
     if cfg.noise_std > 0:

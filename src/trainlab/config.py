@@ -181,11 +181,17 @@ class AugmentationConfig:
     translate: float = 0.0  # largest shift, as a fraction of the width (x) and height (y); zero fill
     rotate: float = 0.0  # largest rotation in degrees: angle uniform in [-rotate, rotate]; bilinear, zero fill
     scale: float = 0.0  # zoom about the centre by a factor uniform in [1 - scale, 1 + scale]; bilinear, zero fill
+    shear: float = 0.0  # largest shear angle in degrees, along x only: uniform in [-shear, shear]; bilinear, zero fill
+    perspective: float = 0.0  # distortion scale in [0, 1]: corners move inwards by up to this share of half the size
+    perspective_p: float = 0.5  # probability that an image gets a perspective distortion (with perspective > 0)
+    elastic_alpha: float = 0.0  # elastic field strength: pixels move by alpha / 2 times the smoothed noise in [-1, 1]
+    elastic_sigma: float = 5.0  # std in pixels of the gaussian that smooths the elastic field (with elastic_alpha > 0)
     hflip: float = 0.0  # probability of flipping each training image left-right
     vflip: float = 0.0  # probability of flipping each training image upside down
     brightness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]
     contrast: float = 0.0  # likewise, blending with the image's mean grey level
     saturation: float = 0.0  # likewise, blending with the image's grey version (3-channel images only)
+    blur_sigma: float = 0.0  # largest gaussian blur std in pixels: sigma uniform in [0.1, blur_sigma]; 0 = off
     cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
     noise_std: float = 0.0  # std of additive gaussian noise, in pixel levels (0-255 scale; digits are 0-16)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight per image; soft targets
@@ -527,6 +533,14 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(0.0 <= aug.rotate <= 180.0, "augmentation.rotate", aug.rotate, "is in degrees, 0 to 180")
     check(0.0 <= aug.scale < 1.0, "augmentation.scale", aug.scale,
           "is the largest zoom change, in [0, 1): the factor is uniform in [1 - scale, 1 + scale]")
+    check(0.0 <= aug.shear < 90.0, "augmentation.shear", aug.shear, "is in degrees, 0 to below 90")
+    for key in ("perspective", "perspective_p"):
+        check(0.0 <= aug[key] <= 1.0, f"augmentation.{key}", aug[key], "must be in [0, 1]")
+    check(aug.elastic_alpha >= 0, "augmentation.elastic_alpha", aug.elastic_alpha, "must be >= 0 (0 = off)")
+    check(aug.elastic_sigma > 0, "augmentation.elastic_sigma", aug.elastic_sigma,
+          "is the smoothing std in pixels and must be > 0, e.g. 5")
+    check(aug.blur_sigma == 0 or aug.blur_sigma >= 0.1, "augmentation.blur_sigma", aug.blur_sigma,
+          "must be 0 (off) or at least 0.1: the blur's sigma is uniform in [0.1, blur_sigma] pixels")
     for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
         check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
     check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
