@@ -207,10 +207,12 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Per parameter group, the median over its coordinates of the step size an adaptive optimizer applies to
     a unit gradient: lr / (sqrt(G) + eps) for Adagrad (G the sum of squared gradients: it only grows, so the step
     shrinks), lr / (sqrt(v) + eps) for RMSprop (v a running mean: it follows the gradients), Adam's and AdamW's
-    with their bias corrections, Adadelta's sqrt(delta + eps) / sqrt(v + eps) times lr. Empty for other optimizers,
-    and before the first step. Large tensors are read at up to SAMPLE_PER_TENSOR evenly spaced coordinates."""
+    with their bias corrections, and without them for trainlab.adam's UncorrectedAdam and UncorrectedAdamW
+    (optimizer.bias_correction=false), Adadelta's sqrt(delta + eps) / sqrt(v + eps) times lr. Empty for other
+    optimizers, and before the first step. Large tensors are read at up to SAMPLE_PER_TENSOR evenly spaced
+    coordinates."""
     kind = type(optimizer).__name__
-    if kind not in ("Adagrad", "RMSprop", "Adam", "AdamW", "Adadelta"):
+    if kind not in ("Adagrad", "RMSprop", "Adam", "AdamW", "UncorrectedAdam", "UncorrectedAdamW", "Adadelta"):
         return {}
     found = {}
     with torch.no_grad():
@@ -247,4 +249,6 @@ def _step_size(kind: str, group: dict, state: dict) -> torch.Tensor:
         return lr * (state["acc_delta"] + eps).sqrt() / (state["square_avg"] + eps).sqrt()
     beta1, beta2 = group["betas"]
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    if kind.startswith("Uncorrected"):  # trainlab.adam: m / (sqrt(v) + eps) as they are
+        return lr / (v.sqrt() + eps)
     return lr * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step) / (v.sqrt() + eps)

@@ -11,12 +11,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainlab.adam import UncorrectedAdam, UncorrectedAdamW
 from trainlab.config import ConfigError
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 # Keys of the optimizer group that trainlab reads itself (popped before the optimizer is built).
-TRAINLAB_KEYS = ("decay_norm_and_bias", "momentum_start", "momentum_warmup_epochs")
+TRAINLAB_KEYS = ("decay_norm_and_bias", "momentum_start", "momentum_warmup_epochs", "bias_correction")
+# The optimizers `bias_correction` switches: with false, the same update without Adam's 1 / (1 - beta^t) factors.
+UNCORRECTED = {torch.optim.Adam: UncorrectedAdam, torch.optim.AdamW: UncorrectedAdamW}
 # Constructor arguments owned by the regularization group: trainlab decays every optimizer the same way.
 DECAY_KEYS = ("weight_decay", "decoupled_weight_decay")
 # Optimizers that accept a single parameter group: decay and no_decay are merged into one group.
@@ -98,7 +101,8 @@ def _valid_keys(cls: Any) -> list[str] | None:
         return None
     names = [p.name for p in parameters if p.name not in ("self", "params", *DECAY_KEYS)
              and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    return names + [key for key in TRAINLAB_KEYS if key == "decay_norm_and_bias" or "momentum" in names]
+    return names + [key for key in TRAINLAB_KEYS if key == "decay_norm_and_bias" or "momentum" in names
+                    or (key == "bias_correction" and (cls in UNCORRECTED or cls in UNCORRECTED.values()))]
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
@@ -107,7 +111,8 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
 
     The optimizer's own weight decay is forced to 0: decay is trainlab's decoupled pre-hook. With
     `momentum_start` and `momentum_warmup_epochs`, momentum ramps linearly from momentum_start to
-    `momentum` over that many epochs of `steps_per_epoch` steps. `features` (finetune) train at
+    `momentum` over that many epochs of `steps_per_epoch` steps. `bias_correction=false` (Adam, AdamW) builds
+    trainlab.adam's uncorrected variant with the same arguments. `features` (finetune) train at
     optimizer.lr x `feature_lr_scale`, in groups of their own after the others.
     """
     options: dict[str, Any] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # type: ignore[assignment]
@@ -119,6 +124,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
     for key, value in ramp.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"optimizer.{key}={value!r}: must be a number")
+    bias_correction = options.pop("bias_correction", None)
     for key in DECAY_KEYS:
         if key in options:
             raise ConfigError(f"optimizer.{key}: set regularization.weight_decay instead (decoupled decay, "
@@ -128,6 +134,10 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
     except Exception as error:  # noqa: BLE001 - Hydra wraps import and argument errors alike
         raise ConfigError(f"optimizer={target}: {error}") from None
     cls = factory.func if isinstance(factory, functools.partial) else factory
+    if bias_correction is not None:
+        factory, cls = _bias_correction(factory, cls, bias_correction, target)
+        if bias_correction is False:
+            target = f"{target} with optimizer.bias_correction=false ({cls.__module__}.{cls.__name__})"
     valid = _valid_keys(cls)
     if valid is not None:
         unknown = [key for key in options if key not in ("_target_", "_partial_") and key not in valid]
@@ -163,6 +173,19 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
     if wd > 0:
         optimizer.register_step_pre_hook(decoupled_weight_decay)
     return optimizer
+
+
+def _bias_correction(factory: Any, cls: Any, bias_correction: Any, target: Any) -> tuple[Any, Any]:
+    """(factory, class): torch's Adam or AdamW as they are for true, trainlab's uncorrected variant for false."""
+    if cls not in UNCORRECTED:
+        raise ConfigError(f"optimizer.bias_correction: optimizer={target} has no bias correction to switch; only "
+                          "optimizer=adam and optimizer=adamw (torch.optim.Adam, torch.optim.AdamW) take it")
+    if not isinstance(bias_correction, bool):
+        raise ConfigError(f"optimizer.bias_correction={bias_correction!r}: must be true or false")
+    if bias_correction:
+        return factory, cls
+    uncorrected = UNCORRECTED[cls]
+    return functools.partial(uncorrected, *factory.args, **factory.keywords), uncorrected
 
 
 def _scaled_groups(groups: list[dict[str, Any]], features: list[nn.Parameter], scale: float,
