@@ -302,6 +302,42 @@ def color_jitter(images: torch.Tensor, brightness: float, contrast: float, satur
     return images
 
 
+def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend image i with its smoothed copy (3x3 kernel: 5/13 in the centre, 1/13 around; the 1-pixel border kept)
+    by factors[i]: 0 smoothed, 1 unchanged, 2 sharpened; clamped to [0, 255], as torchvision's adjust_sharpness."""
+    _, c, h, w = images.shape
+    if h <= 2 or w <= 2:
+        return images
+    kernel = torch.full((3, 3), 1 / 13, dtype=images.dtype, device=images.device)
+    kernel[1, 1] = 5 / 13
+    smoothed = images.clone()
+    smoothed[..., 1:-1, 1:-1] = F.conv2d(images, kernel.expand(c, 1, 3, 3), groups=c)
+    return _blend(images, smoothed, factors)
+
+
+def adjust_gamma(images: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """255·(x / 255)^gammas[i] for image i (< 1 brightens the darks, > 1 darkens), as torchvision's adjust_gamma."""
+    g = gammas.view(-1, 1, 1, 1).to(images.dtype)
+    return PIXEL_MAX * (images.clamp(0, PIXEL_MAX) / PIXEL_MAX) ** g
+
+
+def invert(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """255 - x for each image with probability p, independently (torchvision's RandomInvert on uint8 images)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), PIXEL_MAX - images, images)
+
+
+def random_sharpness(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """adjust_sharpness by a factor drawn per image from U(max(0, 1 - strength), 1 + strength)."""
+    n = images.shape[0]
+    return adjust_sharpness(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, images.device))
+
+
+def random_gamma(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """adjust_gamma by a gamma drawn per image from U(1 - strength, 1 + strength), strength < 1."""
+    return adjust_gamma(images, _uniform(images.shape[0], 1 - strength, 1 + strength, generator, images.device))
+
+
 # --- label mixing ----------------------------------------------------------------------------------
 
 
@@ -364,6 +400,7 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
     distortion, distortion_p = float(cfg.perspective), float(cfg.perspective_p)
     alpha, sigma, blur_max = float(cfg.elastic_alpha), float(cfg.elastic_sigma), float(cfg.blur_sigma)
     colour = (float(cfg.brightness), float(cfg.contrast), float(cfg.saturation))
+    sharpness, gamma, invert_p = float(cfg.sharpness), float(cfg.gamma), float(cfg.invert)
     size, std = int(cfg.cutout_size), float(cfg.noise_std)
     steps: list[Step] = []
     if padding > 0:
@@ -386,6 +423,12 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
         steps.append(lambda x, g: vflip(x, flip_v, g))
     if max(colour) > 0:
         steps.append(lambda x, g: color_jitter(x, *colour, g))
+    if sharpness > 0:
+        steps.append(lambda x, g: random_sharpness(x, sharpness, g))
+    if gamma > 0:
+        steps.append(lambda x, g: random_gamma(x, gamma, g))
+    if invert_p > 0:
+        steps.append(lambda x, g: invert(x, invert_p, g))
     if blur_max > 0:
         steps.append(lambda x, g: random_blur(x, blur_max, g))
     if size > 0:
@@ -512,6 +555,25 @@ class RandomBlur:
         return TF.gaussian_blur(image, [size, size], [sigma, sigma])
 
 
+class RandomFactor:
+    """v2 counterpart of random_sharpness and random_gamma: torchvision's functional `name` (adjust_sharpness or
+    adjust_gamma) with a factor drawn uniformly from [low, high] per image. It runs on the float image and rounds
+    back to uint8 (on uint8 images torchvision truncates these two, half a level darker on average)."""
+
+    def __init__(self, name: str, low: float, high: float):
+        self.name, self.low, self.high = name, low, high
+
+    def __repr__(self) -> str:
+        return f"RandomFactor({self.name}, low={self.low}, high={self.high})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        factor = float(_uniform(1, self.low, self.high, None, image.device))
+        out = getattr(TF, self.name)(image.float() / PIXEL_MAX, factor) * PIXEL_MAX
+        return out.round().to(image.dtype)
+
+
 def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None.
 
@@ -546,6 +608,12 @@ def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor
     if max(cfg.brightness, cfg.contrast, cfg.saturation) > 0:
         steps.append(v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast),
                                     saturation=float(cfg.saturation)))
+    if cfg.sharpness > 0:
+        steps.append(RandomFactor("adjust_sharpness", max(0.0, 1 - float(cfg.sharpness)), 1 + float(cfg.sharpness)))
+    if cfg.gamma > 0:
+        steps.append(RandomFactor("adjust_gamma", 1 - float(cfg.gamma), 1 + float(cfg.gamma)))
+    if cfg.invert > 0:
+        steps.append(v2.RandomInvert(float(cfg.invert)))
     if cfg.policy is not None:
         steps.append(build_policy(cfg))
     if cfg.blur_sigma > 0:

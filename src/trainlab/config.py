@@ -191,6 +191,9 @@ class AugmentationConfig:
     brightness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]
     contrast: float = 0.0  # likewise, blending with the image's mean grey level
     saturation: float = 0.0  # likewise, blending with the image's grey version (3-channel images only)
+    sharpness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 smoothed, 2 sharpened
+    gamma: float = 0.0  # strength g < 1: out = 255 (x / 255)^gamma, gamma uniform in [1 - g, 1 + g]
+    invert: float = 0.0  # probability of inverting each training image: 255 - x
     blur_sigma: float = 0.0  # largest gaussian blur std in pixels: sigma uniform in [0.1, blur_sigma]; 0 = off
     cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
     noise_std: float = 0.0  # std of additive gaussian noise, in pixel levels (0-255 scale; digits are 0-16)
@@ -541,6 +544,10 @@ def _check_values(cfg: DictConfig) -> list[str]:
           "is the smoothing std in pixels and must be > 0, e.g. 5")
     check(aug.blur_sigma == 0 or aug.blur_sigma >= 0.1, "augmentation.blur_sigma", aug.blur_sigma,
           "must be 0 (off) or at least 0.1: the blur's sigma is uniform in [0.1, blur_sigma] pixels")
+    check(aug.sharpness >= 0, "augmentation.sharpness", aug.sharpness, "must be >= 0 (0 = off)")
+    check(0.0 <= aug.gamma < 1.0, "augmentation.gamma", aug.gamma,
+          "is the largest change of the exponent, in [0, 1): gamma is uniform in [1 - gamma, 1 + gamma]")
+    check(0.0 <= aug.invert <= 1.0, "augmentation.invert", aug.invert, "is a probability in [0, 1]")
     for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
         check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
     check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
