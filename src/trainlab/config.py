@@ -66,7 +66,10 @@ class DataConfig:
     batch_size: int = 64  # examples per optimizer step
     eval_batch_size: int = 1024  # examples per forward pass at validation and test time
     val_fraction: float = 0.1  # share of the training split held out for validation
-    split_seed: int = "${seed}"  # type: ignore[assignment]  # seeds the validation split
+    split_seed: int = "${seed}"  # type: ignore[assignment]  # seeds the validation split (and train_size's draw)
+    # null: the whole training split; N: train on N of its examples, stratified by class, drawn by split_seed,
+    # nested (N's examples lie inside a larger N's); validation and test unchanged. A count, never a share.
+    train_size: Any = None
     drop_last: bool = True  # drop the last, smaller training batch of each epoch
     # [[epoch, factor], ...]: from that (1-based) epoch on, the training batch size is multiplied by factor,
     # cumulatively; [] = off. "Don't decay the learning rate, increase the batch size" (Smith et al. 2018)
@@ -441,6 +444,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
               f"replaces a decaying learning rate, and scheduler={cfg.scheduler.name} counts steps of a fixed "
               "batch size; use scheduler=none (warmup allowed) or scheduler=plateau with it")
     check(0.0 < data.val_fraction < 1.0, "data.val_fraction", data.val_fraction, "must be between 0 and 1")
+    size = data.get("train_size")
+    check(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1), "data.train_size",
+          size, "give a number of training examples, a whole number of at least 1 (e.g. 200), or null for the whole "
+          "training split" + ("; a share is not taken: multiply it by the training split's size (the `train` count "
+                              "of a run's `data:` line)" if isinstance(size, float) else ""))
     if "test_fraction" in data:
         check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "must be between 0 and 1")
     check(data.loader in ("auto", "device", "dataloader"), "data.loader", data.loader,

@@ -34,12 +34,19 @@ class Dataset:
     val: Split
     test: Split
     num_classes: int
-    mean: torch.Tensor  # float [C], per-channel mean of the training split, in raw pixel units
+    mean: torch.Tensor  # float [C], per-channel mean of the training examples (data.train_size's), in pixel units
     std: torch.Tensor  # float [C]
+    train_available: int  # examples of the training split (after validation) that data.train_size draws from
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def sizes(self) -> str:
+        """'train 200 of 1294 / val 144 / test 359' (data.train_size=200), else 'train 1294 / val 144 / test 359'."""
+        of = f" of {self.train_available}" if len(self.train) < self.train_available else ""
+        return f"train {len(self.train)}{of} / val {len(self.val)} / test {len(self.test)}"
 
 
 def split_index(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +56,45 @@ def split_index(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch
     if held >= n:
         raise ConfigError(f"a fraction of {fraction} of {n} examples leaves nothing to train on")
     return order[held:].sort().values, order[:held].sort().values
+
+
+def stratified_order(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded order of range(len(labels)) whose first N, for any N of at least the number of classes, hold one
+    example of every class and the rest in proportion to the classes' sizes: data.train_size=N takes that prefix,
+    so the subset of a smaller N lies inside the one of a larger N (a learning curve adds data, never swaps it).
+
+    1) each class's examples in a seeded random order; 2) the j-th (from 0) of a class of n_c examples gets the
+    key 0 for j = 0, else (j + 0.5) / n_c; 3) sort by key, ties by class index. A prefix of N then holds
+    max(1, round(t * n_c)) of class c for the threshold t at which the counts add up to N: each class's share
+    N * n_c / n rounded to the nearest whole number, at least one (Webster's divisor method, which unlike
+    rounding each N afresh never takes an example out when N grows). The counts depend on N and the class sizes
+    only; the seed picks which examples.
+    """
+    n = len(labels)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    by_class = shuffled[torch.sort(labels[shuffled], stable=True).indices]  # class by class, shuffled within each
+    sizes = torch.bincount(labels)
+    first = torch.cumsum(sizes, 0) - sizes  # where each class starts in by_class
+    sorted_labels = labels[by_class]
+    rank = torch.arange(n) - first[sorted_labels]  # j: the example's place within its class
+    key = torch.where(rank == 0, 0.0, (rank + 0.5).double() / sizes[sorted_labels].double())
+    return by_class[torch.sort(key, stable=True).indices]  # stable: ties stay in class order
+
+
+def train_subset(train: Split, size: int | None, seed: int, name: str) -> Split:
+    """The first `size` examples of the training split in its stratified_order (data.train_size; None: all)."""
+    if size is None:
+        return train
+    classes = int((torch.bincount(train.labels) > 0).sum())
+    if size > len(train):
+        raise ConfigError(f"data.train_size={size}: the training split of {name} holds {len(train)} examples (what "
+                          f"data.val_fraction leaves of it); give at most {len(train)}, or null for all of them")
+    if size < classes:
+        raise ConfigError(f"data.train_size={size}: the subset is stratified by class and holds at least one "
+                          f"example of each of the {classes} classes of {name}; give at least {classes}")
+    # a stream of its own: the validation split's permutation is drawn from manual_seed(seed)
+    order = stratified_order(train.labels, seed * 2 + 1)
+    return train.subset(order[:size].sort().values)
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,16 +155,20 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
 
 
 def build_data(cfg: DictConfig) -> Dataset:
-    """The dataset named by data.name, split into train / val / test, with training-split statistics."""
+    """The dataset named by data.name, split into train / val / test (data.train_size of the training split), with
+    the training examples' statistics."""
     train_all, test, num_classes = load_images(cfg)
     if test is None:
         # The test split depends on nothing but the data, so every run of a study tests on the same images.
         train_idx, test_idx = split_index(len(train_all), cfg.test_fraction, seed=0)
         train_all, test = train_all.subset(train_idx), train_all.subset(test_idx)
     fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, seed=cfg.split_seed)
-    train, val = train_all.subset(fit_idx), train_all.subset(val_idx)
+    available, val = train_all.subset(fit_idx), train_all.subset(val_idx)
+    # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
+    # The statistics are the subset's own: a run on N examples knows nothing of the others.
+    train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name)
     mean, std = channel_stats(train.images)
-    return Dataset(cfg.name, train, val, test, num_classes, mean, std)
+    return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available))
 
 
 def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float]] | None) -> int:

@@ -66,7 +66,7 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     """Announce once what was built: the resolved config as a tree, then one line per part."""
     Console().print(config_tree(cfg))
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"data: {data.name}  train {len(data.train)} / val {len(data.val)} / test {len(data.test)}  "
+    log.info(f"data: {data.name}  {data.sizes}  "
              f"input {list(data.input_shape)}  classes {data.num_classes}")
     log.info(f"model: {type(model).__name__} {_knobs(cfg.model)}  {n_params:,} parameters  "
              f"normalization={cfg.normalization.name}  initialization={cfg.initialization.name}")
