@@ -69,6 +69,7 @@ def test_sync_benchmark_explains_itself_without_a_gpu(benchmark, capsys):
     assert "needs a CUDA device" in out
 
 
+@pytest.mark.slow  # 11 s: a torchrun run of 2 processes and one of 1
 def test_scaling_benchmark_compares_a_torchrun_run_with_one_process(benchmark, capsys):
     out = run(benchmark, capsys, "scaling")
     assert re.search(rf"^scaling block 1/1: 1 process +{NUMBER} images/s  2 processes +{NUMBER} images/s", out, re.M)

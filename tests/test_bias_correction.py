@@ -331,6 +331,7 @@ def metrics(run_dir) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow  # 7 s: two torchrun processes; test_distributed.py covers the same path for every optimizer
 def test_two_torchrun_processes_train_like_one_with_the_whole_batch(tmp_path):
     """Under torchrun (gloo, CPU) each rank steps its own UncorrectedAdam on the averaged gradients: the epochs'
     metrics are those of one process with the whole batch."""

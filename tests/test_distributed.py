@@ -117,6 +117,7 @@ def test_lbfgs_line_search_reads_the_whole_batchs_loss_on_every_rank(tmp_path):
     assert close(rows(tmp_path / "ddp"), rows(one.run_dir), rel=1e-4)
 
 
+@pytest.mark.slow  # 15 s: two torchrun runs and one in-process
 def test_swa_under_torchrun_averages_as_one_process_does(tmp_path):
     swa = ["regularization=swa", "trainer.max_epochs=4", "normalization=none"]
     assert torchrun([*swa, "hydra.run.dir=ddp"], tmp_path).returncode == 0

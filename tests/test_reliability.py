@@ -521,6 +521,26 @@ def test_a_checkpoint_of_another_model_lists_the_keys_and_a_hint(tmp_path, inter
         assert "model.hidden=[256, 256]" in error  # the hint: the options it was trained with
 
 
+def test_a_checkpoint_of_another_optimizer_is_refused_before_its_state_loads(tmp_path, interrupted_run):
+    """Adam's state loaded into RMSprop crashed at the first step (KeyError 'square_avg'); loaded into Adam without
+    bias correction (the same state names) it trained on silently with another update."""
+    old_format = tmp_path / "old.pt"  # a last.pt from before the class was saved: its config's _target_ tells
+    state = torch.load(interrupted_run, weights_only=False)
+    assert state.pop("optimizer_class") == "SGD"
+    torch.save(state, old_format)
+    for checkpoint, options, built in ((interrupted_run, ["optimizer=rmsprop"], "RMSprop"),
+                                       (interrupted_run, ["optimizer=adam", "optimizer.bias_correction=false"],
+                                        "UncorrectedAdam"),
+                                       (old_format, ["optimizer=adam"], "Adam")):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2", *options, f"checkpoint.resume={checkpoint}"])
+        assert (status, code) == ("failed", 2)
+        error = run.summary["error"]
+        assert f"was trained with SGD, and this config builds {built}" in error, error
+        assert "optimizer.lr=0.1" in error  # the hint: the options it was trained with
+    status, _, _ = train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={old_format}"], name="same")
+    assert status == "completed"
+
+
 def test_a_truncated_checkpoint_is_corrupted_or_incomplete(tmp_path, interrupted_run):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(interrupted_run.read_bytes()[:5000])

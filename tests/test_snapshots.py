@@ -143,8 +143,6 @@ def test_snapshot_epochs_are_where_the_schedules_own_cycles_end(name, half_cycle
 @pytest.mark.parametrize(("overrides", "message"), [
     (["scheduler=cosine"], "checkpoint.snapshots='cycles': takes a snapshot at the end of each learning-rate cycle, "
                            "and scheduler=cosine has no cycles; use scheduler=cosine_restarts or scheduler=cyclic"),
-    (["scheduler=cosine_restarts", "scheduler.period_epochs=1.5", "trainer.max_epochs=4"],
-     "cycles of scheduler=cosine_restarts end inside an epoch (at epoch 1.5 of 20 steps each)"),
 ])
 def test_refused_settings_exit_2_from_the_command_line_and_leave_nothing(overrides, message, tmp_path):
     result = run_cli([*overrides, "checkpoint.snapshots=cycles", f"hydra.run.dir={tmp_path / 'run'}",
@@ -161,6 +159,8 @@ def test_refused_settings_exit_2_from_the_command_line_and_leave_nothing(overrid
     (["scheduler=cosine_restarts", "trainer.max_epochs=20"],  # periods of 10 and 20 epochs: one ends by epoch 20
      "1 cycle(s) of scheduler=cosine_restarts end within trainer.max_epochs=20 (at epoch 10); a snapshot ensemble "
      "needs at least 2"),
+    (["scheduler=cosine_restarts", "scheduler.period_epochs=1.5", "trainer.max_epochs=4"],
+     "cycles of scheduler=cosine_restarts end inside an epoch (at epoch 1.5 of 20 steps each)"),
     (["scheduler=cyclic", "scheduler.half_cycle_epochs=0.75", "trainer.max_epochs=4"],
      "cycles of scheduler=cyclic end inside an epoch (at epoch 1.5 of 20 steps each)"),
 ])
@@ -233,6 +233,7 @@ def test_a_run_stopped_and_resumed_ends_with_the_snapshots_of_an_uninterrupted_o
 # --- torchrun: rank 0 writes; the end-of-run scores sum every rank's part of the test split ------------------
 
 
+@pytest.mark.slow  # 7 s: two torchrun processes
 def test_under_torchrun_rank_0_writes_the_snapshots_and_scores_the_whole_test_split(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -160,6 +160,7 @@ def test_a_single_run_signalled_during_its_test_writes_its_summary_and_exits_143
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # 10 s: three sweeps
 def test_a_sweep_into_a_directory_whose_jobs_trained_is_refused_unless_resumed(tmp_path):
     """Every job was refused (its directory holds a run) and the report showed the old results, exit 0."""
     sweep = tmp_path / "sweep"

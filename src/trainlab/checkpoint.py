@@ -183,13 +183,28 @@ def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Ten
     return "; ".join(parts) if parts else None
 
 
-def saved_model_options(config_yaml: str | None) -> str:
-    """The model node of a checkpoint's embedded config, as overrides; read as data, never instantiated."""
+def saved_options(config_yaml: str | None, group: str) -> str:
+    """A group of a checkpoint's embedded config (model, optimizer), as overrides; read as data, never instantiated."""
     try:
-        model = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get("model", {})
+        node = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(group, {})
     except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
         return "(the config saved in the checkpoint cannot be read)"
-    return " ".join(f"model.{k}={v}" for k, v in model.items() if k not in ("_target_", "_partial_"))
+    return " ".join(f"{group}.{k}={v}" for k, v in node.items() if k not in ("_target_", "_partial_"))
+
+
+def class_name(obj: object) -> str:
+    return type(obj).__name__
+
+
+def saved_optimizer_class(state: dict[str, Any]) -> str | None:
+    """The name of the optimizer class a last.pt was trained with (Adam, UncorrectedAdam, SGD, ...). A last.pt from
+    before it was saved: the last part of its config's optimizer._target_. None when neither can be read."""
+    if "optimizer_class" in state:
+        return str(state["optimizer_class"])
+    try:
+        return str(OmegaConf.create(state["config"]).optimizer._target_).rsplit(".", 1)[-1]
+    except Exception:  # noqa: BLE001 - an old or damaged config: the optimizer state's own check remains
+        return None
 
 
 # --- snapshots (checkpoint.snapshots=cycles) -------------------------------------------------------

@@ -351,6 +351,7 @@ class Run:
             "in_epoch": in_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": checkpoint.class_name(self.optimizer),  # a resume refuses another one
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -391,8 +392,13 @@ class Run:
         mismatch = checkpoint.model_mismatch(self.model.state_dict(), state["model"])
         if mismatch is not None:
             raise ConfigError(f"checkpoint.resume={path} holds a different model: {mismatch}. Resume with the model "
-                              f"options it was trained with: {checkpoint.saved_model_options(state.get('config'))}")
+                              f"options it was trained with: {checkpoint.saved_options(state.get('config'), 'model')}")
         self.model.load_state_dict(state["model"])
+        saved, built = checkpoint.saved_optimizer_class(state), checkpoint.class_name(self.optimizer)
+        if saved is not None and saved != built:  # its state would load, and then crash or mean something else
+            raise ConfigError(f"checkpoint.resume={path} was trained with {saved}, and this config builds {built}; "
+                              f"resume with the optimizer options it was trained with: "
+                              f"{checkpoint.saved_options(state.get('config'), 'optimizer')}")
         try:
             load_optimizer_state(self.optimizer, state["optimizer"])
         except (ValueError, KeyError) as error:
