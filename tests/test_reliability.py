@@ -541,6 +541,16 @@ def test_a_checkpoint_of_another_optimizer_is_refused_before_its_state_loads(tmp
     assert status == "completed"
 
 
+def test_a_resume_says_that_the_optimizer_keeps_the_settings_it_was_trained_with(tmp_path, interrupted_run, caplog):
+    caplog.set_level(logging.WARNING, logger="trainlab")
+    status, _, run = train(tmp_path, ["trainer.max_epochs=2", "optimizer.lr=0.05", "+optimizer.dampening=0.5",
+                                      f"checkpoint.resume={interrupted_run}"])
+    assert status == "completed"
+    assert ("the optimizer continues with the settings it was trained with, not this config's: "
+            "optimizer.dampening unset (here: 0.5), optimizer.lr=0.1 (here: 0.05)") in caplog.text
+    assert run.scheduler.base_lrs == [0.1] and run.optimizer.param_groups[0]["dampening"] == 0
+
+
 def test_a_truncated_checkpoint_is_corrupted_or_incomplete(tmp_path, interrupted_run):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(interrupted_run.read_bytes()[:5000])

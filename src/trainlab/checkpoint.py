@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import ConfigError
 
@@ -190,6 +190,21 @@ def saved_options(config_yaml: str | None, group: str) -> str:
     except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
         return "(the config saved in the checkpoint cannot be read)"
     return " ".join(f"{group}.{k}={v}" for k, v in node.items() if k not in ("_target_", "_partial_"))
+
+
+def changed_options(config_yaml: str | None, cfg: DictConfig, group: str) -> list[str]:
+    """`group.key=saved (here: value)` for each key of a group whose value in a checkpoint's embedded config differs
+    from `cfg`'s; none when the saved config cannot be read."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(group, {})
+    except Exception:  # noqa: BLE001 - a warning only: a damaged config must not hide the real error
+        return []
+    here = OmegaConf.to_container(cfg[group], resolve=True)
+    def shown(node: dict[str, Any], key: str) -> str:
+        return f"={node[key]}" if key in node else " unset"
+
+    return [f"{group}.{key}{shown(saved, key)} (here:{shown(here, key).replace('=', ' ')})"
+            for key in sorted({*saved, *here}) if saved.get(key, ...) != here.get(key, ...)]
 
 
 def class_name(obj: object) -> str:

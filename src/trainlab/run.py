@@ -405,6 +405,10 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path} was trained with another optimizer setup ({error}); "
                               "resume with the optimizer and regularization options it was trained with") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        ignored = checkpoint.changed_options(state.get("config"), self.cfg, "optimizer")
+        if ignored:  # torch's load_state_dict takes the saved groups' settings, the scheduler its base lrs
+            log.warning(f"checkpoint.resume={path}: the optimizer continues with the settings it was trained with, "
+                        f"not this config's: {', '.join(ignored)}; start a new run to train with others")
         if state.get("finished"):
             log.warning(f"checkpoint.resume={path}: extending a finished run of {state['epoch']} epochs to "
                         f"trainer.max_epochs={self.cfg.trainer.max_epochs}; the schedule now spans the longer run "
