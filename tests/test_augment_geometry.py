@@ -241,6 +241,30 @@ def test_invert_flips_each_image_with_probability_p():
     assert torch.equal(augment.invert(images, 0.0, gen(17)), images)
 
 
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_gamma_and_invert_work_against_the_digits_white_of_16_on_both_paths(loader, train_inprocess,
+                                                                             threads_restored):
+    """The digits' levels are 0-16: against 255, invert gave 239-255 and gamma 0.5 lifted a 4 to 32, far outside
+    the data the normalization was computed on."""
+    status, _, run = train_inprocess(["augmentation.invert=1.0", "augmentation.gamma=0.5", f"data.loader={loader}",
+                                      "data.num_workers=0", "trainer.threads=1", "trainer.max_epochs=1",
+                                      "data.batch_size=512", "logger.tensorboard=false"])
+    assert status == "completed" and run.data.white == 16.0
+    images = run.data.train.images[:256]
+    if loader == "device":
+        out, _ = run.train_batches.augment(images.float(), run.data.train.labels[:256], gen(19))
+    else:
+        torch.manual_seed(19)
+        out = torch.stack([run.train_batches.loader.dataset.transform(image) for image in images]).float()
+    assert out.min() >= 0 and out.max() <= 16  # inverted (16 - x), then a gamma against 16: still digits' levels
+    assert out[images.float() == 0].min() > 0  # black became white and stayed bright
+    mean = out.mean().item()  # inverted digits are mostly white: the mean level rises from about 4.9 to about 11
+    assert 9 < mean < 14, mean
+    assert torch.equal(augment.invert(IMAGE[None].float(), 1.0, gen(1), white=16.0), 16.0 - IMAGE[None].float())
+    assert torch.equal(augment.adjust_gamma(torch.tensor([[[[4.0]]]]), torch.tensor([0.5]), white=16.0),
+                       torch.tensor([[[[8.0]]]]))
+
+
 # --- the two loader paths --------------------------------------------------------------------------
 
 # rotate and scale too: their DataLoader side takes fill=None like the new ones (torchvision's fill=0 darkens borders)
@@ -319,7 +343,7 @@ def test_colour_extras_come_after_colour_jitter_on_both_paths():
     keys = dict(brightness=0.2, sharpness=0.5, gamma=0.3, invert=0.4, blur_sigma=1.0)
     pipeline = augment.build_v2_transform(node(**keys))
     kinds = [type(t) for t in pipeline.transforms]
-    assert kinds == [v2.ColorJitter, augment.RandomFactor, augment.RandomFactor, v2.RandomInvert, augment.RandomBlur]
+    assert kinds == [v2.ColorJitter, augment.RandomFactor, augment.RandomFactor, augment.RandomInvert, augment.RandomBlur]
     sharp, gamma, inv = pipeline.transforms[1:4]
     assert (sharp.name, sharp.low, sharp.high) == ("adjust_sharpness", 0.5, 1.5)
     assert (gamma.name, gamma.low, gamma.high) == ("adjust_gamma", 0.7, 1.3) and inv.p == 0.4

@@ -315,16 +315,18 @@ def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tenso
     return _blend(images, smoothed, factors)
 
 
-def adjust_gamma(images: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """255·(x / 255)^gammas[i] for image i (< 1 brightens the darks, > 1 darkens), as torchvision's adjust_gamma."""
+def adjust_gamma(images: torch.Tensor, gammas: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
+    """white·(x / white)^gammas[i] for image i (< 1 brightens the darks, > 1 darkens), as torchvision's adjust_gamma
+    (white 255; the digits' is 16)."""
     g = gammas.view(-1, 1, 1, 1).to(images.dtype)
-    return PIXEL_MAX * (images.clamp(0, PIXEL_MAX) / PIXEL_MAX) ** g
+    return white * (images.clamp(0, white) / white) ** g
 
 
-def invert(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """255 - x for each image with probability p, independently (torchvision's RandomInvert on uint8 images)."""
+def invert(images: torch.Tensor, p: float, generator: torch.Generator | None, white: float = PIXEL_MAX) -> torch.Tensor:
+    """white - x for each image with probability p, independently (torchvision's RandomInvert on uint8 images: white
+    255; the digits' is 16)."""
     flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
-    return torch.where(flip.view(-1, 1, 1, 1), PIXEL_MAX - images, images)
+    return torch.where(flip.view(-1, 1, 1, 1), white - images, images)
 
 
 def random_sharpness(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
@@ -333,9 +335,11 @@ def random_sharpness(images: torch.Tensor, strength: float, generator: torch.Gen
     return adjust_sharpness(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, images.device))
 
 
-def random_gamma(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+def random_gamma(images: torch.Tensor, strength: float, generator: torch.Generator,
+                 white: float = PIXEL_MAX) -> torch.Tensor:
     """adjust_gamma by a gamma drawn per image from U(1 - strength, 1 + strength), strength < 1."""
-    return adjust_gamma(images, _uniform(images.shape[0], 1 - strength, 1 + strength, generator, images.device))
+    gammas = _uniform(images.shape[0], 1 - strength, 1 + strength, generator, images.device)
+    return adjust_gamma(images, gammas, white)
 
 
 # --- label mixing ----------------------------------------------------------------------------------
@@ -385,8 +389,9 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 # --- builders --------------------------------------------------------------------------------------
 
 
-def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> list[Step]:
-    """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise."""
+def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white: float) -> list[Step]:
+    """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise. `white` is
+    the data's brightest level (gamma and invert)."""
     _, h, w = input_shape
     padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
     if mode == "reflect" and padding >= min(h, w):
@@ -426,9 +431,9 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int]) -> lis
     if sharpness > 0:
         steps.append(lambda x, g: random_sharpness(x, sharpness, g))
     if gamma > 0:
-        steps.append(lambda x, g: random_gamma(x, gamma, g))
+        steps.append(lambda x, g: random_gamma(x, gamma, g, white))
     if invert_p > 0:
-        steps.append(lambda x, g: invert(x, invert_p, g))
+        steps.append(lambda x, g: invert(x, invert_p, g, white))
     if blur_max > 0:
         steps.append(lambda x, g: random_blur(x, blur_max, g))
     if size > 0:
@@ -461,13 +466,15 @@ def build_batch_mix(cfg: DictConfig, num_classes: int) -> Augment | None:
     return mix
 
 
-def build_augment(cfg: DictConfig, num_classes: int, input_shape: tuple[int, int, int]) -> Augment | None:
+def build_augment(cfg: DictConfig, num_classes: int, input_shape: tuple[int, int, int],
+                  white: float = PIXEL_MAX) -> Augment | None:
     """The device path: the whole augmentation node as one batched function of (images, labels, generator),
-    or None when it does nothing. `input_shape` (C, H, W) lets sizes be checked before training."""
+    or None when it does nothing. `input_shape` (C, H, W) lets sizes be checked before training; `white` is the
+    data's brightest level (255; the digits' 16), which gamma and invert work against."""
     if cfg.policy is not None:
         raise ConfigError(f"augmentation.policy={cfg.policy} exists only on the DataLoader path (torchvision's "
                           "per-image implementation); set data.loader=dataloader, or pick a batched option")
-    steps = _per_sample_steps(cfg, input_shape)
+    steps = _per_sample_steps(cfg, input_shape, white)
     mix = build_batch_mix(cfg, num_classes)
     if not steps and mix is None:
         return None
@@ -557,11 +564,12 @@ class RandomBlur:
 
 class RandomFactor:
     """v2 counterpart of random_sharpness and random_gamma: torchvision's functional `name` (adjust_sharpness or
-    adjust_gamma) with a factor drawn uniformly from [low, high] per image. It runs on the float image and rounds
-    back to uint8 (on uint8 images torchvision truncates these two, half a level darker on average)."""
+    adjust_gamma) with a factor drawn uniformly from [low, high] per image. It runs on the float image, as a share of
+    `white` (gamma: the data's brightest level), and rounds back to uint8 (on uint8 images torchvision truncates
+    these two, half a level darker on average)."""
 
-    def __init__(self, name: str, low: float, high: float):
-        self.name, self.low, self.high = name, low, high
+    def __init__(self, name: str, low: float, high: float, white: float = PIXEL_MAX):
+        self.name, self.low, self.high, self.white = name, low, high, white
 
     def __repr__(self) -> str:
         return f"RandomFactor({self.name}, low={self.low}, high={self.high})"
@@ -570,12 +578,26 @@ class RandomFactor:
         from torchvision.transforms.v2 import functional as TF
 
         factor = float(_uniform(1, self.low, self.high, None, image.device))
-        out = getattr(TF, self.name)(image.float() / PIXEL_MAX, factor) * PIXEL_MAX
+        out = getattr(TF, self.name)(image.float() / self.white, factor) * self.white
         return out.round().to(image.dtype)
 
 
-def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None.
+class RandomInvert:
+    """v2 counterpart of invert: white - x with probability p (torchvision's RandomInvert, whose white is 255)."""
+
+    def __init__(self, p: float, white: float = PIXEL_MAX):
+        self.p, self.white = p, white
+
+    def __repr__(self) -> str:
+        return f"RandomInvert(p={self.p}, white={self.white})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return invert(image[None], self.p, None, self.white)[0].to(image.dtype)
+
+
+def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None; `white` is the
+    data's brightest level (gamma and invert).
 
     In: one uint8 image [C, H, W]. Out: pixel units, uint8 (float32 when noise_std > 0); the loader
     converts to float and normalises as on the device path. Randomness comes from torch's global
@@ -611,9 +633,9 @@ def build_v2_transform(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor
     if cfg.sharpness > 0:
         steps.append(RandomFactor("adjust_sharpness", max(0.0, 1 - float(cfg.sharpness)), 1 + float(cfg.sharpness)))
     if cfg.gamma > 0:
-        steps.append(RandomFactor("adjust_gamma", 1 - float(cfg.gamma), 1 + float(cfg.gamma)))
+        steps.append(RandomFactor("adjust_gamma", 1 - float(cfg.gamma), 1 + float(cfg.gamma), white))
     if cfg.invert > 0:
-        steps.append(v2.RandomInvert(float(cfg.invert)))
+        steps.append(RandomInvert(float(cfg.invert), white))
     if cfg.policy is not None:
         steps.append(build_policy(cfg))
     if cfg.blur_sigma > 0:

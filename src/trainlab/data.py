@@ -37,6 +37,7 @@ class Dataset:
     mean: torch.Tensor  # float [C], per-channel mean of the training examples (data.train_size's), in pixel units
     std: torch.Tensor  # float [C]
     train_available: int  # examples of the training split (after validation) that data.train_size draws from
+    white: float = 255.0  # the brightest pixel level: 255, the digits' 16 (augmentation's gamma and invert)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -95,6 +96,9 @@ def train_subset(train: Split, size: int | None, seed: int, name: str) -> Split:
     # a stream of its own: the validation split's permutation is drawn from manual_seed(seed)
     order = stratified_order(train.labels, seed * 2 + 1)
     return train.subset(order[:size].sort().values)
+
+
+DIGITS_WHITE = 16.0  # scikit-learn's digits have 17 grey levels, 0 to 16
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +172,8 @@ def build_data(cfg: DictConfig) -> Dataset:
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
     train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name)
     mean, std = channel_stats(train.images)
-    return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available))
+    white = DIGITS_WHITE if cfg.name == "digits" else 255.0
+    return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)
 
 
 def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float]] | None) -> int:
@@ -379,12 +384,12 @@ def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ra
     Under torchrun each rank serves its part of every batch."""
     common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
     if fits_on_device(cfg.data, data):
-        augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape)
+        augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape, data.white)
         return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, augment=augment,
                             shard=(ranks.rank, ranks.world), **common)
     return WorkerLoader(data.train, data.mean, data.std, cfg.data.batch_size, device,
                         augment=build_batch_mix(cfg.augmentation, data.num_classes),
-                        transform=build_v2_transform(cfg.augmentation), num_workers=cfg.data.num_workers,
+                        transform=build_v2_transform(cfg.augmentation, data.white), num_workers=cfg.data.num_workers,
                         shard=(ranks.rank, ranks.world), **common)
 
 
