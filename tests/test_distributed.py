@@ -107,6 +107,7 @@ def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, path):
     assert result.stdout.count("trainlab run") == 1  # one announcement and one final table
 
 
+@pytest.mark.slow  # 8 s: a torchrun run and one in-process
 def test_lbfgs_line_search_reads_the_whole_batchs_loss_on_every_rank(tmp_path):
     """Its closure returns the ranks' mean objective, so every rank searches alike (and as one process would)."""
     lbfgs = ["optimizer=lbfgs", "normalization=none", "trainer.max_epochs=1"]
@@ -146,6 +147,7 @@ def test_a_step_that_was_not_finite_on_another_rank_is_skipped_here_too(caplog):
                           agree=lambda finite_here: finite_here)(torch.tensor(0.5), 9) is True
 
 
+@pytest.mark.slow  # 7 s: two torchrun runs
 def test_nonfinite_steps_are_skipped_and_stopped_on_every_rank_alike(tmp_path):
     result = torchrun(["optimizer.lr=1e9", "trainer.on_nonfinite=skip", "trainer.max_nonfinite_skips=2",
                        "hydra.run.dir=run"], tmp_path)
@@ -243,6 +245,7 @@ def test_when_one_rank_fails_summary_json_names_that_rank_and_its_error(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fail_rank_one.py", "run"]
 
 
+@pytest.mark.slow  # 7 s: two torchrun agents
 def test_two_machines_of_one_process_each_are_one_run(tmp_path):
     """torchrun --nnodes=2, both "machines" here: ranks 0 and 1 both have LOCAL_RANK 0; global rank 0 writes."""
     with socket.socket() as probe:

@@ -201,6 +201,7 @@ def test_multirun_gives_each_job_its_directory(tmp_path):
         assert f"optimizer={optimizer}" in summary["overrides"]
 
 
+@pytest.mark.slow  # 6 s; tests/test_sweeps.py's failing-job test covers the same in the default run
 def test_multirun_with_a_failing_job_runs_the_others_and_exits_nonzero(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", "model=cnn", "model.depth=9,8", "model.width=4", "trainer.max_epochs=1",
