@@ -133,7 +133,9 @@ class Run:
         self.device = self.rank_device(select_device(cfg.trainer.device))
         self.precision = select_precision(cfg.trainer.precision, self.device)
         self.threads = configure_backends(cfg.trainer, self.device)
-        self.data = build_data(cfg.data)
+        self.data = d = build_data(cfg.data)
+        self.summary["examples"] = {"train": len(d.train), "train_available": d.train_available,
+                                    "val": len(d.val), "test": len(d.test)}
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
         # transfer learning: trained weights, frozen or slower features (on a resume, last.pt's weights and the
@@ -145,7 +147,6 @@ class Run:
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         # the module the loop calls; shares the weights (under torchrun DDP, which averages the gradients)
         self.forward = compiled(self.data_parallel(), cfg.trainer.compile)
-        d = self.data
         self.train_batches = train_loader(cfg, d, self.device, self.ranks)  # with cfg.augmentation
         self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
         self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
