@@ -364,6 +364,19 @@ def test_dry_run_csv_equals_lr_curve(tmp_path, capsys):
     assert png.is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def test_dry_run_names_the_snapshot_epochs_at_the_lowest_lr_of_each_cycle(tmp_path, capsys):
+    cfg = compose_train(["scheduler=cosine_restarts", "scheduler.period_epochs=2", "scheduler.period_mult=2",
+                         "trainer.max_epochs=6", "checkpoint.snapshots=cycles", "data.batch_size=512"])
+    dry_run(cfg, tmp_path / "out")
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps at its width
+    curve, spe = lr_curve(cfg), 2  # 1294 training images in batches of 512
+    assert len(curve) == 6 * spe
+    lowest = [min(curve[:2 * spe]), min(curve[2 * spe:])]  # the cycles: epochs 1-2 and 3-6
+    assert lowest == [curve[2 * spe - 1], curve[-1]]
+    assert (f"snapshots (checkpoint.snapshots=cycles) at the end of epochs 2 (lr {lowest[0]:.3g}), "
+            f"6 (lr {lowest[1]:.3g})") in out
+
+
 def test_dry_run_of_plateau_shows_a_reduction_every_patience_epochs(capsys):
     cfg = compose_train(["scheduler=plateau", "scheduler.patience=2", "scheduler.factor=0.5", "trainer.max_epochs=7",
                          "data.batch_size=512"])

@@ -15,15 +15,16 @@ from trainlab.config import monitor_mode
 from trainlab.data import batch_size_at, build_data, train_loader
 from trainlab.models import build_model
 from trainlab.optim import build_optimizer
-from trainlab.schedules import build_scheduler
+from trainlab.schedules import build_scheduler, snapshot_epochs
 
 PLATEAU_METRIC = 1.0  # the constant metric a dry run feeds plateau: it never improves after epoch 1
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_ROWS = 20  # epoch boundaries shown at most, evenly spaced
 
 
-def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
-    """(lr at every step, the step's position in epochs from 0) from the real data, model, optimizer, scheduler.
+def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int]]:
+    """(lr at every step, the step's position in epochs from 0, the epochs checkpoint.snapshots=cycles saves at) from
+    the real data, model, optimizer, scheduler.
 
     1) steps per epoch from the training split; 2) the real optimizer and scheduler; 3) step the scheduler
     through every epoch (no optimizer step: weights never change), feeding plateau a constant metric;
@@ -36,6 +37,7 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
     optimizer = build_optimizer(cfg, model, steps_per_epoch=spe)
     max_epochs = cfg.trainer.max_epochs
     scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
+    snapshots = snapshot_epochs(cfg.scheduler, spe, max_epochs) if cfg.checkpoint.snapshots == "cycles" else []
     swa_start = cfg.regularization.get("swa_start")
     first_swa = max_epochs + 1
     if swa_start is not None:
@@ -55,7 +57,7 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float]]:
             lrs.append(optimizer.param_groups[0]["lr"])
             scheduler.step()
         scheduler.epoch_end(PLATEAU_METRIC)
-    return lrs, positions
+    return lrs, positions, snapshots
 
 
 def lr_curve(cfg: DictConfig) -> list[float]:
@@ -84,7 +86,7 @@ def table_steps(positions: list[float], rows: int = TABLE_ROWS) -> list[int]:
 
 def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     """Write out_dir/lr_curve.csv (and .png when matplotlib is there), print a table and a sparkline."""
-    lrs, positions = _curve(cfg)
+    lrs, positions, snapshots = _curve(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "lr_curve.csv"
     with path.open("w", newline="") as f:
@@ -109,16 +111,20 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
         console.print(f"plateau: the dry run holds the monitored metric constant, so the lr drops every "
                       f"{cfg.scheduler.patience} epochs after the first; a real run drops only when "
                       f"{cfg.early_stopping.monitor} stalls")
+    if snapshots:  # the weights at the end of these epochs: the last step of each, where the cycle's lr is lowest
+        ends = [positions.index(epoch) - 1 if epoch < cfg.trainer.max_epochs else len(lrs) - 1 for epoch in snapshots]
+        console.print("snapshots (checkpoint.snapshots=cycles) at the end of epochs "
+                      + ", ".join(f"{epoch} (lr {lrs[end]:.3g})" for epoch, end in zip(snapshots, ends)))
     if cfg.early_stopping.enabled:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
-    _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}")
+    _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots)
     console.print(f"wrote {path}", markup=False)
     return path
 
 
-def _plot(lrs: list[float], positions: list[float], path: Path, title: str) -> None:
-    """lr against epoch as a PNG, only when matplotlib can be imported."""
+def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snapshots: list[int]) -> None:
+    """lr against epoch as a PNG, the snapshot epochs' ends as dotted lines; only when matplotlib can be imported."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -126,6 +132,8 @@ def _plot(lrs: list[float], positions: list[float], path: Path, title: str) -> N
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
     ax.plot(positions, lrs)
+    for epoch in snapshots:
+        ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title(title)
