@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from rich.console import Console
 
 import trainlab.run
 from conftest import compose_cfg, run_cli
 from trainlab import checkpoint, ensemble, report
 from trainlab.config import ConfigError
 from trainlab.loop import evaluate
+from trainlab.monitor import final_table
 from trainlab.run import execute
 from trainlab.schedules import build_scheduler, snapshot_epochs
 
@@ -110,6 +112,11 @@ def test_the_ensemble_is_the_mean_of_the_snapshots_softmax_outputs(whole, capsys
     assert summary["snapshot_ensemble"]["test/acc"] == pytest.approx(result.acc, abs=1e-12)
     assert [s["test/loss"] for s in summary["snapshots"]] == pytest.approx([m.loss for m in result.members],
                                                                            rel=1e-9)
+    table = Console(width=200, record=True, color_system=None)
+    table.print(final_table(summary))  # the run's closing table shows the ensemble under its test row
+    shown = " ".join(table.export_text().replace("│", " ").split())
+    assert (f"snapshot ensemble (2) test/loss {summary['snapshot_ensemble']['test/loss']:.4f} "
+            f"test/acc {summary['snapshot_ensemble']['test/acc']:.4f}") in shown
     report.main(["ensemble", str(run.run_dir), "--checkpoint", "snapshots"])
     out = capsys.readouterr().out
     assert "ensemble of 2 snapshots of 1 run on 359 test images" in out and "against the last snapshot" in out

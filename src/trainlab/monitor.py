@@ -450,6 +450,10 @@ def final_table(summary: dict[str, Any]) -> Table:
         rows.append(("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} run"))
         rows += [(f"best {key}", fmt(value)) for key, value in best.items() if key != "epoch"]
     rows += [(key, fmt(value)) for key, value in (summary.get("test") or {}).items()]
+    snapshots = summary.get("snapshot_ensemble")
+    if snapshots:
+        rows.append((f"snapshot ensemble ({snapshots['members']})",
+                     f"test/loss {fmt(snapshots['test/loss'])}  test/acc {fmt(snapshots['test/acc'])}"))
     rows += [("wall time", f"{summary['wall_time_s']:.1f} s on {summary['device']}"),
              ("run directory", summary["run_dir"]), ("curves", f"tensorboard --logdir {summary['run_dir']}")]
     for name, value in rows:  # Text: error messages and paths are shown as they are, never read as rich markup
