@@ -343,7 +343,8 @@ def test_colour_extras_come_after_colour_jitter_on_both_paths():
     keys = dict(brightness=0.2, sharpness=0.5, gamma=0.3, invert=0.4, blur_sigma=1.0)
     pipeline = augment.build_v2_transform(node(**keys))
     kinds = [type(t) for t in pipeline.transforms]
-    assert kinds == [v2.ColorJitter, augment.RandomFactor, augment.RandomFactor, augment.RandomInvert, augment.RandomBlur]
+    assert kinds == [v2.ColorJitter, augment.RandomFactor, augment.RandomFactor, augment.RandomInvert,
+                     augment.RandomBlur]
     sharp, gamma, inv = pipeline.transforms[1:4]
     assert (sharp.name, sharp.low, sharp.high) == ("adjust_sharpness", 0.5, 1.5)
     assert (gamma.name, gamma.low, gamma.high) == ("adjust_gamma", 0.7, 1.3) and inv.p == 0.4
