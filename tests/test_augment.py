@@ -354,9 +354,10 @@ def test_v2_transform_maps_each_option_to_its_torchvision_counterpart():
     pipeline = augment.build_v2_transform(node(**EVERYTHING))
     kinds = [type(t) for t in pipeline.transforms]
     assert kinds == [augment.PadRandomCrop, v2.RandomAffine, v2.RandomRotation, v2.RandomAffine,
-                     v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.ColorJitter, augment.Cutout, v2.ToDtype,
+                     v2.RandomHorizontalFlip, v2.RandomVerticalFlip, augment.InWhiteUnits, augment.Cutout, v2.ToDtype,
                      v2.GaussianNoise]
     affine, rotation, zoom, jitter, noise = (pipeline.transforms[k] for k in (1, 2, 3, 6, 9))
+    jitter = jitter.transform  # torchvision's ColorJitter, on the image as a share of white (255 here)
     assert affine.translate == (0.2, 0.2) and list(affine.degrees) == [0.0, 0.0]
     assert zoom.scale == (0.9, 1.1) and zoom.translate is None and zoom.interpolation == InterpolationMode.BILINEAR
     assert list(rotation.degrees) == [-10.0, 10.0] and rotation.interpolation == InterpolationMode.BILINEAR

@@ -268,43 +268,43 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor, white: float) -> torch.Tensor:
     f = factors.view(-1, 1, 1, 1).to(images.dtype)
-    return (f * images + (1 - f) * other).clamp(0, PIXEL_MAX)
+    return (f * images + (1 - f) * other).clamp(0, white)
 
 
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Image i times factors[i] (blend with black), clamped to [0, 255]."""
-    return _blend(images, torch.zeros_like(images), factors)
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
+    """Image i times factors[i] (blend with black), clamped to [0, white] (255; the digits' 16)."""
+    return _blend(images, torch.zeros_like(images), factors, white)
 
 
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
     """Blend image i with its mean grey level by factors[i] (0: flat grey, 1: unchanged), clamped."""
-    return _blend(images, _gray(images).mean(dim=(1, 2, 3), keepdim=True), factors)
+    return _blend(images, _gray(images).mean(dim=(1, 2, 3), keepdim=True), factors, white)
 
 
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
     """Blend image i with its own grey version by factors[i]; grey (1-channel) images are returned as they are."""
     if images.shape[1] != 3:
         return images
-    return _blend(images, _gray(images), factors)
+    return _blend(images, _gray(images), factors, white)
 
 
 def color_jitter(images: torch.Tensor, brightness: float, contrast: float, saturation: float,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, white: float = PIXEL_MAX) -> torch.Tensor:
     """Brightness, then contrast, then saturation, each with a factor drawn per image from
-    U(max(0, 1 - s), 1 + s) for its strength s; a strength of 0 leaves that property alone."""
+    U(max(0, 1 - s), 1 + s) for its strength s; a strength of 0 leaves that property alone. Clamped to [0, white]."""
     n, device = images.shape[0], images.device
     for strength, adjust in ((brightness, adjust_brightness), (contrast, adjust_contrast),
                              (saturation, adjust_saturation)):
         if strength > 0:
-            images = adjust(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, device))
+            images = adjust(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, device), white)
     return images
 
 
-def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
     """Blend image i with its smoothed copy (3x3 kernel: 5/13 in the centre, 1/13 around; the 1-pixel border kept)
-    by factors[i]: 0 smoothed, 1 unchanged, 2 sharpened; clamped to [0, 255], as torchvision's adjust_sharpness."""
+    by factors[i]: 0 smoothed, 1 unchanged, 2 sharpened; clamped to [0, white], as torchvision's adjust_sharpness."""
     _, c, h, w = images.shape
     if h <= 2 or w <= 2:
         return images
@@ -312,7 +312,7 @@ def adjust_sharpness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tenso
     kernel[1, 1] = 5 / 13
     smoothed = images.clone()
     smoothed[..., 1:-1, 1:-1] = F.conv2d(images, kernel.expand(c, 1, 3, 3), groups=c)
-    return _blend(images, smoothed, factors)
+    return _blend(images, smoothed, factors, white)
 
 
 def adjust_gamma(images: torch.Tensor, gammas: torch.Tensor, white: float = PIXEL_MAX) -> torch.Tensor:
@@ -326,13 +326,14 @@ def invert(images: torch.Tensor, p: float, generator: torch.Generator | None, wh
     """white - x for each image with probability p, independently (torchvision's RandomInvert on uint8 images: white
     255; the digits' is 16)."""
     flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
-    return torch.where(flip.view(-1, 1, 1, 1), white - images, images)
+    return torch.where(flip.view(-1, 1, 1, 1), white - images.clamp(0, white), images)
 
 
-def random_sharpness(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+def random_sharpness(images: torch.Tensor, strength: float, generator: torch.Generator,
+                     white: float = PIXEL_MAX) -> torch.Tensor:
     """adjust_sharpness by a factor drawn per image from U(max(0, 1 - strength), 1 + strength)."""
-    n = images.shape[0]
-    return adjust_sharpness(images, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, images.device))
+    factors = _uniform(images.shape[0], max(0.0, 1 - strength), 1 + strength, generator, images.device)
+    return adjust_sharpness(images, factors, white)
 
 
 def random_gamma(images: torch.Tensor, strength: float, generator: torch.Generator,
@@ -427,9 +428,9 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white:
     if flip_v > 0:
         steps.append(lambda x, g: vflip(x, flip_v, g))
     if max(colour) > 0:
-        steps.append(lambda x, g: color_jitter(x, *colour, g))
+        steps.append(lambda x, g: color_jitter(x, *colour, g, white))
     if sharpness > 0:
-        steps.append(lambda x, g: random_sharpness(x, sharpness, g))
+        steps.append(lambda x, g: random_sharpness(x, sharpness, g, white))
     if gamma > 0:
         steps.append(lambda x, g: random_gamma(x, gamma, g, white))
     if invert_p > 0:
@@ -562,11 +563,25 @@ class RandomBlur:
         return TF.gaussian_blur(image, [size, size], [sigma, sigma])
 
 
+class InWhiteUnits:
+    """A torchvision transform run on the image as a share of `white` (the data's brightest level: 255, the digits'
+    16), float, so that its clamp at 1 is the data's white, then rounded back to uint8 (on uint8 images
+    torchvision's colour functions clamp at 255 and truncate: half a level darker on average)."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], white: float = PIXEL_MAX):
+        self.transform, self.white = transform, white
+
+    def __repr__(self) -> str:
+        return f"InWhiteUnits({self.transform!r}, white={self.white})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.transform((image.float() / self.white).clamp(0, 1)) * self.white
+        return out.round().to(image.dtype)
+
+
 class RandomFactor:
     """v2 counterpart of random_sharpness and random_gamma: torchvision's functional `name` (adjust_sharpness or
-    adjust_gamma) with a factor drawn uniformly from [low, high] per image. It runs on the float image, as a share of
-    `white` (gamma: the data's brightest level), and rounds back to uint8 (on uint8 images torchvision truncates
-    these two, half a level darker on average)."""
+    adjust_gamma) with a factor drawn uniformly from [low, high] per image, run as InWhiteUnits does."""
 
     def __init__(self, name: str, low: float, high: float, white: float = PIXEL_MAX):
         self.name, self.low, self.high, self.white = name, low, high, white
@@ -578,8 +593,27 @@ class RandomFactor:
         from torchvision.transforms.v2 import functional as TF
 
         factor = float(_uniform(1, self.low, self.high, None, image.device))
-        out = getattr(TF, self.name)(image.float() / self.white, factor) * self.white
-        return out.round().to(image.dtype)
+        return InWhiteUnits(lambda x: getattr(TF, self.name)(x, factor), self.white)(image)
+
+
+class RandomPerspective:
+    """torchvision's RandomPerspective (`transform`), except that a draw whose corners admit no homography (three on
+    one line: possible on images of a few pixels near distortion 1) leaves the image as it is, as on the device,
+    instead of failing the run."""
+
+    def __init__(self, distortion_scale: float, p: float, **kwargs: object):
+        from torchvision.transforms import v2
+
+        self.transform = v2.RandomPerspective(distortion_scale, p, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.transform(image)
+        except torch.linalg.LinAlgError:
+            return image
 
 
 class RandomInvert:
@@ -620,7 +654,7 @@ def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[t
     if cfg.shear > 0:  # one number: along x only, U(-shear, shear)
         steps.append(v2.RandomAffine(degrees=0.0, shear=float(cfg.shear), **bilinear))
     if cfg.perspective > 0 and cfg.perspective_p > 0:
-        steps.append(v2.RandomPerspective(float(cfg.perspective), float(cfg.perspective_p), **bilinear))
+        steps.append(RandomPerspective(float(cfg.perspective), float(cfg.perspective_p), **bilinear))
     if cfg.elastic_alpha > 0:
         steps.append(Elastic(float(cfg.elastic_alpha), float(cfg.elastic_sigma)))
     if cfg.hflip > 0:
@@ -628,10 +662,11 @@ def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[t
     if cfg.vflip > 0:
         steps.append(v2.RandomVerticalFlip(float(cfg.vflip)))
     if max(cfg.brightness, cfg.contrast, cfg.saturation) > 0:
-        steps.append(v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast),
-                                    saturation=float(cfg.saturation)))
+        steps.append(InWhiteUnits(v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast),
+                                                 saturation=float(cfg.saturation)), white))
     if cfg.sharpness > 0:
-        steps.append(RandomFactor("adjust_sharpness", max(0.0, 1 - float(cfg.sharpness)), 1 + float(cfg.sharpness)))
+        low, high = max(0.0, 1 - float(cfg.sharpness)), 1 + float(cfg.sharpness)
+        steps.append(RandomFactor("adjust_sharpness", low, high, white))
     if cfg.gamma > 0:
         steps.append(RandomFactor("adjust_gamma", 1 - float(cfg.gamma), 1 + float(cfg.gamma), white))
     if cfg.invert > 0:

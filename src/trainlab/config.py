@@ -195,8 +195,8 @@ class AugmentationConfig:
     contrast: float = 0.0  # likewise, blending with the image's mean grey level
     saturation: float = 0.0  # likewise, blending with the image's grey version (3-channel images only)
     sharpness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 smoothed, 2 sharpened
-    gamma: float = 0.0  # strength g < 1: out = 255 (x / 255)^gamma, gamma uniform in [1 - g, 1 + g]
-    invert: float = 0.0  # probability of inverting each training image: 255 - x
+    gamma: float = 0.0  # strength g < 1: out = W (x / W)^gamma, gamma uniform in [1 - g, 1 + g]; W the white, 255 (digits 16)
+    invert: float = 0.0  # probability of inverting each training image: W - x (W: 255; the digits' 16)
     blur_sigma: float = 0.0  # largest gaussian blur std in pixels: sigma uniform in [0.1, blur_sigma]; 0 = off
     cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
     noise_std: float = 0.0  # std of additive gaussian noise, in pixel levels (0-255 scale; digits are 0-16)
