@@ -551,6 +551,23 @@ def test_a_resume_says_that_the_optimizer_keeps_the_settings_it_was_trained_with
     assert run.scheduler.base_lrs == [0.1] and run.optimizer.param_groups[0]["dampening"] == 0
 
 
+def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, interrupted_run):
+    """Hydra rewrites .hydra/ before the run starts: a refused resume (another model) left the run's record saying
+    model.hidden=[32], and trainlab ensemble and report then rebuilt the run with the wrong model."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(interrupted_run.read_bytes())
+    record = {"config.yaml": b"the run's own config\n", "overrides.yaml": b"- trainer.max_epochs=2\n",
+              "hydra.yaml": b"hydra: {}\n"}
+    (run_dir / ".hydra").mkdir()
+    for name, content in record.items():
+        (run_dir / ".hydra" / name).write_bytes(content)
+    result = run_cli(["trainer.max_epochs=2", "model.hidden=[32]", "checkpoint.resume=auto",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2 and "holds a different model" in result.stdout + result.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+
+
 def test_a_truncated_checkpoint_is_corrupted_or_incomplete(tmp_path, interrupted_run):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(interrupted_run.read_bytes()[:5000])

@@ -54,6 +54,7 @@ def _train(cfg: DictConfig) -> str | float:
                 shutil.rmtree(scratch, ignore_errors=True)
     if code != 0 and not run.started and ranks.main:
         _remove_if_only_bookkeeping(run_dir)
+        _restore_record(run_dir)
     if code != 0:
         sys.exit(code)
     return status
@@ -94,9 +95,28 @@ def _remove(directory: Path, default: str) -> None:
                 break
 
 
+# A run directory's Hydra record (.hydra/*.yaml) as it was before this process's Hydra rewrote it: put back when a
+# resume into that directory is refused, so that the run's record (which trainlab report and ensemble rebuild it
+# from) stays the one it trained with.
+_RECORD: dict[Path, dict[str, bytes]] = {}
+
+
+def _restore_record(run_dir: Path) -> None:
+    kept = _RECORD.get(run_dir.resolve())
+    if not kept:
+        return
+    record = run_dir / ".hydra"
+    for path in record.glob("*.yaml"):
+        if path.name not in kept:
+            path.unlink()
+    for name, content in kept.items():
+        (record / name).write_bytes(content)
+
+
 class FreshRunDirectory(Callback):
     """Before Hydra writes its record (.hydra/) and train.log into the run directory: a new run or a dry run in a
-    directory that already holds a run is refused (exit 2) with nothing written there."""
+    directory that already holds a run is refused (exit 2) with nothing written there; for a resume there, the
+    record as it was is kept, to be put back if the resume is refused."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
         from trainlab.config import fresh_directory_problem
@@ -108,6 +128,9 @@ class FreshRunDirectory(Callback):
         if problem is not None:
             print(f"train: {problem}", file=sys.stderr)
             sys.exit(2)
+        record = run_dir / ".hydra"
+        if record.is_dir():
+            _RECORD[run_dir.resolve()] = {path.name: path.read_bytes() for path in record.glob("*.yaml")}
 
 
 def main() -> None:
