@@ -518,7 +518,7 @@ def test_a_checkpoint_of_another_model_lists_the_keys_and_a_hint(tmp_path, inter
         assert (status, code) == ("failed", 2)
         error = run.summary["error"]
         assert "holds a different model" in error and all(kind in error for kind in kinds), error
-        assert "model.hidden=[256, 256]" in error  # the hint: the options it was trained with
+        assert "model.hidden=[256,256]" in error  # the hint: the options it was trained with, typed as overrides
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused_before_its_state_loads(tmp_path, interrupted_run):
@@ -536,19 +536,19 @@ def test_a_checkpoint_of_another_optimizer_is_refused_before_its_state_loads(tmp
         assert (status, code) == ("failed", 2)
         error = run.summary["error"]
         assert f"was trained with SGD, and this config builds {built}" in error, error
-        assert "optimizer.lr=0.1" in error  # the hint: the options it was trained with
+        assert "optimizer=sgd optimizer.lr=0.1" in error  # the hint: its option file and options, as overrides
     status, _, _ = train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={old_format}"], name="same")
     assert status == "completed"
 
 
 def test_a_resume_says_that_the_optimizer_keeps_the_settings_it_was_trained_with(tmp_path, interrupted_run, caplog):
     caplog.set_level(logging.WARNING, logger="trainlab")
-    status, _, run = train(tmp_path, ["trainer.max_epochs=2", "optimizer.lr=0.05", "+optimizer.dampening=0.5",
+    status, _, run = train(tmp_path, ["trainer.max_epochs=2", "optimizer.lr=0.05", "optimizer.decay_norm_and_bias=true",
                                       f"checkpoint.resume={interrupted_run}"])
     assert status == "completed"
     assert ("the optimizer continues with the settings it was trained with, not this config's: "
-            "optimizer.dampening unset (here: 0.5), optimizer.lr=0.1 (here: 0.05)") in caplog.text
-    assert run.scheduler.base_lrs == [0.1] and run.optimizer.param_groups[0]["dampening"] == 0
+            "optimizer.decay_norm_and_bias=false (here: true), optimizer.lr=0.1 (here: 0.05)") in caplog.text
+    assert run.scheduler.base_lrs == [0.1]
 
 
 def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, interrupted_run):
@@ -566,6 +566,24 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, inter
                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2 and "holds a different model" in result.stdout + result.stderr
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+
+
+def test_a_resume_continues_on_the_data_it_trained_on_wherever_it_lives(tmp_path, interrupted_run):
+    for change, message in ((["data.train_size=300"], "data.train_size=null (here: 300)"),
+                            (["data.batch_size=32"], "data.batch_size=64 (here: 32)")):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2", *change, f"checkpoint.resume={interrupted_run}"])
+        assert (status, code) == ("failed", 2)
+        assert f"trained on other data or cycles than this config gives: {message}" in run.summary["error"]
+    status, _, _ = train(tmp_path, ["trainer.max_epochs=2", "data.loader=dataloader", "data.num_workers=0",
+                                    "data.eval_batch_size=100", f"checkpoint.resume={interrupted_run}"], name="moved")
+    assert status == "completed"  # how the data is loaded may change
+
+
+def test_keys_a_checkpoint_predates_are_no_change_and_values_read_as_overrides():
+    saved = "optimizer:\n  _target_: torch.optim.Adam\n  lr: 0.001\n  betas: [0.9, 0.999]\n"
+    cfg = compose_cfg(["optimizer=adam", "optimizer.bias_correction=true", "optimizer.betas=[0.8,0.999]"])
+    assert checkpoint.changed_options(saved, cfg, "optimizer") == ["optimizer.betas=[0.9,0.999] (here: [0.8,0.999])"]
+    assert checkpoint.saved_options(saved, "optimizer") == "optimizer=adam optimizer.lr=0.001 optimizer.betas=[0.9,0.999]"
 
 
 def test_a_truncated_checkpoint_is_corrupted_or_incomplete(tmp_path, interrupted_run):

@@ -240,6 +240,20 @@ def test_a_run_stopped_and_resumed_ends_with_the_snapshots_of_an_uninterrupted_o
 # --- torchrun: rank 0 writes; the end-of-run scores sum every rank's part of the test split ------------------
 
 
+def test_a_resume_with_other_cycles_or_batches_is_refused(whole, tmp_path):
+    """Another batch size moved the cycle ends (the schedule counts steps): snapshots 8 and 10 were taken at half the
+    peak lr; other cycles mixed two schedules' snapshots in one ensemble."""
+    run, _ = whole
+    last = run.run_dir / "checkpoints" / "last.pt"
+    for change, message in ((["data.batch_size=32"], "data.batch_size=64 (here: 32)"),
+                            (["scheduler.period_epochs=2", "scheduler.period_mult=1"],
+                             "scheduler.period_epochs=1 (here: 2), scheduler.period_mult=2 (here: 1)")):
+        overrides = [*SNAPSHOTS, "trainer.max_epochs=8", *change, f"checkpoint.resume={last}"]
+        status, code, refused = execute(compose_cfg(overrides), tmp_path / "again", overrides)
+        assert (status, code) == ("failed", 2), refused.summary.get("error")
+        assert f"trained on other data or cycles than this config gives: {message}" in refused.summary["error"]
+
+
 @pytest.mark.slow  # 7 s: two torchrun processes
 def test_under_torchrun_rank_0_writes_the_snapshots_and_scores_the_whole_test_split(tmp_path):
     scratch = tmp_path / "tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import pickle
@@ -18,7 +19,7 @@ import torch
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab.config import ConfigError
+from trainlab.config import CONF_DIR, ConfigError
 
 log = logging.getLogger("trainlab")
 
@@ -183,28 +184,54 @@ def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Ten
     return "; ".join(parts) if parts else None
 
 
-def saved_options(config_yaml: str | None, group: str) -> str:
-    """A group of a checkpoint's embedded config (model, optimizer), as overrides; read as data, never instantiated."""
+def _saved_group(config_yaml: str | None, group: str) -> dict[str, Any] | None:
+    """A group of a checkpoint's embedded config as plain data (never instantiated); None when it cannot be read."""
     try:
         node = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(group, {})
-    except Exception:  # noqa: BLE001 - a hint only: a damaged config must not hide the real error
+    except Exception:  # noqa: BLE001 - hints and checks only: a damaged config must not hide the real error
+        return None
+    return node if isinstance(node, dict) else None
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` as it can be typed after `train` (lists without spaces, so no quotes are needed)."""
+    return f"{key}={shown(value)}"
+
+
+def shown(value: Any) -> str:
+    """A config value as an override writes it: null, true, [0.9,0.999]."""
+    if isinstance(value, (list, dict, bool)) or value is None:
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def saved_options(config_yaml: str | None, group: str) -> str:
+    """A group of a checkpoint's embedded config (model, optimizer) as overrides: the option file(s) of the group
+    with its _target_ and keys (optimizer=sgd; where several fit, optimizer=a|b), then every key."""
+    node = _saved_group(config_yaml, group)
+    if node is None:
         return "(the config saved in the checkpoint cannot be read)"
-    return " ".join(f"{group}.{k}={v}" for k, v in node.items() if k not in ("_target_", "_partial_"))
+    target = node.get("_target_")
+    files = {path.stem: OmegaConf.load(path) for path in (CONF_DIR / group).glob("*.yaml")}
+    options = sorted(name for name, option in files.items() if target is not None and option.get("_target_") == target)
+    # of those, the ones with exactly the saved keys (sgd, not momentum or nesterov, for a plain SGD)
+    options = [name for name in options if set(files[name]) == set(node)] or options
+    keys = [override(f"{group}.{k}", v) for k, v in node.items() if k not in ("_target_", "_partial_")]
+    return " ".join(([f"{group}={'|'.join(options)}"] if options else []) + keys)
 
 
-def changed_options(config_yaml: str | None, cfg: DictConfig, group: str) -> list[str]:
-    """`group.key=saved (here: value)` for each key of a group whose value in a checkpoint's embedded config differs
-    from `cfg`'s; none when the saved config cannot be read."""
-    try:
-        saved = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(group, {})
-    except Exception:  # noqa: BLE001 - a warning only: a damaged config must not hide the real error
+def changed_options(config_yaml: str | None, cfg: DictConfig, group: str, keys: tuple[str, ...] | None = None,
+                    ignore: tuple[str, ...] = ()) -> list[str]:
+    """`group.key=saved (here: value)` for each key of a group (or only `keys`, less `ignore`) whose value in a
+    checkpoint's embedded config differs from `cfg`'s. A key the saved config lacks is left out: it came after the
+    checkpoint, whose run had its default. None when the saved config cannot be read."""
+    saved = _saved_group(config_yaml, group)
+    if saved is None:
         return []
     here = OmegaConf.to_container(cfg[group], resolve=True)
-    def shown(node: dict[str, Any], key: str) -> str:
-        return f"={node[key]}" if key in node else " unset"
-
-    return [f"{group}.{key}{shown(saved, key)} (here:{shown(here, key).replace('=', ' ')})"
-            for key in sorted({*saved, *here}) if saved.get(key, ...) != here.get(key, ...)]
+    names = [key for key in (keys if keys is not None else sorted(saved)) if key in saved and key not in ignore]
+    return [f"{override(f'{group}.{key}', saved[key])} (here: {shown(here[key]) if key in here else 'unset'})"
+            for key in names if saved[key] != here.get(key, ...)]
 
 
 def class_name(obj: object) -> str:

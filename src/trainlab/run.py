@@ -389,6 +389,7 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path} holds weights only, not a training state to continue; "
                               f"resume from the run's checkpoints/last.pt")
         self.check_continuable(path, state)
+        self.check_same_data(path, state)
         own = self.own_streams(path, state)
         mismatch = checkpoint.model_mismatch(self.model.state_dict(), state["model"])
         if mismatch is not None:
@@ -406,8 +407,11 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path} was trained with another optimizer setup ({error}); "
                               "resume with the optimizer and regularization options it was trained with") from None
         self.scheduler.load_state_dict(state["scheduler"])
-        ignored = checkpoint.changed_options(state.get("config"), self.cfg, "optimizer")
-        if ignored:  # torch's load_state_dict takes the saved groups' settings, the scheduler its base lrs
+        saved_config = state.get("config")
+        ignored = (checkpoint.changed_options(saved_config, self.cfg, "optimizer")
+                   + checkpoint.changed_options(saved_config, self.cfg, "regularization", keys=("weight_decay",))
+                   + checkpoint.changed_options(saved_config, self.cfg, "finetune", keys=("feature_lr_scale",)))
+        if ignored:  # torch's load_state_dict takes the saved groups' settings (lr, decay), the scheduler its base lrs
             log.warning(f"checkpoint.resume={path}: the optimizer continues with the settings it was trained with, "
                         f"not this config's: {', '.join(ignored)}; start a new run to train with others")
         if state.get("finished"):
@@ -443,6 +447,19 @@ class Run:
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
+
+    def check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        """A resume continues on the data and batches it trained on: another training subset, split or batch size
+        would change what an epoch is (its steps, which the schedule and snapshots count) and the normalization.
+        Where the data lives and how it is loaded may change. With snapshots, the schedule's cycles may not."""
+        where = ("loader", "num_workers", "device_max_gb", "eval_batch_size", "root", "path", "cache_dir", "download")
+        changed = checkpoint.changed_options(state.get("config"), self.cfg, "data", ignore=where)
+        if self.snapshot_epochs:  # its snapshots were taken at the ends of the cycles it trained with
+            changed += checkpoint.changed_options(state.get("config"), self.cfg, "scheduler")
+        if changed:
+            raise ConfigError(f"checkpoint.resume={path} trained on other data or cycles than this config gives: "
+                              f"{', '.join(changed)}; resume with the options it was trained with, or start a new "
+                              "run (finetune.weights= takes its weights)")
 
     def resume_snapshots(self, path: Path, epoch: int) -> None:
         """The snapshots of a run resumed after `epoch`: those taken after it are deleted (the resumed run takes them
