@@ -413,6 +413,8 @@ def test_elastic_and_blur_fit_images_smaller_than_torchvisions_kernel():
     ("augmentation.sharpness=-0.5", r"augmentation.sharpness=-0.5: must be >= 0"),
     ("augmentation.gamma=1", r"augmentation.gamma=1.0: is the largest change of the exponent, in \[0, 1\)"),
     ("augmentation.invert=1.5", r"augmentation.invert=1.5: is a probability in \[0, 1\]"),
+    ("augmentation.blur_sigma=inf", r"augmentation.blur_sigma=inf: must be a finite number"),  # was an OverflowError
+    ("augmentation.elastic_alpha=inf", r"augmentation.elastic_alpha=inf: must be a finite number"),  # was NaN losses
 ])
 def test_invalid_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -149,6 +149,8 @@ def test_torchrun_ranks_split_the_subset_between_them():
     (-5, "data.train_size=-5: give a number of training examples"),
     (0.25, "data.train_size=0.25: give a number of training examples, a whole number of at least 1 (e.g. 200), or null "
            "for the whole training split; a share is not taken: multiply it by the training split's size"),
+    (50.0, "data.train_size=50.0: give a number of training examples, a whole number of at least 1 (e.g. 200), or "
+           "null for the whole training split; write it as a whole number: data.train_size=50"),
     (5, "data.train_size=5: the subset is stratified by class and holds at least one example of each of the 10 "
         "classes of digits; give at least 10"),
 ])
@@ -178,3 +180,11 @@ def test_a_run_on_50_digits_announces_and_records_its_size(tmp_path):
     assert summary["examples"] == {"train": 50, "train_available": 1294, "val": 144, "test": 359}
     with open(run_dir / "metrics.csv") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [3, 4]
+
+
+def test_any_split_seed_draws_a_subset(train_inprocess):
+    """The subset's stream is seeded 2 * split_seed + 1: beyond torch's 64-bit seeds for the largest split seeds."""
+    for seed in (2**63, -(2**63), 2**64 - 1):
+        status, _, run = train_inprocess([f"data.split_seed={seed}", "data.train_size=50", "trainer.max_epochs=1"],
+                                         name=f"seed{seed}")
+        assert status == "completed" and len(run.data.train) == 50

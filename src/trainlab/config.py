@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -447,7 +448,9 @@ def _check_values(cfg: DictConfig) -> list[str]:
     size = data.get("train_size")
     check(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1), "data.train_size",
           size, "give a number of training examples, a whole number of at least 1 (e.g. 200), or null for the whole "
-          "training split" + ("; a share is not taken: multiply it by the training split's size (the `train` count "
+          "training split" + (f"; write it as a whole number: data.train_size={int(size)}"
+                              if isinstance(size, float) and size.is_integer() else
+                              "; a share is not taken: multiply it by the training split's size (the `train` count "
                               "of a run's `data:` line)" if isinstance(size, float) else ""))
     if "test_fraction" in data:
         check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "must be between 0 and 1")
@@ -534,6 +537,9 @@ def _check_values(cfg: DictConfig) -> list[str]:
     if "value" in init:
         check(_is_number(init.value), "initialization.value", init.value, "must be a number")
     aug = cfg.augmentation
+    for key, value in aug.items():  # inf passed the range checks below, then gave NaN losses or an OverflowError
+        check(not isinstance(value, float) or math.isfinite(value), f"augmentation.{key}", value,
+              "must be a finite number")
     check(0.0 <= aug.hflip <= 1.0, "augmentation.hflip", aug.hflip, "is a probability in [0, 1]")
     check(aug.crop_padding >= 0, "augmentation.crop_padding", aug.crop_padding, "must be >= 0 pixels")
     check(aug.crop_padding_mode in ("zeros", "reflect"), "augmentation.crop_padding_mode",

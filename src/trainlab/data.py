@@ -93,8 +93,9 @@ def train_subset(train: Split, size: int | None, seed: int, name: str) -> Split:
     if size < classes:
         raise ConfigError(f"data.train_size={size}: the subset is stratified by class and holds at least one "
                           f"example of each of the {classes} classes of {name}; give at least {classes}")
-    # a stream of its own: the validation split's permutation is drawn from manual_seed(seed)
-    order = stratified_order(train.labels, seed * 2 + 1)
+    # a stream of its own: the validation split's permutation is drawn from manual_seed(seed); torch takes seeds
+    # below 2**64, which any data.split_seed stays within
+    order = stratified_order(train.labels, (seed * 2 + 1) % 2**64)
     return train.subset(order[:size].sort().values)
 
 

@@ -306,8 +306,10 @@ class Run:
         sizes = sorted(set(self.train_batch_sizes().values()))
         if any(size % world for size in sizes):
             capped = f", at most the {n} training examples" if n in sizes else ""
+            fix = (f"make data.train_size a multiple of {world}, or data.batch_size a multiple of {world} below {n}"
+                   if n in sizes and n % world else f"use a multiple of {world}")
             problems.append(f"data.batch_size={cfg.data.batch_size} (batches of {sizes}{capped}): each of the "
-                            f"{world} processes trains an equal part of every batch; use a multiple of {world}")
+                            f"{world} processes trains an equal part of every batch; {fix}")
         elif not cfg.data.drop_last and any(n % size % world for size in sizes):
             problems.append(f"data.drop_last=false leaves a last batch of the {n} training examples that {world} "
                             "processes cannot split evenly; set data.drop_last=true or another batch size")
