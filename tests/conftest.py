@@ -45,3 +45,17 @@ def train_inprocess(tmp_path):
         return execute(cfg, tmp_path / name, overrides)
 
     return run
+
+
+def signal_at_step(monkeypatch, signum: int, step: int) -> None:
+    """A real signal to this process right after optimizer step `step` (before the run looks for one)."""
+    import trainlab.run
+
+    on_step = trainlab.run.Run.on_step
+
+    def sending(self, s, totals):
+        if s == step:
+            os.kill(os.getpid(), signum)
+        on_step(self, s, totals)
+
+    monkeypatch.setattr(trainlab.run.Run, "on_step", sending)

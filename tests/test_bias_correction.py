@@ -18,8 +18,7 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-import trainlab.run
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, signal_at_step
 from trainlab import checkpoint
 from trainlab.adam import UncorrectedAdam, UncorrectedAdamW
 from trainlab.config import ConfigError
@@ -284,18 +283,6 @@ def test_train_without_bias_correction_runs_end_to_end(tmp_path):
     assert len(sizes) == 2 and all(0 < s < float("inf") for s in sizes)
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")["optimizer"]
     assert "decoupled_weight_decay" in state["param_groups"][0] and "fused" not in state["param_groups"][0]
-
-
-def signal_at_step(monkeypatch, signum: int, step: int) -> None:
-    """A real signal to this process right after optimizer step `step` (before the run looks for one)."""
-    on_step = trainlab.run.Run.on_step
-
-    def sending(self, s, totals):
-        if s == step:
-            os.kill(os.getpid(), signum)
-        on_step(self, s, totals)
-
-    monkeypatch.setattr(trainlab.run.Run, "on_step", sending)
 
 
 def test_resume_from_last_pt_mid_epoch_is_bitwise_exact(tmp_path, monkeypatch):

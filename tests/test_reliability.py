@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainlab.run
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, signal_at_step
 from trainlab import checkpoint, faults
 from trainlab.config import ConfigError
 from trainlab.early_stopping import EarlyStopping
@@ -65,18 +65,6 @@ def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return sorted((e.step, e.value) for e in events.Scalars("train/loss"))
-
-
-def signal_at_step(monkeypatch, signum: int, step: int) -> None:
-    """A real signal to this process right after optimizer step `step` (before the run looks for one)."""
-    on_step = trainlab.run.Run.on_step
-
-    def sending(self, s, totals):
-        if s == step:
-            os.kill(os.getpid(), signum)
-        on_step(self, s, totals)
-
-    monkeypatch.setattr(trainlab.run.Run, "on_step", sending)
 
 
 def signal_at_validation(monkeypatch, signum: int, epoch: int) -> None:
