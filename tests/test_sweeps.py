@@ -265,6 +265,18 @@ def test_report_by_another_metric_and_mode(known_sweep):
         report.build_report(known_sweep, metric="val/accuracy")
 
 
+def test_report_ranks_by_the_snapshot_ensemble_of_each_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    for num, acc in enumerate((0.90, 0.95)):
+        fake_job(sweep, f"{num}_seed={num}", [f"seed={num}"], "completed", 0.3, [0.3], test_acc=0.9)
+        summary = json.loads((sweep / f"{num}_seed={num}" / "summary.json").read_text())
+        summary["snapshot_ensemble"] = {"members": 3, "test/loss": 1 - acc, "test/acc": acc}
+        (sweep / f"{num}_seed={num}" / "summary.json").write_text(json.dumps(summary))
+    result = report.build_report(sweep, metric="test/snapshot_ensemble_acc")
+    assert result.mode == "max" and [j.name for j in result.jobs] == ["1_seed=1", "0_seed=0"]
+    assert result.jobs[0].values["test/snapshot_ensemble_loss"] == pytest.approx(0.05)
+
+
 def test_report_command(known_sweep, tmp_path, capsys):
     report.main(["report", str(known_sweep), "--metric", "val/acc"])
     out = capsys.readouterr().out

@@ -75,7 +75,10 @@ def read_job(path: Path) -> Job:
         overrides = list(OmegaConf.load(path / ".hydra" / "overrides.yaml"))
     overrides = [o for o in overrides or [] if _key(o) not in IGNORED_KEYS]
     match = re.match(r"^(\d+)(_|$)", path.name)
-    values = {k: v for k, v in {**(summary.get("best") or {}), **(summary.get("test") or {})}.items()
+    # the snapshot ensemble's test scores under their TensorBoard tags: rank a sweep by them with --metric
+    snapshots = {f"test/snapshot_ensemble_{k.split('/')[1]}": v
+                 for k, v in (summary.get("snapshot_ensemble") or {}).items() if k.startswith("test/")}
+    values = {k: v for k, v in {**(summary.get("best") or {}), **(summary.get("test") or {}), **snapshots}.items()
               if isinstance(v, (int, float)) and k != "epoch"}
     return Job(name=path.name, num=int(match.group(1)) if match else None, overrides=overrides,
                status=summary.get("status", "unfinished"),
