@@ -243,10 +243,8 @@ def saved_optimizer_class(state: dict[str, Any]) -> str | None:
     before it was saved: the last part of its config's optimizer._target_. None when neither can be read."""
     if "optimizer_class" in state:
         return str(state["optimizer_class"])
-    try:
-        return str(OmegaConf.create(state["config"]).optimizer._target_).rsplit(".", 1)[-1]
-    except Exception:  # noqa: BLE001 - an old or damaged config: the optimizer state's own check remains
-        return None
+    target = (_saved_group(state.get("config"), "optimizer") or {}).get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target is not None else None
 
 
 # --- snapshots (checkpoint.snapshots=cycles) -------------------------------------------------------
@@ -262,7 +260,7 @@ def snapshot_name(epoch: int) -> str:
 def snapshots(directory: Path) -> list[tuple[int, Path]]:
     """(epoch, path) of every snapshot in a checkpoints directory, by epoch."""
     found = [(int(m.group(1)), p) for p in directory.glob("snapshot_*.pt") if (m := SNAPSHOT_NAME.match(p.name))]
-    return sorted(found) if directory.is_dir() else []
+    return sorted(found)
 
 
 def keep_snapshots_up_to(directory: Path, epoch: int) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from trainlab.augment import Augment, build_augment, build_batch_mix, build_v2_transform
+from trainlab.augment import PIXEL_MAX, Augment, build_augment, build_batch_mix, build_v2_transform
 from trainlab.config import ConfigError
 from trainlab.datasets import SOURCES, load_image_folder, load_source
 from trainlab.distributed import Ranks
@@ -37,7 +37,7 @@ class Dataset:
     mean: torch.Tensor  # float [C], per-channel mean of the training examples (data.train_size's), in pixel units
     std: torch.Tensor  # float [C]
     train_available: int  # examples of the training split (after validation) that data.train_size draws from
-    white: float = 255.0  # the brightest pixel level: 255, the digits' 16 (augmentation's gamma and invert)
+    white: float = PIXEL_MAX  # the brightest pixel level: 255, the digits' 16 (augmentation's colour steps)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -173,7 +173,7 @@ def build_data(cfg: DictConfig) -> Dataset:
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
     train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name)
     mean, std = channel_stats(train.images)
-    white = DIGITS_WHITE if cfg.name == "digits" else 255.0
+    white = DIGITS_WHITE if cfg.name == "digits" else PIXEL_MAX
     return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)
 
 
