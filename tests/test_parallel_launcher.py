@@ -147,3 +147,28 @@ def test_a_launcher_setting_that_cannot_work_exits_2_before_the_sweep_directory(
     assert result.returncode == 2, output
     assert message in output and "Traceback" not in output
     assert not sweep.exists()
+
+
+@pytest.mark.slow  # 20 s: a job, then its refused resume under each launcher
+@pytest.mark.parametrize("launcher", ["parallel", "slurm_local"])
+def test_a_refused_resume_leaves_the_jobs_hydra_record_as_it_was(tmp_path, launcher):
+    """These launchers run each job in a process of its own, where Hydra rewrites the job's .hydra/ before trainlab
+    starts: the job process keeps the record first, and puts it back when the job refuses its resume."""
+    import torch
+
+    from conftest import run_cli
+    from trainlab import checkpoint
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *JOB[3:], f"hydra/launcher={launcher}", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    (job,) = [p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    last = job / "checkpoints" / "last.pt"
+    torch.save({**checkpoint.load(last), "epoch": 1, "finished": False, "optimizer_class": "Adam"}, last)
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    (job / ".hydra" / "overrides.yaml").write_bytes(b"- the job's own record\n")
+    record = {p.name: p.read_bytes() for p in (job / ".hydra").iterdir()}
+    result = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
+    assert result.returncode == 1 and "was trained with Adam" in (job / "train.log").read_text()
+    assert {p.name: p.read_bytes() for p in (job / ".hydra").iterdir()} == record

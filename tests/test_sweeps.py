@@ -179,6 +179,17 @@ def test_sweep_resume_skips_completed_jobs_and_resumes_the_others(tmp_path):
     (cut / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     before = (done / "summary.json").read_text()
 
+    # A resume the job refuses (its last.pt says another optimizer) fails that job and leaves its Hydra record as it
+    # was: Hydra rewrites it before the job starts, and trainlab report and ensemble rebuild the run from it.
+    torch.save({**state, "optimizer_class": "Adam"}, last)
+    record = {p.name: p.read_bytes() for p in (cut / ".hydra").iterdir()}
+    (cut / ".hydra" / "overrides.yaml").write_bytes(b"- seed=1\n- the job's own record\n")
+    record["overrides.yaml"] = (cut / ".hydra" / "overrides.yaml").read_bytes()
+    result = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
+    assert result.returncode == 1 and "was trained with Adam" in result.stdout + result.stderr
+    assert {p.name: p.read_bytes() for p in (cut / ".hydra").iterdir()} == record
+    torch.save(state, last)
+
     result = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (done / "summary.json").read_text() == before  # skipped: not run again

@@ -54,7 +54,7 @@ def _train(cfg: DictConfig) -> str | float:
                 shutil.rmtree(scratch, ignore_errors=True)
     if code != 0 and not run.started and ranks.main:
         _remove_if_only_bookkeeping(run_dir)
-        _restore_record(run_dir)
+        restore_record(run_dir)
     if code != 0:
         sys.exit(code)
     return status
@@ -97,11 +97,21 @@ def _remove(directory: Path, default: str) -> None:
 
 # A run directory's Hydra record (.hydra/*.yaml) as it was before this process's Hydra rewrote it: put back when a
 # resume into that directory is refused, so that the run's record (which trainlab report and ensemble rebuild it
-# from) stays the one it trained with.
+# from) stays the one it trained with. Kept for a single run by FreshRunDirectory, for the jobs of a resumed sweep
+# by sweep.ReportCallback (the basic launcher's jobs run in its process) or by the launcher's job process (parallel,
+# slurm), each before Hydra's run_job writes the job's record.
 _RECORD: dict[Path, dict[str, bytes]] = {}
 
 
-def _restore_record(run_dir: Path) -> None:
+def keep_record(run_dir: Path) -> None:
+    """Keep the Hydra record of `run_dir` as it is now (nothing when it has none, or was kept already)."""
+    record = run_dir / ".hydra"
+    if record.is_dir() and run_dir.resolve() not in _RECORD:
+        _RECORD[run_dir.resolve()] = {path.name: path.read_bytes() for path in record.glob("*.yaml")}
+
+
+def restore_record(run_dir: Path) -> None:
+    """Put back the record `keep_record` kept of `run_dir`, if any."""
     kept = _RECORD.get(run_dir.resolve())
     if not kept:
         return
@@ -128,9 +138,7 @@ class FreshRunDirectory(Callback):
         if problem is not None:
             print(f"train: {problem}", file=sys.stderr)
             sys.exit(2)
-        record = run_dir / ".hydra"
-        if record.is_dir():
-            _RECORD[run_dir.resolve()] = {path.name: path.read_bytes() for path in record.glob("*.yaml")}
+        keep_record(run_dir)
 
 
 def main() -> None:

@@ -112,6 +112,10 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
             with open_dict(cfg):
                 cfg.checkpoint.resume = "auto"  # its own last.pt (or last.prev.pt); fresh when it has none
         status, code, run = execute(cfg, run_dir, overrides)
+        if code != 0 and not run.started:  # a refused resume: the job's record stays the one it trained with
+            from trainlab.cli import restore_record
+
+            restore_record(run_dir)
         summary = run.summary
         _record_process(run_dir)
         # Ctrl-C or preemption stops the sweep, not just this job; also when it came during the job's test, which
@@ -154,6 +158,11 @@ class ReportCallback(Callback):
         except ConfigError as error:
             log.error(str(error))
             sys.exit(2)  # before any job ran or any directory was made
+        if config.sweep.resume:  # the jobs' records, before the basic launcher's run_job rewrites them
+            from trainlab.cli import keep_record
+
+            for record in SWEEP_DIR[0].glob("**/.hydra"):
+                keep_record(record.parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.dry_run:

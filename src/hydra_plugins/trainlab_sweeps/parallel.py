@@ -174,6 +174,9 @@ def _child(connection: Connection, payload: bytes) -> None:
         HydraConfig.instance().set_config(sweep_config)
         job_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
         connection.send_bytes(pickle.dumps(("dir", str(job_dir.absolute()))))
+        from trainlab.cli import keep_record  # a resumed job's record, before run_job rewrites it
+
+        keep_record(job_dir)
         import torch  # noqa: F401 - the slow imports of the task, while a stop signal is only recorded
         import trainlab.run  # noqa: F401
 
