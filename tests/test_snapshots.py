@@ -195,6 +195,34 @@ def test_the_ensemble_command_refuses_a_run_without_snapshots(whole, tmp_path, c
         ensemble.ensemble([plain], which="snapshots")
 
 
+
+def test_ensembles_of_the_last_m_snapshots_in_the_summary_and_the_command(tmp_path, capsys):
+    """Huang et al. also ensemble the last m snapshots only: summary.json scores each m, `--last m` picks them."""
+    run_dir = tmp_path / "run"
+    overrides = [*SNAPSHOTS, "scheduler.period_mult=1", "trainer.max_epochs=3", "regularization=none"]
+    assert train(run_dir, overrides)[:2] == ("completed", 0)  # snapshots after epochs 1, 2 and 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    whole = summary["snapshot_ensemble"]
+    assert [s["members"] for s in whole["last"]] == [2, 3]
+    assert {k: whole["last"][-1][k] for k in ("test/loss", "test/acc")} == {k: whole[k] for k in ("test/loss",
+                                                                                                   "test/acc")}
+    two = ensemble.ensemble([run_dir], which="snapshots", last=2)
+    assert [m.weights.name for m in two.members] == ["snapshot_2.pt", "snapshot_3.pt"]
+    assert (two.loss, two.acc) == pytest.approx((whole["last"][0]["test/loss"], whole["last"][0]["test/acc"]),
+                                                rel=1e-9)
+    assert two.loss != pytest.approx(whole["test/loss"], rel=1e-6)  # not the ensemble of all three
+    report.main(["ensemble", str(run_dir), "--checkpoint", "snapshots", "--last", "2"])
+    assert "ensemble of 2 snapshots of 1 run" in capsys.readouterr().out
+    for args, message in ((["--checkpoint", "snapshots", "--last", "4"],
+                           "--last 4, but the run has 3 snapshots (snapshot_1.pt, snapshot_2.pt, snapshot_3.pt); "
+                           "give --last 3 or less"),
+                          (["--last", "2"], "--last 2 picks each run's last snapshots: give it with --checkpoint "
+                                            "snapshots"),
+                          (["--checkpoint", "snapshots", "--last", "0"], "--last 0: give the number of snapshots")):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(["ensemble", str(run_dir), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
 # --- resume: no snapshot lost, none stale or twice -------------------------------------------------------
 
 

@@ -6,7 +6,8 @@ of one dataset that differ in seed, optimizer or model share it; members whose t
 refused. Relative data paths are those of the directory each run was trained in, not the current one.
 
 `--checkpoint snapshots` makes every snapshot of a run (checkpoint.snapshots=cycles: the weights at the end of each
-learning-rate cycle) a member: a snapshot ensemble (Huang et al. 2017), from one run or from several.
+learning-rate cycle) a member: a snapshot ensemble (Huang et al. 2017), from one run or from several; `--last N`
+takes the last N snapshots of each run (the paper's ensembles of the last m, which leave out the early cycles).
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ class Ensemble:
     snapshots: bool = False  # the members are snapshots (--checkpoint snapshots)
 
 
-def members(paths: list[Path], which: str = "tested") -> list[tuple[Path, Path]]:
+def members(paths: list[Path], which: str = "tested", last: int | None = None) -> list[tuple[Path, Path]]:
     """(run directory, weights file) of each member in `paths`: run directories, or sweep directories whose jobs have
-    the weights (jobs without them, failed or unfinished, are left out). which=snapshots: every snapshot of each."""
+    the weights (jobs without them, failed or unfinished, are left out). which=snapshots: every snapshot of each, or
+    its last `last`."""
+    if last is not None and which != "snapshots":
+        raise ConfigError(f"--last {last} picks each run's last snapshots: give it with --checkpoint snapshots")
+    if last is not None and last < 1:
+        raise ConfigError(f"--last {last}: give the number of snapshots to take from each run, 1 or more")
     found: list[tuple[Path, Path]] = []
     for path in paths:
         if not path.is_dir():
@@ -58,16 +64,27 @@ def members(paths: list[Path], which: str = "tested") -> list[tuple[Path, Path]]
                         if which == "snapshots" else f"no {which} weights")
                 raise ConfigError(f"{path}: {what} in {path / 'checkpoints'}"
                                   + ("" if which == "snapshots" else " (did the run train?)"))
-            found += [(path, w) for w in weights]
+            found += [(path, w) for w in _last(path, weights, last)]
             continue
         jobs = [p for p in sorted(path.iterdir()) if (p / ".hydra" / "config.yaml").is_file()]
         if not jobs:
             raise ConfigError(f"{path}: neither a run directory (.hydra/config.yaml) nor a sweep of them")
-        found += [(job, w) for job in jobs for w in _weights(job, which)]
+        found += [(job, w) for job in jobs for w in _last(job, _weights(job, which), last)]
     if len(found) < 2:
         what = "snapshots" if which == "snapshots" else f"runs with {which} weights"
         raise ConfigError(f"an ensemble needs at least 2 {what}; found {len(found)} in {', '.join(map(str, paths))}")
     return found
+
+
+def _last(run_dir: Path, snapshots: list[Path], last: int | None) -> list[Path]:
+    """The last `last` of a run's snapshots (all when None; a job without snapshots gives none, as without --last)."""
+    if last is None or not snapshots:
+        return snapshots
+    if len(snapshots) < last:
+        raise ConfigError(f"{run_dir}: --last {last}, but the run has {len(snapshots)} snapshot"
+                          f"{'s' if len(snapshots) > 1 else ''} ({', '.join(p.name for p in snapshots)}); give "
+                          f"--last {len(snapshots)} or less")
+    return snapshots[-last:]
 
 
 def _weights(run_dir: Path, which: str) -> list[Path]:
@@ -167,11 +184,11 @@ class RebuiltRun:
         return probabilities(self.model, self.batches)
 
 
-def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu") -> Ensemble:
+def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu", last: int | None = None) -> Ensemble:
     """Each member's test loss and accuracy, and those of the mean of their probabilities."""
     target = select(device)
     results, reference, rebuilt = [], None, None
-    for run_dir, weights in members(paths, which):
+    for run_dir, weights in members(paths, which, last):
         if rebuilt is None or rebuilt.run_dir != run_dir:  # a run's snapshots share its data and model
             rebuilt = RebuiltRun(run_dir, target)
         probs, labels = rebuilt.predict(weights)

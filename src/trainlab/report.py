@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                           help="each run's weights: tested (what its test used: swa.pt after SWA, else best.pt), "
                                "best, last, swa, or snapshots (every snapshot_<epoch>.pt of each run: a snapshot "
                                "ensemble, see checkpoint.snapshots)")
+    together.add_argument("--last", type=int, default=None, metavar="N",
+                          help="with --checkpoint snapshots: the last N snapshots of each run (default: all)")
     together.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     together.add_argument("--csv", type=Path, default=None,
                           help="also write the table to this CSV file (in an existing directory)")
@@ -408,7 +410,7 @@ def _ensemble(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     try:
         if args.csv is not None:
             ensemble.check_csv(args.csv)
-        result = ensemble.ensemble(args.runs, args.checkpoint, args.device)
+        result = ensemble.ensemble(args.runs, args.checkpoint, args.device, args.last)
     except ConfigError as error:
         parser.exit(2, f"trainlab ensemble: {error}\n")
     Console(width=None if sys.stdout.isatty() else 160).print(ensemble.table(result))

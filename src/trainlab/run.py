@@ -661,9 +661,11 @@ class Run:
             self.model.load_state_dict(checkpoint.load(path)["model"])
             probs, labels = ensemble.probabilities(self.model, self.test_batches, self.autocast)
             probabilities.append(probs)
-        # [loss sum, hits, examples] per snapshot and for their mean; under torchrun summed over the ranks' parts
+        # [loss sum, hits, examples] per snapshot, then for the mean of the last m for m = 2 .. all (the last of them
+        # is the ensemble of every snapshot); under torchrun summed over the ranks' parts
+        stacked = torch.stack(probabilities)
         sums = torch.stack([ensemble.sums(p, labels) for p in probabilities]
-                           + [ensemble.sums(torch.stack(probabilities).mean(dim=0), labels)])
+                           + [ensemble.sums(stacked[-m:].mean(dim=0), labels) for m in range(2, len(taken) + 1)])
         if self.reduce is not None:
             sums = self.reduce(sums.to(self.device)).cpu()
         scores = [{"test/loss": loss / n, "test/acc": hits / n} for loss, hits, n in sums.tolist()]
@@ -673,13 +675,17 @@ class Run:
             log.warning(f"only the snapshot of epoch {taken[0][0]} was taken (the run ended before its next cycle "
                         "did): no snapshot ensemble")
             return
-        self.summary["snapshot_ensemble"] = {"members": len(taken), **scores[-1]}
+        by_size = [{"members": m, **score} for m, score in zip(range(2, len(taken) + 1), scores[len(taken):])]
+        self.summary["snapshot_ensemble"] = {"members": len(taken), **scores[-1], "last": by_size}
         if self.monitor is not None:
             self.monitor.test_metrics({"test/snapshot_ensemble_loss": scores[-1]["test/loss"],
                                        "test/snapshot_ensemble_acc": scores[-1]["test/acc"]}, self.step)
+        last = scores[len(taken) - 1]
         log.info(f"snapshot ensemble of {len(taken)} (epochs {', '.join(str(e) for e, _ in taken)}): test loss "
                  f"{scores[-1]['test/loss']:.4f}  acc {scores[-1]['test/acc']:.4f}; the last snapshot alone: loss "
-                 f"{scores[-2]['test/loss']:.4f}  acc {scores[-2]['test/acc']:.4f}")
+                 f"{last['test/loss']:.4f}  acc {last['test/acc']:.4f}"
+                 + ("; of the last " + ", ".join(f"{s['members']}: acc {s['test/acc']:.4f}" for s in by_size[:-1])
+                    if len(by_size) > 1 else ""))
 
     def test(self) -> None:
         """Evaluate on the test split (used for nothing else): the SWA average when SWA ran, else best.pt."""
