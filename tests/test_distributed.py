@@ -265,6 +265,34 @@ def test_two_machines_of_one_process_each_are_one_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.parametrize(("train_examples", "world", "batch", "fix"), [
+    (51, 2, 64, "batches of [51], at most the 51 training examples): each of the 2 processes trains an equal part of "
+                "every batch; make data.train_size a multiple of 2, or data.batch_size a multiple of 2 below 51"),
+    (50, 3, 64, "batches of [50], at most the 50 training examples): each of the 3 processes trains an equal part of "
+                "every batch; make data.train_size a multiple of 3, or data.batch_size a multiple of 3 below 50"),
+    (1294, 2, 63, "batches of [63]): each of the 2 processes trains an equal part of every batch; use a multiple of 2"),
+    (52, 2, 64, None),  # one batch of the whole (even) subset: each process trains 26
+])
+def test_the_advice_for_batches_the_processes_cannot_split_names_what_to_change(train_examples, world, batch, fix):
+    """A training subset smaller than the batch is one batch of the whole subset: raising the batch size (the usual
+    advice) cannot make that split evenly, so the advice names data.train_size."""
+    from types import SimpleNamespace
+
+    from trainlab.config import ConfigError
+    from trainlab.distributed import Ranks
+    from trainlab.run import Run
+
+    run = Run.__new__(Run)  # check_ranks reads the config, the processes and the training split's size only
+    run.cfg = compose_cfg([f"data.batch_size={batch}", "trainer.max_epochs=2"])
+    run.ranks, run.data = Ranks(rank=0, world=world), SimpleNamespace(train=range(train_examples))
+    if fix is None:
+        run.check_ranks()
+        return
+    with pytest.raises(ConfigError) as error:
+        run.check_ranks()
+    assert f"under torchrun ({world} processes): data.batch_size={batch} ({fix}" in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
