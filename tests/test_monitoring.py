@@ -389,6 +389,31 @@ def test_effective_step_size_of_adaptive_optimizers_is_the_median_of_their_rule(
     assert effective_lrs(torch.optim.SGD(model.parameters(), lr=0.1)) == {}  # one rate for all: the lr tag
 
 
+def test_effective_step_size_is_the_median_over_every_coordinate_not_a_strided_sample(monkeypatch):
+    """A layer 256 x 64 read at every 4th coordinate saw the same 16 input columns in every row: with inputs whose
+    columns differ in scale, that median was 3x the true one. Up to layer_stats.SAMPLE coordinates every one is read;
+    beyond, a uniform draw in proportion to each tensor's size estimates the median."""
+    from trainlab import layer_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    scale = torch.ones(64)
+    scale[::4] = 10.0  # every 4th input column 10x larger: a strided sample sees only these
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(32, 64) * scale).logsumexp(dim=1).mean().backward()
+        optimizer.step()
+    exact = float(torch.cat([(0.1 / (optimizer.state[p]["sum"].sqrt() + 1e-10)).flatten()
+                             for p in model.parameters()]).median())
+    assert layer_stats.effective_lrs(optimizer)["0"] == pytest.approx(exact, rel=1e-6)
+    monkeypatch.setattr(layer_stats, "SAMPLE", 4096)  # the 19,210 coordinates through a sample of 4096
+    assert layer_stats.effective_lrs(optimizer)["0"] == pytest.approx(exact, rel=0.1)
+    before = torch.random.get_rng_state()
+    layer_stats.effective_lrs(optimizer)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the run's random stream is untouched
+
+
 def test_adagrad_run_logs_its_shrinking_effective_step_size(train_inprocess, tmp_path):
     train_inprocess(["trainer.max_epochs=3", "optimizer=adagrad", "early_stopping.enabled=false"])
     sizes = [v for _, v in scalars(events(tmp_path / "run"))["lr_effective/all"]]

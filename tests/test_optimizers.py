@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,51 @@ def test_optimizer_decay_keys_are_refused(key):
 def test_invalid_value_is_a_config_error():
     with pytest.raises(ConfigError, match=r"optimizer=torch.optim.SGD: .*Nesterov"):
         optim.build_optimizer(config("nesterov", "optimizer.momentum=0.0"), linear())
+
+
+def test_a_momentum_ramp_from_0_on_rmsprop_trains_like_rmsprop_with_that_momentum():
+    """torch's RMSprop makes its momentum buffer at a parameter's first step only if momentum is above 0 then: a ramp
+    starting at 0 raised KeyError 'momentum_buffer' at the second step. The buffer now starts at zero when the
+    ramp leaves 0, as torch's own does: the steps equal RMSprop's update written out with each step's momentum, the
+    velocity starting at the first step whose momentum is above 0 (as torch's SGD starts it under the ramp)."""
+    x, y = regression()
+    model, reference = linear(zero=False), linear(zero=False)
+    cfg = config("rmsprop", "optimizer.momentum=0.9", "+optimizer.momentum_start=0",
+                 "+optimizer.momentum_warmup_epochs=1")
+    lr, alpha, eps = cfg.optimizer.lr, cfg.optimizer.alpha, cfg.optimizer.eps
+    optimizer = optim.build_optimizer(cfg, model, steps_per_epoch=4)
+    square_avg = [torch.zeros_like(p) for p in reference.parameters()]
+    velocity = [torch.zeros_like(p) for p in reference.parameters()]
+    for step in range(6):
+        momentum = optim.momentum_at(step, 0.0, 0.9, 4)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        reference.zero_grad()
+        nn.functional.mse_loss(reference(x), y).backward()
+        with torch.no_grad():
+            for p, v, b in zip(reference.parameters(), square_avg, velocity):
+                v.mul_(alpha).add_((1 - alpha) * p.grad ** 2)
+                if momentum == 0:  # no velocity yet: it starts at the first step with momentum (torch's SGD too)
+                    p.sub_(lr * p.grad / (v.sqrt() + eps))
+                    continue
+                b.mul_(momentum).add_(p.grad / (v.sqrt() + eps))
+                p.sub_(lr * b)
+        assert optimizer.param_groups[0]["momentum"] == pytest.approx(momentum)
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "override", "message"), [
+    ("momentum", "optimizer.momentum=1.5", "optimizer.momentum=1.5: must be in [0, 1) for optimizer=torch.optim.SGD; "
+                                           "at 1 or more the velocity would never decay"),
+    ("nesterov", "optimizer.momentum=1", "optimizer.momentum=1: must be in [0, 1)"),
+    ("momentum_schedule", "optimizer.momentum=1.2", "optimizer.momentum=1.2: must be in [0, 1)"),
+    ("rmsprop", "optimizer.alpha=1", "optimizer.alpha=1: must be in [0, 1) for optimizer=torch.optim.RMSprop"),
+    ("rmsprop", "optimizer.momentum=1.5", "optimizer.momentum=1.5: must be in [0, 1)"),
+    ("adam", "optimizer.lr=0", "optimizer.lr=0: the weights would never move; give a learning rate > 0"),
+])
+def test_rates_torch_accepts_but_cannot_train_with_are_refused(name, override, message):
+    """momentum 1.5 completed with exit 0 and a loss of 1e6, RMSprop's alpha 1.5 diverged, lr 0 trained nothing."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        optim.build_optimizer(config(name, override), linear())

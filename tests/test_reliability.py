@@ -539,6 +539,24 @@ def test_a_resume_says_that_the_optimizer_keeps_the_settings_it_was_trained_with
     assert run.scheduler.base_lrs == [0.1]
 
 
+def test_a_resume_says_that_the_schedule_changed_and_the_lr_it_moves_to(tmp_path, interrupted_run, caplog):
+    """The scheduler is this config's at the checkpoint's step: another schedule, or another trainer.max_epochs for a
+    run that had not finished, moves the lr from here on. It did so without a word."""
+    caplog.set_level(logging.WARNING, logger="trainlab")
+    status, _, run = train(tmp_path, ["trainer.max_epochs=4", "scheduler=cosine", f"checkpoint.resume={interrupted_run}"])
+    assert status == "completed"
+    assert ("the learning-rate schedule differs from the one it trained with: scheduler=none (here: cosine), "
+            "trainer.max_epochs=2 (here: 4); from here the lr follows this config's (lr 0.1 at the "
+            "checkpoint, 0.08536 from here)") in caplog.text
+    caplog.clear()
+    train(tmp_path, ["trainer.max_epochs=2", "scheduler.warmup_epochs=0.5", f"checkpoint.resume={interrupted_run}"],
+          name="warmup")
+    assert "schedule differs from the one it trained with: scheduler.warmup_epochs=0 (here: 0.5)" in caplog.text
+    caplog.clear()
+    train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={interrupted_run}"], name="same")
+    assert "schedule differs" not in caplog.text
+
+
 def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, interrupted_run):
     """Hydra rewrites .hydra/ before the run starts: a refused resume (another model) left the run's record saying
     model.hidden=[32], and trainlab ensemble and report then rebuilt the run with the wrong model."""

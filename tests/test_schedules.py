@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import io
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -147,20 +148,31 @@ def test_cyclic_peaks_and_troughs(mode, peaks):
 
 @pytest.mark.parametrize("strategy", ["cos", "linear"])
 def test_onecycle_start_peak_end(strategy):
+    """Its progress runs from 0 at the first step to 1 at the last (as torch's OneCycleLR): the run's last step uses
+    the final lr, lr / (div_factor * final_div_factor). It reached 1 one step after the run, so the last step was
+    3.5x above it in a 600-step run and 175x in an 84-step one."""
     cfg = {"name": "onecycle", "pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4,
            "anneal_strategy": strategy}
     lrs = lrs_of(cfg, 10, 10, lr=0.5)  # 100 steps, optimizer.lr is the max
-    assert lrs[0] == pytest.approx(0.5 / 25)
-    assert lrs[30] == pytest.approx(0.5)
-    assert max(lrs) == lrs[30]
-    assert lrs[15] == pytest.approx(0.5 * (1 / 25 + 1) / 2)  # halfway up: cos and linear agree at the midpoint
     end = 0.5 / (25 * 1e4)
-    assert lrs[65] == pytest.approx((0.5 + end) / 2)  # halfway down
+    assert lrs[0] == pytest.approx(0.5 / 25) and lrs[99] == pytest.approx(end)
+    assert max(lrs) == lrs[30] and lrs[30] == pytest.approx(0.5, rel=0.005)  # the peak at progress 0.3 = step 29.7
     shape = (lambda pct: 0.5 * (1 - math.cos(math.pi * pct))) if strategy == "cos" else (lambda pct: pct)
-    expected = [0.5 / 25 + (0.5 - 0.5 / 25) * shape(s / 30) for s in range(30)]
-    expected += [0.5 + (end - 0.5) * shape((s - 30) / 70) for s in range(30, 100)]
+    expected = [0.5 / 25 + (0.5 - 0.5 / 25) * shape(s / 99 / 0.3) if s / 99 < 0.3
+                else 0.5 + (end - 0.5) * shape((s / 99 - 0.3) / 0.7) for s in range(100)]
     assert lrs == pytest.approx(expected)
-    assert final_lr(cfg, 10, 10, lr=0.5) == pytest.approx(end)
+    assert lrs[64] == pytest.approx((0.5 + end) / 2, rel=0.05)  # about halfway down
+    torch_lrs = []  # torch's own, stepped per step: the same end points, a peak one step earlier (29, at pct * 100 - 1)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    ocl = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=100, pct_start=0.3,
+                                              anneal_strategy=strategy, div_factor=25.0, final_div_factor=1e4)
+    for _ in range(100):
+        torch_lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if len(torch_lrs) < 100:
+            ocl.step()
+    assert (torch_lrs[0], torch_lrs[99]) == pytest.approx((lrs[0], lrs[99]))
+    assert max(abs(a - b) for a, b in zip(lrs, torch_lrs)) < 0.03 * 0.5  # 2 % of the peak, at the rise
 
 
 def test_plateau_reduces_after_exactly_patience_epochs_without_improvement_min():
@@ -220,9 +232,15 @@ def test_warmup_then_cosine_restarts_and_onecycle():
     restarts = lrs_of({"name": "cosine_restarts", "warmup_epochs": 1, "period_epochs": 1, "period_mult": 1}, 4, 4)
     assert restarts[:4] == pytest.approx(ramp(1.0, 4))
     assert restarts[4] == restarts[8] == restarts[12] == 1.0
+    # onecycle and cyclic start low: the warmup rises to where they start, not to the top (it reached the top, then
+    # the lr fell 25x or 10x in one step and rose again)
     cycle = lrs_of({"name": "onecycle", "warmup_epochs": 1, "pct_start": 0.5}, 4, 5)
-    assert cycle[:4] == pytest.approx(ramp(1.0, 4))
-    assert cycle[4] == pytest.approx(1 / 25) and cycle[4 + 8] == pytest.approx(1.0)
+    assert cycle[:4] == pytest.approx(ramp(1 / 25, 4)) and cycle[4] == pytest.approx(1 / 25)
+    assert max(cycle) == pytest.approx(1.0, rel=0.02) and cycle[-1] == pytest.approx(1 / (25 * 1e4))
+    assert all(b >= a for a, b in zip(cycle, cycle[1:11]))  # one rise, warmup and cycle together
+    triangle = lrs_of({"name": "cyclic", "warmup_epochs": 1, "half_cycle_epochs": 1, "base_lr_fraction": 0.1}, 4, 3)
+    assert triangle[:4] == pytest.approx(ramp(0.1, 4)) and triangle[4] == pytest.approx(0.1)
+    assert triangle[8] == pytest.approx(1.0)
 
 
 def test_warmup_then_plateau_ignores_the_epochs_of_warmup():
@@ -393,3 +411,59 @@ def test_an_experiments_schedule_knob_left_by_another_scheduler_names_how_to_dro
     with pytest.raises(ConfigError, match=r"unexpected keyword scheduler.pct_start;.*goes with ~scheduler.pct_start"):
         validate(compose_train(["experiment=cifar10_fast", "scheduler=cosine"]))
     validate(compose_train(["experiment=cifar10_fast", "scheduler=cosine", "~scheduler.pct_start"]))
+
+
+def test_warmup_and_momentum_ramp_count_the_epochs_own_steps_under_a_batch_size_schedule():
+    """Epoch 1 has 2x the steps of the later ones (the batch doubles at epoch 2): a warmup of 3 epochs ended at epoch
+    5, counted in epoch 1's steps. Training and the dry run build the same scheduler (Run.build, dry_run._curve)."""
+    cfg = compose_train(["optimizer=momentum_schedule", "optimizer.momentum_warmup_epochs=3",
+                         "scheduler.warmup_epochs=2.5", "data.batch_size=128", "data.batch_size_schedule=[[2,2]]",
+                         "trainer.max_epochs=5"])
+    curve = lr_curve(cfg)
+    steps = [10, 5, 5, 5, 5]  # 1294 training images: 10 batches of 128, then 5 of 256
+    assert len(curve) == sum(steps)
+    warmup = 10 + 5 + 3  # two epochs and half of the third (2.5 steps, rounded to even)
+    lr = cfg.optimizer.lr
+    assert curve[warmup - 1] == pytest.approx(lr) and curve[warmup - 2] == pytest.approx(lr * (warmup - 1) / warmup)
+    assert curve[warmup:] == pytest.approx([lr] * (len(curve) - warmup))
+    assert schedules.steps_until(2.5, steps) == warmup and schedules.steps_until(7, steps) == 30  # all there are
+    from trainlab.data import build_data, epoch_steps, train_loader
+    from trainlab.optim import build_optimizer
+
+    loader = train_loader(cfg, build_data(cfg.data), torch.device("cpu"))
+    assert epoch_steps(loader, cfg) == steps and (loader.batch_size, len(loader)) == (128, 10)  # left as it was
+    optimizer = build_optimizer(cfg, nn.Linear(2, 2), steps_per_epoch=10, epoch_steps=steps)
+    assert optimizer.param_groups[0]["momentum_warmup_steps"] == 10 + 5 + 5  # 3 epochs
+
+
+def test_step_decay_with_a_fractional_period_decays_at_every_boundary_it_passes():
+    """floor(33 / 2.2) is 14 in floating point: the 15th decay came an epoch late."""
+    decays = [round(math.log(schedules.step_decay(e, 2.2, 0.5)) / math.log(0.5)) for e in range(60)]
+    assert [e for e in range(1, 60) if decays[e] > decays[e - 1]] == [math.ceil(k * 2.2 - 1e-9)
+                                                                      for k in range(1, 27)]
+    assert decays[33] == 15 and decays[55] == 25
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheduler=none", "scheduler.warmup_epochs=0.02"],
+     "scheduler.warmup_epochs=0.02 is less than half of one of the 20 steps of epoch 1, so no step would warm up; "
+     "give at least 0.05 (one step), or 0"),
+    (["scheduler=cyclic", "scheduler.mode=exp_range", "scheduler.gamma=1.5"],
+     "scheduler.gamma=1.5: exp_range scales each cycle's amplitude by gamma**epochs, so above 1 the peaks grow past "
+     "optimizer.lr"),
+    (["optimizer=lbfgs", "finetune=low_lr"],  # training refuses it: so does the dry run, which builds its groups
+     "optimizer=torch.optim.LBFGS takes one parameter group, so one learning rate"),
+])
+def test_the_dry_run_refuses_what_training_refuses(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lr_curve(compose_train([*overrides, "trainer.max_epochs=4"]))
+
+
+def test_a_first_cycle_longer_than_the_run_is_warned_of(caplog):
+    caplog.set_level("WARNING", logger="trainlab")
+    lr_curve(compose_train(["scheduler=cosine_restarts", "scheduler.period_epochs=50", "trainer.max_epochs=2"]))
+    assert ("scheduler=cosine_restarts: its first cycle (scheduler.period_epochs=50) does not end within "
+            "trainer.max_epochs=2, so the lr never restarts nor reaches its lowest value") in caplog.text
+    caplog.clear()
+    lr_curve(compose_train(["scheduler=cosine_restarts", "scheduler.period_epochs=2", "trainer.max_epochs=2"]))
+    assert "does not end within" not in caplog.text

@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from trainlab import finetune
 from trainlab.config import monitor_mode
-from trainlab.data import batch_size_at, build_data, train_loader
-from trainlab.models import build_model
+from trainlab.data import batch_size_at, build_data, epoch_steps, train_loader
+from trainlab.models import TorchvisionModel, build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler, snapshot_epochs
 
@@ -32,11 +33,15 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int]]:
     """
     data = build_data(cfg.data)
     loader = train_loader(cfg, data, torch.device("cpu"))  # counts batches only; no batch is drawn
-    spe = len(loader)
+    spe, steps = len(loader), epoch_steps(loader, cfg)
     model = build_model(cfg, data.input_shape, data.num_classes)
-    optimizer = build_optimizer(cfg, model, steps_per_epoch=spe)
+    # the run's parameter groups: finetune's features at their own lr (and what it refuses, refused here too)
+    transfer = finetune.prepare(model, cfg.finetune, model.name if isinstance(model, TorchvisionModel) else None)
+    optimizer = build_optimizer(cfg, model, steps_per_epoch=spe, features=transfer.scaled,
+                                feature_lr_scale=float(cfg.finetune.feature_lr_scale), epoch_steps=steps)
     max_epochs = cfg.trainer.max_epochs
-    scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
+    scheduler = build_scheduler(cfg.scheduler, optimizer, spe, max_epochs, epoch_steps=steps,
+                                mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
     snapshots = snapshot_epochs(cfg.scheduler, spe, max_epochs) if cfg.checkpoint.snapshots == "cycles" else []
     swa_start = cfg.regularization.get("swa_start")
     first_swa = max_epochs + 1

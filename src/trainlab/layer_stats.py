@@ -200,7 +200,7 @@ def image_grid(tiles: torch.Tensor, padding: int) -> torch.Tensor:
     return torch.nn.functional.pad(grid, (0, padding, 0, padding), value=1.0)  # the right and bottom margins
 
 
-SAMPLE_PER_TENSOR = 4096  # coordinates of each parameter read for the median step size (every k-th one)
+SAMPLE = 1 << 18  # coordinates of a group read for its median step size, when it has more (a uniform random sample)
 
 
 def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -209,29 +209,41 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     shrinks), lr / (sqrt(v) + eps) for RMSprop (v a running mean: it follows the gradients), Adam's and AdamW's
     with their bias corrections, and without them for trainlab.adam's UncorrectedAdam and UncorrectedAdamW
     (optimizer.bias_correction=false), Adadelta's sqrt(delta + eps) / sqrt(v + eps) times lr. Empty for other
-    optimizers, and before the first step. Large tensors are read at up to SAMPLE_PER_TENSOR evenly spaced
-    coordinates."""
+    optimizers, and before the first step.
+
+    A group of more than SAMPLE coordinates is read at SAMPLE of them drawn uniformly (each tensor's share by its
+    size, from a generator of its own: the run's random streams are untouched). Every k-th coordinate of each tensor
+    was read before: in a weight matrix whose row length k divides, those are the same input columns in every row
+    (the first layer of the MLP on the digits: pixel columns 0 and 4), and small tensors weighed as much as large."""
     kind = type(optimizer).__name__
     if kind not in ("Adagrad", "RMSprop", "Adam", "AdamW", "UncorrectedAdam", "UncorrectedAdamW", "Adadelta"):
         return {}
     found = {}
     with torch.no_grad():
         for index, group in enumerate(optimizer.param_groups):
+            stepped = [(param, state) for param in group["params"]
+                       if (state := optimizer.state.get(param)) and float(state.get("step", 1)) > 0]
+            # (Adagrad's state exists before its first step)
+            total = sum(param.numel() for param, _ in stepped)
             steps = []
-            for param in group["params"]:
-                state = optimizer.state.get(param)
-                if state and float(state.get("step", 1)) > 0:  # Adagrad's state exists before its first step
-                    # the same coordinates of every state tensor, then the step sizes of those alone:
-                    sampled = {k: _sampled(v) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in state.items()}
-                    steps.append(_step_size(kind, group, sampled))
+            for param, state in stepped:
+                picked = _picked(param, total)
+                # the same coordinates of every state tensor, then the step sizes of those alone:
+                chosen = {k: v.reshape(-1)[picked] if torch.is_tensor(v) and v.ndim > 0 else v for k, v in state.items()}
+                steps.append(_step_size(kind, group, chosen))
             if steps:
                 found[str(group.get("name", index))] = float(torch.cat(steps).float().median())
     return found
 
 
-def _sampled(values: torch.Tensor) -> torch.Tensor:
-    flat = values.reshape(-1)
-    return flat[:: max(1, flat.numel() // SAMPLE_PER_TENSOR)]
+def _picked(param: torch.Tensor, total: int) -> torch.Tensor | slice:
+    """The coordinates of `param` read for its group's median: all of them when the group has at most SAMPLE, else
+    a uniform random draw of its share of SAMPLE."""
+    if total <= SAMPLE:
+        return slice(None)
+    count = max(1, round(SAMPLE * param.numel() / total))
+    generator = torch.Generator(device=param.device).manual_seed(param.numel())
+    return torch.randint(param.numel(), (count,), generator=generator, device=param.device)
 
 
 def _step_size(kind: str, group: dict, state: dict) -> torch.Tensor:

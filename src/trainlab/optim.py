@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from trainlab.adam import UncorrectedAdam, UncorrectedAdamW
 from trainlab.config import ConfigError
+from trainlab.schedules import steps_until
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -71,12 +74,21 @@ def momentum_at(step: int, start: float, final: float, warmup_steps: int) -> flo
 
 
 def momentum_ramp(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Set each group's momentum for the coming step from the step counter kept in the group (checkpointed)."""
+    """Set each group's momentum for the coming step from the step counter kept in the group (checkpointed).
+
+    torch's RMSprop makes a parameter's momentum buffer at its first step only if momentum is above 0 then, and
+    later steps with momentum read it: a ramp from 0 gets zero buffers (torch's own start) when it leaves 0."""
     for group in optimizer.param_groups:
         if "momentum_step" in group:
             group["momentum"] = momentum_at(group["momentum_step"], group["momentum_start"],
                                             group["momentum_final"], group["momentum_warmup_steps"])
             group["momentum_step"] += 1
+            if (group["momentum"] > 0 and group["momentum_step"] <= group["momentum_warmup_steps"] + 1
+                    and isinstance(optimizer, torch.optim.RMSprop)):
+                for param in group["params"]:
+                    state = optimizer.state.get(param)
+                    if state and "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -106,12 +118,14 @@ def _valid_keys(cls: Any) -> list[str] | None:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
-                    features: list[nn.Parameter] | None = None, feature_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+                    features: list[nn.Parameter] | None = None, feature_lr_scale: float = 1.0,
+                    epoch_steps: Sequence[int] | None = None) -> torch.optim.Optimizer:
     """cfg.optimizer (a partial torch optimizer) over the model's parameter groups, with cfg.regularization.
 
     The optimizer's own weight decay is forced to 0: decay is trainlab's decoupled pre-hook. With
     `momentum_start` and `momentum_warmup_epochs`, momentum ramps linearly from momentum_start to
-    `momentum` over that many epochs of `steps_per_epoch` steps. `bias_correction=false` (Adam, AdamW) builds
+    `momentum` over that many epochs of `steps_per_epoch` steps (of `epoch_steps`, each epoch's steps, where
+    data.batch_size_schedule changes them). `bias_correction=false` (Adam, AdamW) builds
     trainlab.adam's uncorrected variant with the same arguments. `features` (finetune) train at
     optimizer.lr x `feature_lr_scale`, in groups of their own after the others.
     """
@@ -145,6 +159,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
             raise ConfigError(f"optimizer={target}: unknown key(s) "
                               f"{', '.join('optimizer.' + key for key in unknown)}; valid keys: {', '.join(valid)}")
 
+    _check_rates(cls, options, target)
     decay, no_decay = parameter_groups(model, decay_norm_and_bias)
     wd = float(cfg.regularization.weight_decay)
     if (isinstance(cls, type) and issubclass(cls, SINGLE_GROUP)) or wd == 0:
@@ -169,10 +184,33 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
         raise ConfigError(f"optimizer={target}: {error}; check the keys of the optimizer group") from None
 
     if ramp:
-        _add_momentum_ramp(optimizer, target, ramp, steps_per_epoch)
+        _add_momentum_ramp(optimizer, target, ramp, epoch_steps if epoch_steps is not None else [steps_per_epoch])
     if wd > 0:
         optimizer.register_step_pre_hook(decoupled_weight_decay)
     return optimizer
+
+
+def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
+    """What torch accepts but cannot train with: lr 0 (nothing moves), SGD's or RMSprop's momentum of 1 or more
+    (the velocity never decays: 1.5 grows it 1.5x a step), RMSprop's alpha of 1 or more (its mean of squared
+    gradients stays 0, or goes negative: steps of lr / eps, or NaN)."""
+    lr = options.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
+        raise ConfigError(f"optimizer.lr=0: the weights would never move; give a learning rate > 0")
+    if not (isinstance(cls, type) and issubclass(cls, (torch.optim.SGD, torch.optim.RMSprop))):
+        return
+    bounded = [("momentum", "the velocity would never decay (0.9 is usual)")]
+    if issubclass(cls, torch.optim.RMSprop):
+        bounded.append(("alpha", "the running mean of squared gradients would never follow them (0.99 is usual)"))
+    for key, why in bounded:
+        value = options.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+            raise ConfigError(f"optimizer.{key}={value}: must be in [0, 1) for optimizer={target}; at 1 or more {why}")
+
+
+def _extended(epoch_steps: Sequence[int], epochs: float) -> list[int]:
+    """Each epoch's steps, the last repeated to cover `epochs` (a ramp may outlast the run, or the given epochs)."""
+    return list(epoch_steps) + [epoch_steps[-1]] * max(0, math.ceil(epochs) - len(epoch_steps))
 
 
 def _bias_correction(factory: Any, cls: Any, bias_correction: Any, target: Any) -> tuple[Any, Any]:
@@ -244,7 +282,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
 
 def _add_momentum_ramp(optimizer: torch.optim.Optimizer, target: Any, ramp: dict[str, Any],
-                       steps_per_epoch: int) -> None:
+                       epoch_steps: Sequence[int]) -> None:
     """Store the ramp in every param group (so optimizer.state_dict() carries it) and register its hook."""
     if "momentum" not in optimizer.defaults:
         raise ConfigError(f"optimizer.{', optimizer.'.join(ramp)}: optimizer={target} has no momentum to ramp; "
@@ -264,6 +302,6 @@ def _add_momentum_ramp(optimizer: torch.optim.Optimizer, target: Any, ramp: dict
                           "(the momentum the ramp ends at)")
     for group in optimizer.param_groups:
         group.update(momentum_start=start, momentum_final=final, momentum_step=0,
-                     momentum_warmup_steps=round(epochs * steps_per_epoch))
+                     momentum_warmup_steps=steps_until(epochs, _extended(epoch_steps, epochs)))
         group["momentum"] = momentum_at(0, start, final, group["momentum_warmup_steps"])
     optimizer.register_step_pre_hook(momentum_ramp)

@@ -27,7 +27,7 @@ from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, validate
-from trainlab.data import batch_size_at, build_data, eval_loader, train_loader
+from trainlab.data import batch_size_at, build_data, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -151,11 +151,13 @@ class Run:
         self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
         self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
         steps_per_epoch = len(self.train_batches)
+        steps = epoch_steps(self.train_batches, cfg)  # each epoch's: data.batch_size_schedule changes them
         self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch,
                                          features=self.transfer.scaled,
-                                         feature_lr_scale=float(cfg.finetune.feature_lr_scale))
+                                         feature_lr_scale=float(cfg.finetune.feature_lr_scale), epoch_steps=steps)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch, cfg.trainer.max_epochs,
-                                         mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode))
+                                         mode=monitor_mode(cfg.early_stopping.monitor, cfg.early_stopping.mode),
+                                         epoch_steps=steps)
         # checkpoint.snapshots=cycles: the epochs at whose end a cycle of the schedule ends (its lowest lr)
         self.snapshot_epochs = (snapshot_epochs(cfg.scheduler, steps_per_epoch, cfg.trainer.max_epochs)
                                 if cfg.checkpoint.snapshots == "cycles" else [])
@@ -416,6 +418,17 @@ class Run:
         if ignored:  # torch's load_state_dict takes the saved groups' settings (lr, decay), the scheduler its base lrs
             log.warning(f"checkpoint.resume={path}: the optimizer continues with the settings it was trained with, "
                         f"not this config's: {', '.join(ignored)}; start a new run to train with others")
+        schedule = checkpoint.changed_options(saved_config, self.cfg, "scheduler")
+        if any(change.startswith("scheduler.name=") for change in schedule):  # another schedule: its option file
+            schedule = [change.replace("scheduler.name=", "scheduler=") for change in schedule
+                        if change.startswith("scheduler.name=")]
+        if not state.get("finished"):  # (a finished run extended says so below)
+            schedule += checkpoint.changed_options(saved_config, self.cfg, "trainer", keys=("max_epochs",))
+        if schedule:  # the scheduler is this config's, at the checkpoint's step: the lr from here follows it
+            log.warning(f"checkpoint.resume={path}: the learning-rate schedule differs from the one it trained with: "
+                        f"{', '.join(schedule)}; from here the lr follows this config's (lr "
+                        f"{state['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint, "
+                        f"{self.optimizer.param_groups[0]['lr']:.4g} from here)")
         if state.get("finished"):
             log.warning(f"checkpoint.resume={path}: extending a finished run of {state['epoch']} epochs to "
                         f"trainer.max_epochs={self.cfg.trainer.max_epochs}; the schedule now spans the longer run "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from array import array
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from trainlab.config import CYCLE_SCHEDULES, ConfigError
 # when warmup ends: `progress` runs from 0 to 1 over the rest of the run; `epochs` is the time since
 # warmup in (fractional) epochs, step / steps_per_epoch.
 
+log = logging.getLogger("trainlab")
+
 PRECOMPUTED_STEPS = 2_000_000  # a run's lr factors computed up front (16 MB at most); later steps on the fly
 RESTART_TOLERANCE = 1e-9  # epochs; absorbs float rounding so a restart lands exactly on its boundary step
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
@@ -31,8 +34,9 @@ def constant(progress: float) -> float:
 
 
 def step_decay(epochs: float, step_epochs: float = 10.0, gamma: float = 0.5) -> float:
-    """gamma ** (whole periods of step_epochs completed), changing only at epoch boundaries."""
-    return gamma ** math.floor(math.floor(epochs) / step_epochs)
+    """gamma ** (whole periods of step_epochs completed), changing only at epoch boundaries (a fractional period
+    at the first boundary it has passed: 2.2 at 3, 5, 7, 9, 11, ...)."""
+    return gamma ** math.floor(math.floor(epochs) / step_epochs + RESTART_TOLERANCE)
 
 
 def multistep_decay(epochs: float, milestones: Sequence[float] = (10, 20), gamma: float = 0.1) -> float:
@@ -114,6 +118,7 @@ def onecycle(progress: float, pct_start: float = 0.3, div_factor: float = 25.0, 
 
     1) warm up from 1/div_factor to 1 over progress [0, pct_start]
     2) anneal from 1 to 1/(div_factor * final_div_factor) over progress [pct_start, 1]
+    Its progress reaches 1 at the run's last step (torch's OneCycleLR too): see LAST_STEP_ENDS.
     """
     progress = min(progress, 1.0)
     if progress < pct_start:
@@ -136,24 +141,45 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 EPOCH_CLOCK = frozenset({"step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine_restarts",
                          "cyclic"})
 EXTRA_KNOBS = {"plateau": ("patience", "min_delta")}  # read by the Plateau tracker, not by plateau()
+# Schedules whose progress reaches 1 at the run's last optimizer step, so that the step uses the end value (onecycle's
+# lr / (div_factor * final_div_factor), as torch's OneCycleLR). The others reach 1 one step after the run (torch's
+# CosineAnnealingLR stepped per step does the same), which their min_lr_fraction (0 by default) makes visible only
+# as a last step a hair above the floor.
+LAST_STEP_ENDS = frozenset({"onecycle"})
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Callable[[float], float]) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Callable[[float], float],
+              last_step_ends: bool = False) -> float:
     """The multiplier of the base learning rate used at optimizer step `step` (0-based).
 
-    1) linear warmup: (step + 1) / warmup_steps for the first warmup_steps steps
-    2) then the schedule, with progress running from 0 after warmup to 1 at total_steps
+    1) linear warmup: (step + 1) / warmup_steps of the schedule's start, schedule(0), for the first warmup_steps
+       steps (1 for most schedules; onecycle starts at 1/div_factor, and its own rise follows)
+    2) then the schedule, with progress running from 0 after warmup to 1 at total_steps, or at the last step
+       (total_steps - 1) when `last_step_ends`
     """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return schedule((step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (step + 1) / warmup_steps * schedule(0.0)
+    return schedule((step - warmup_steps) / max(1, total_steps - warmup_steps - (1 if last_step_ends else 0)))
 
 
 def lr_factor_epochs(step: int, steps_per_epoch: int, warmup_steps: int, schedule: Callable[[float], float]) -> float:
-    """As lr_factor, for a schedule of the epochs elapsed since warmup ended."""
+    """As lr_factor, for a schedule of the epochs elapsed since warmup ended (the warmup ends at schedule(0): cyclic
+    starts at its base)."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps * schedule(0.0)
     return schedule((step - warmup_steps) / steps_per_epoch)
+
+
+def steps_until(epochs: float, epoch_steps: Sequence[int]) -> int:
+    """The optimizer steps within the first `epochs` (fractional) epochs, given the steps of each epoch (which
+    data.batch_size_schedule changes): a warmup of 3 epochs ends where epoch 3 ends, whatever its batch size."""
+    if epochs <= 0:  # (a negative warmup stays negative, for build_scheduler to refuse)
+        return round(epochs * epoch_steps[0]) if epoch_steps else 0
+    whole = min(math.floor(epochs), len(epoch_steps))
+    steps = float(sum(epoch_steps[:whole]))
+    if whole < len(epoch_steps):
+        steps += (epochs - whole) * epoch_steps[whole]
+    return round(steps)
 
 
 def improves(value: float, best: float, mode: str, min_delta: float) -> bool:
@@ -295,6 +321,10 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
         problems.append(f"scheduler.warmup_epochs={warmup_epochs!r}: must be a number of epochs")
     problems += [f"scheduler.{key}={value!r}: must be {KNOB_RULES[key][1]}"
                  for key, value in options.items() if key in valid and not KNOB_RULES[key][0](value)]
+    gamma = options.get("gamma", 1.0)
+    if name == "cyclic" and options.get("mode") == "exp_range" and _number(gamma) and gamma > 1:
+        problems.append(f"scheduler.gamma={gamma}: exp_range scales each cycle's amplitude by gamma**epochs, so above "
+                        "1 the peaks grow past optimizer.lr, the cycle's highest lr; give gamma <= 1 (e.g. 0.99)")
     if problems:
         raise ConfigError("; ".join(problems))
     return name, float(warmup_epochs), options
@@ -323,12 +353,16 @@ def cycle_boundaries(name: str, knobs: dict[str, Any], horizon: float) -> list[f
     return ends
 
 
+def _default(name: str, knob: str) -> Any:
+    return inspect.signature(SCHEDULES[name]).parameters[knob].default
+
+
 def snapshot_epochs(cfg: DictConfig, steps_per_epoch: int, max_epochs: int) -> list[int]:
     """The epochs at whose end checkpoint.snapshots=cycles saves the weights: those where a cycle of cfg.scheduler
     ends (warmup included). ConfigError when a cycle ends inside an epoch (its end would then be saved at a high lr,
     after the restart) or when fewer than 2 cycles end within the run (no ensemble)."""
     name, warmup_epochs, knobs = parse(cfg)
-    warmup = round(warmup_epochs * steps_per_epoch)  # as build_scheduler counts it
+    warmup = steps_until(warmup_epochs, [steps_per_epoch] * max_epochs)  # as build_scheduler counts it
     # the optimizer steps each cycle ends after: the first step of the next one, as the schedule places it
     ends = [math.ceil(warmup + (b - RESTART_TOLERANCE) * steps_per_epoch)
             for b in cycle_boundaries(name, knobs, max_epochs - warmup / steps_per_epoch)]
@@ -349,8 +383,10 @@ def snapshot_epochs(cfg: DictConfig, steps_per_epoch: int, max_epochs: int) -> l
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int,
-                    mode: str = "min") -> Scheduler:
-    """The Scheduler of cfg (warmup + schedule) over max_epochs * steps_per_epoch steps.
+                    mode: str = "min", epoch_steps: Sequence[int] | None = None) -> Scheduler:
+    """The Scheduler of cfg (warmup + schedule) over max_epochs * steps_per_epoch steps, or over `epoch_steps` (the
+    steps of each epoch, where data.batch_size_schedule changes them; only none and plateau run with it, and the
+    warmup counts the epochs' own steps).
 
     `mode` (min/max) is early_stopping.mode: whether plateau's monitored metric improves downwards or upwards.
     """
@@ -359,11 +395,22 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
         raise ConfigError(f"early_stopping.mode={mode!r}: choose min or max")
     if steps_per_epoch < 1:
         raise ConfigError(f"steps_per_epoch={steps_per_epoch}: the training split yields no batch")
-    total = steps_per_epoch * max_epochs
-    warmup = round(warmup_epochs * steps_per_epoch)
+    epoch_steps = list(epoch_steps) if epoch_steps is not None else [steps_per_epoch] * max_epochs
+    total = sum(epoch_steps)
+    warmup = steps_until(warmup_epochs, epoch_steps)
     if warmup < 0 or warmup >= total:
         raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs:g} must be >= 0 and shorter than the run "
                           f"(trainer.max_epochs={max_epochs})")
+    if warmup == 0 and warmup_epochs > 0:
+        raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs:g} is less than half of one of the "
+                          f"{epoch_steps[0]} steps of epoch 1, so no step would warm up; give at least "
+                          f"{1 / epoch_steps[0]:.3g} (one step), or 0")
+    if name in CYCLE_SCHEDULES and not cycle_boundaries(name, knobs, max_epochs - warmup / steps_per_epoch):
+        knob = "period_epochs" if name == "cosine_restarts" else "half_cycle_epochs"
+        log.warning(f"scheduler={name}: its first cycle (scheduler.{knob}={knobs.get(knob, _default(name, knob))}) "
+                    f"does not end within trainer.max_epochs={max_epochs}, so the lr never "
+                    + ("restarts nor reaches its lowest value" if name == "cosine_restarts" else
+                       "completes a cycle") + f"; shorten scheduler.{knob} or raise trainer.max_epochs")
     tracker = None
     if name == "plateau":
         tracker, schedule = Plateau(mode=mode, **knobs), constant
@@ -372,5 +419,6 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
     if name in EPOCH_CLOCK:
         factor = partial(lr_factor_epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, schedule=schedule)
     else:
-        factor = partial(lr_factor, total_steps=total, warmup_steps=warmup, schedule=schedule)
+        factor = partial(lr_factor, total_steps=total, warmup_steps=warmup, schedule=schedule,
+                         last_step_ends=name in LAST_STEP_ENDS)
     return Scheduler(optimizer, factor, tracker, warmup, precompute=min(total + 1, PRECOMPUTED_STEPS))
