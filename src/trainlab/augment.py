@@ -252,6 +252,22 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     return images.masked_fill(inside.unsqueeze(1), 0.0)
 
 
+def coarse_salt_pepper(images: torch.Tensor, p: float, size: int, generator: torch.Generator | None,
+                       white: float = PIXEL_MAX) -> torch.Tensor:
+    """Coarse salt-and-pepper noise (imgaug's CoarseSaltAndPepper): cut each image of [N, C, H, W] into size x size
+    pixel cells from its top-left corner (the last row and column of cells cut off by the border) and replace each
+    cell, with probability p, by salt (`white`: 255, the digits' 16) or pepper (0), each with probability 1/2, in
+    every channel alike. One uniform draw u per cell: u < p/2 salt, p/2 <= u < p pepper. Keeps the dtype (uint8 in,
+    uint8 out)."""
+    n, _, h, w = images.shape
+    cells = torch.rand(n, 1, -(-h // size), -(-w // size), generator=generator, device=images.device)
+    # nearest-neighbour upsampling by the whole factor `size`: pixel (y, x) lies in cell (y // size, x // size)
+    rows = torch.arange(h, device=images.device) // size
+    cols = torch.arange(w, device=images.device) // size
+    u = cells[:, :, rows][:, :, :, cols]  # [N, 1, H, W]
+    return images.masked_fill(u < p / 2, white).masked_fill((u >= p / 2) & (u < p), 0)
+
+
 def gaussian_noise(images: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """Add independent N(0, std²) noise to every pixel (std in pixel units); no clamping."""
     return images + std * torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
@@ -392,7 +408,7 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 
 def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white: float) -> list[Step]:
     """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise. `white` is
-    the data's brightest level (gamma and invert)."""
+    the data's brightest level (gamma, invert and coarse salt)."""
     _, h, w = input_shape
     padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
     if mode == "reflect" and padding >= min(h, w):
@@ -408,6 +424,7 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white:
     colour = (float(cfg.brightness), float(cfg.contrast), float(cfg.saturation))
     sharpness, gamma, invert_p = float(cfg.sharpness), float(cfg.gamma), float(cfg.invert)
     size, std = int(cfg.cutout_size), float(cfg.noise_std)
+    salt_p, salt_size = float(cfg.coarse_salt_p), int(cfg.coarse_salt_size)
     steps: list[Step] = []
     if padding > 0:
         steps.append(lambda x, g: random_crop(x, padding, g, mode))
@@ -439,6 +456,8 @@ def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white:
         steps.append(lambda x, g: random_blur(x, blur_max, g))
     if size > 0:
         steps.append(lambda x, g: cutout(x, size, g))
+    if salt_p > 0:
+        steps.append(lambda x, g: coarse_salt_pepper(x, salt_p, salt_size, g, white))
     if std > 0:
         steps.append(lambda x, g: gaussian_noise(x, std, g))
     return steps
@@ -471,7 +490,7 @@ def build_augment(cfg: DictConfig, num_classes: int, input_shape: tuple[int, int
                   white: float = PIXEL_MAX) -> Augment | None:
     """The device path: the whole augmentation node as one batched function of (images, labels, generator),
     or None when it does nothing. `input_shape` (C, H, W) lets sizes be checked before training; `white` is the
-    data's brightest level (255; the digits' 16), which gamma and invert work against."""
+    data's brightest level (255; the digits' 16), which gamma, invert and coarse salt work against."""
     if cfg.policy is not None:
         raise ConfigError(f"augmentation.policy={cfg.policy} exists only on the DataLoader path (torchvision's "
                           "per-image implementation); set data.loader=dataloader, or pick a batched option")
@@ -526,6 +545,19 @@ class Cutout:
         top = int(torch.randint(0, h - self.size + 1, ()))
         left = int(torch.randint(0, w - self.size + 1, ()))
         return TF.erase(image, top, left, self.size, self.size, torch.zeros((), dtype=image.dtype))
+
+
+class CoarseSaltPepper:
+    """v2 counterpart of coarse_salt_pepper: the same cells and draw for one image, salt at the data's `white`."""
+
+    def __init__(self, p: float, size: int, white: float = PIXEL_MAX):
+        self.p, self.size, self.white = p, size, white
+
+    def __repr__(self) -> str:
+        return f"CoarseSaltPepper(p={self.p}, size={self.size}, white={self.white})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return coarse_salt_pepper(image[None], self.p, self.size, None, self.white)[0]
 
 
 class Elastic:
@@ -631,7 +663,7 @@ class RandomInvert:
 
 def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None; `white` is the
-    data's brightest level (gamma and invert).
+    data's brightest level (gamma, invert and coarse salt).
 
     In: one uint8 image [C, H, W]. Out: pixel units, uint8 (float32 when noise_std > 0); the loader
     converts to float and normalises as on the device path. Randomness comes from torch's global
@@ -677,6 +709,8 @@ def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[t
         steps.append(RandomBlur(float(cfg.blur_sigma)))
     if cfg.cutout_size > 0:
         steps.append(Cutout(int(cfg.cutout_size)))
+    if cfg.coarse_salt_p > 0:
+        steps.append(CoarseSaltPepper(float(cfg.coarse_salt_p), int(cfg.coarse_salt_size), white))
     if cfg.noise_std > 0:
         steps += [v2.ToDtype(torch.float32, scale=False), v2.GaussianNoise(0.0, float(cfg.noise_std), clip=False)]
     return v2.Compose(steps) if steps else None

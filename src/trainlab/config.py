@@ -200,6 +200,10 @@ class AugmentationConfig:
     invert: float = 0.0  # probability of inverting each training image: W - x (W: 255; the digits' 16)
     blur_sigma: float = 0.0  # largest gaussian blur std in pixels: sigma uniform in [0.1, blur_sigma]; 0 = off
     cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
+    coarse_salt_p: float = 0.0  # probability that a cell becomes salt (white) or pepper (0), 1/2 each; 0 = off
+    # side in pixels of the square cells of coarse salt-and-pepper, from the top-left corner (border cells cut off);
+    # a whole number >= 1 (typed Any so that 2.5 gets trainlab's message and exit 2, not Hydra's type error)
+    coarse_salt_size: Any = 4
     noise_std: float = 0.0  # std of additive gaussian noise, in pixel levels (0-255 scale; digits are 0-16)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight per image; soft targets
     cutmix_alpha: float = 0.0  # Beta(alpha, alpha) sets the pasted box's area per image; soft targets
@@ -565,6 +569,13 @@ def _check_values(cfg: DictConfig) -> list[str]:
     for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
         check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
     check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
+    check(_is_number(aug.coarse_salt_p) and 0.0 <= aug.coarse_salt_p <= 1.0, "augmentation.coarse_salt_p",
+          aug.coarse_salt_p, "is the probability that a cell is replaced, in [0, 1] (0 = off), e.g. 0.1")
+    salt_size = aug.coarse_salt_size
+    check(isinstance(salt_size, int) and not isinstance(salt_size, bool) and salt_size >= 1,
+          "augmentation.coarse_salt_size", salt_size, "is the side of a cell in pixels, a whole number >= 1, e.g. 4"
+          + (f"; write it as augmentation.coarse_salt_size={int(salt_size)}"
+             if isinstance(salt_size, float) and salt_size.is_integer() and salt_size >= 1 else ""))
     check(aug.policy is None or aug.policy in AUGMENT_POLICIES, "augmentation.policy", aug.policy,
           f"choose one of {', '.join(AUGMENT_POLICIES)}, or null")
     check(aug.policy is None or data.get("loader") == "dataloader", "augmentation.policy", aug.policy,
