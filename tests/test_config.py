@@ -191,6 +191,32 @@ def test_wrongly_typed_values_are_named_before_anything_is_built(overrides, mess
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["normalization.momentum=0"], "normalization.momentum=0: is the weight of each new batch in the running "
+                                       "statistics, in (0, 1] (null: an equal-weight average of all batches); 0 would "
+                                       "keep them at mean 0, variance 1"),
+        (["regularization.ema_warmup=true"], "regularization.ema_warmup=True: ramps the decay of an EMA, and "
+                                             "regularization.ema_decay is null (no EMA)"),
+        (["regularization.swa_lr=0.5"], "regularization.swa_lr=0.5: is the lr of the SWA epochs, and "
+                                        "regularization.swa_start is null (no SWA)"),
+        (["model=cnn", "normalization.name=none"],
+         "normalization.name=none: an option of normalization is chosen as normalization=none (the config group, "
+         "which brings that option's keys); normalization.name= renames the option composed and keeps its keys "
+         "(normalization.momentum, normalization.eps). Write normalization=none"),
+    ],
+    ids=["norm-momentum-0", "ema-warmup-alone", "swa-lr-alone", "norm-name"],
+)
+def test_values_that_would_do_nothing_or_harm_silently_are_refused(overrides, message):
+    """Each ran with exit 0: momentum 0 froze the running statistics (val/loss 1.52 against 0.11), the other two
+    changed nothing; normalization.name=none was refused naming keys the user never typed."""
+    with pytest.raises(ConfigError, match="invalid config") as error:
+        validate(compose_cfg(overrides))
+    assert message in str(error.value)
+    assert len(str(error.value).splitlines()) == 2  # that one problem alone
+
+
 def test_a_wrong_kind_only_where_the_default_says_what_is_right():
     validate(compose_cfg(["optimizer=adam", "optimizer.betas=[0.8,0.99]", "optimizer.lr=1", "+optimizer.foreach=true",
                           "normalization.momentum=null"]))  # a whole number is a number; foreach's default is null

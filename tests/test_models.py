@@ -472,3 +472,18 @@ def test_model_knobs_compose():
         build_model(compose_cfg(["normalization=instance"]), (1, 8, 8), 10)
     with pytest.raises(ConfigError, match="normalization=none with model=torchvision"):
         build_model(compose_cfg(["model=torchvision", "normalization=none"]), (1, 8, 8), 10)
+
+
+def test_torchvision_batch_norms_take_normalization_momentum_and_eps():
+    """They kept torch's 0.1 and 1e-5 whatever the config said, and the run exited 0."""
+    model = TorchvisionModel("resnet18", input_shape=(3, 32, 32), num_classes=4,
+                             norm={"name": "batch", "momentum": 0.5, "eps": 1e-3})
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all((m.momentum, m.eps) == (0.5, 1e-3) for m in norms)
+
+
+def test_dropout_on_a_linear_model_is_warned_of_and_normalization_named_absent(caplog):
+    caplog.set_level("WARNING", logger="trainlab")
+    model = MLP([], input_shape=(1, 8, 8), num_classes=10, norm=BATCH, dropout=0.5)
+    assert not any(isinstance(m, (nn.Dropout, nn.BatchNorm1d)) for m in model.modules())
+    assert "regularization.dropout=0.5 with model.hidden=[]: a linear model has no hidden layer to drop out of" in caplog.text

@@ -329,7 +329,7 @@ def test_console_off_a_terminal_is_plain_text(tmp_path):
     assert "config" in result.stdout and "optimizer" in result.stdout and "max_epochs: 1" in result.stdout  # tree
     assert "monitoring: tensorboard True" in out and "epoch 1/1" in out
     table = re.sub(r"[\s│]", "", result.stdout)  # the table folds long paths over several rows
-    assert "bestval/loss" in table and f"tensorboard--logdir{run_dir}" in table
+    assert "val/lossatbestepoch" in table and "testedweightsbest.pt" in table and f"tensorboard--logdir{run_dir}" in table
 
 
 @pytest.mark.slow
@@ -418,3 +418,21 @@ def test_adagrad_run_logs_its_shrinking_effective_step_size(train_inprocess, tmp
     train_inprocess(["trainer.max_epochs=3", "optimizer=adagrad", "early_stopping.enabled=false"])
     sizes = [v for _, v in scalars(events(tmp_path / "run"))["lr_effective/all"]]
     assert len(sizes) == 3 and sizes[0] > sizes[1] > sizes[2] > 0
+
+
+def test_the_final_table_names_the_tested_weights_and_the_best_epochs_metrics_as_such():
+    """With SWA the test rows came from swa.pt under the best epoch's rows, and "best val/loss" under a val/acc
+    monitor was the loss at the best-accuracy epoch, not the lowest val/loss."""
+    from rich.console import Console
+
+    from trainlab.monitor import final_table
+
+    summary = {"status": "completed", "stop_reason": "reached trainer.max_epochs=4", "best_epoch": 3, "epochs_run": 4,
+               "best": {"epoch": 3, "val/acc": 0.99, "val/loss": 0.2}, "swa": {"epochs_averaged": 2,
+               "val/loss": 0.09, "val/acc": 0.985}, "test": {"test/loss": 0.1, "test/acc": 0.97},
+               "tested_weights": "swa.pt", "wall_time_s": 1.0, "device": "cpu", "run_dir": "/runs/a"}
+    console = Console(width=200, record=True, color_system=None)
+    console.print(final_table(summary))
+    shown = " ".join(console.export_text().replace("│", " ").split())
+    assert "best epoch 3 of 4 run val/acc at best epoch 0.9900 val/loss at best epoch 0.2000" in shown
+    assert "SWA average (2 epochs) val/loss 0.0900 val/acc 0.9850 tested weights swa.pt test/loss 0.1000" in shown

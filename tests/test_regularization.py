@@ -122,6 +122,9 @@ def test_first_swa_epoch():
     assert first_swa_epoch(0.75, 4) == 4
     assert first_swa_epoch(0.75, 30) == 23
     assert first_swa_epoch(0.0, 5) == 1
+    # 0.29 x 100 is 28.999999999999996: averaging started at epoch 29, one early (and 0.29 and 0.30 two apart)
+    assert [first_swa_epoch(f, 100) for f in (0.29, 0.3, 0.57, 0.58)] == [30, 31, 58, 59]
+    assert first_swa_epoch(0.58, 50) == 30 and first_swa_epoch(0.299, 100) == 30
 
 
 def test_label_smoothing_reaches_the_training_loss(train_inprocess):
@@ -171,3 +174,13 @@ def test_swa_runs_at_its_lr_averages_the_last_epochs_and_recomputes_batch_norm(t
         for x, _ in run.train_batches:
             check(x)
     assert torch.allclose(check.state_dict()["2.running_mean"], swa["2.running_mean"], atol=1e-5)
+
+
+def test_an_swa_lr_far_from_the_optimizers_is_warned_of(train_inprocess, caplog):
+    """The preset's absolute 0.05 is 50x Adam's 1e-3: its SWA epochs wrecked the model that the run then tested."""
+    caplog.set_level("WARNING", logger="trainlab")
+    train_inprocess(["optimizer=adam", "regularization=swa", "trainer.max_epochs=2", "logger.tensorboard=false"])
+    assert "regularization.swa_lr=0.05 is 50x optimizer.lr=0.001: the SWA epochs train at that constant rate" in caplog.text
+    caplog.clear()
+    train_inprocess(["regularization=swa", "trainer.max_epochs=2", "logger.tensorboard=false"], name="sgd")
+    assert "swa_lr" not in caplog.text  # 0.05 against SGD's 0.1

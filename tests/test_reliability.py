@@ -299,7 +299,7 @@ def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, ca
 
 
 def test_a_run_that_stopped_early_continues_only_with_more_patience(tmp_path):
-    stalls = ["optimizer.lr=0", "early_stopping.patience=1", "trainer.max_epochs=5"]  # lr 0: nothing improves
+    stalls = ["early_stopping.min_delta=10", "early_stopping.patience=1", "trainer.max_epochs=5"]  # none improves by 10
     status, _, run = train(tmp_path, stalls, name="stalled")
     assert status == "stopped_early" and run.summary["epochs_run"] == 2
     last = tmp_path / "stalled" / "checkpoints" / "last.pt"
@@ -555,6 +555,18 @@ def test_a_resume_says_that_the_schedule_changed_and_the_lr_it_moves_to(tmp_path
     caplog.clear()
     train(tmp_path, ["trainer.max_epochs=2", f"checkpoint.resume={interrupted_run}"], name="same")
     assert "schedule differs" not in caplog.text
+
+
+def test_a_resume_with_another_early_stopping_monitor_is_refused(tmp_path, interrupted_run):
+    """The stopper's best (a val/loss) was compared with val/acc values, or a train/loss best with val/loss: the run
+    stopped early against the wrong number and best.pt stayed at the old metric's epoch."""
+    for overrides, change in ((["early_stopping.monitor=val/acc"], "early_stopping.monitor=val/loss (here: val/acc), "
+                                                                  "early_stopping.mode=min (here: max)"),
+                              (["early_stopping.monitor=train/loss"], "early_stopping.monitor=val/loss (here: "
+                                                                      "train/loss)")):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2", *overrides, f"checkpoint.resume={interrupted_run}"])
+        assert (status, code) == ("failed", 2)
+        assert f"was trained with {change}: its best value, best.pt and patience count" in run.summary["error"]
 
 
 def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, interrupted_run):

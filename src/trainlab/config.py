@@ -303,9 +303,28 @@ def _unknown_keys(cfg: DictConfig) -> list[str]:
             continue
         node = cfg[name]
         known = _known_keys(str(name), node)
-        if known is not None:
-            problems += [_unknown(f"{name}.{key}", [f"{name}.{k}" for k in known]) for key in node if key not in known]
+        if known is None:
+            continue
+        unknown = [key for key in node if key not in known]
+        if unknown and _renamed_option(str(name), node, unknown):
+            chosen = node["name"]
+            problems.append(f"{name}.name={chosen}: an option of {name} is chosen as {name}={chosen} (the config "
+                            f"group, which brings that option's keys); {name}.name= renames the option composed and "
+                            f"keeps its keys ({', '.join(f'{name}.{k}' for k in unknown)}). Write {name}={chosen}")
+            continue
+        problems += [_unknown(f"{name}.{key}", [f"{name}.{k}" for k in known]) for key in unknown]
     return problems
+
+
+def _renamed_option(group: str, node: Any, unknown: list[str]) -> bool:
+    """Whether `group.name=` was set to another option file's name: the node holds exactly the keys of another option
+    file of the group (the one composed), some of which the named option does not know."""
+    name = node.get("name") if OmegaConf.is_dict(node) else None
+    if not isinstance(name, str) or not (CONF_DIR / group / f"{name}.yaml").is_file():
+        return False
+    keys = set(node) | {"defaults"}  # exactly the keys of another option file: the one composed
+    return any(set(OmegaConf.load(path)) | {"defaults"} == keys
+               for path in (CONF_DIR / group).glob("*.yaml") if path.stem != name)
 
 
 def _unknown(key: str, known: Any) -> str:
@@ -525,14 +544,21 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(reg.swa_start is None or 0.0 <= reg.swa_start < 1.0, "regularization.swa_start", reg.swa_start,
           "is a fraction of the run in [0, 1), or null for off")
     check(reg.swa_lr > 0, "regularization.swa_lr", reg.swa_lr, "must be > 0")
+    check(not reg.ema_warmup or reg.ema_decay is not None, "regularization.ema_warmup", reg.ema_warmup,
+          "ramps the decay of an EMA, and regularization.ema_decay is null (no EMA); set it (e.g. 0.999) or use "
+          "regularization=ema")
+    check(reg.swa_start is not None or reg.swa_lr == RegularizationConfig.swa_lr, "regularization.swa_lr",
+          reg.swa_lr, "is the lr of the SWA epochs, and regularization.swa_start is null (no SWA); set it (e.g. "
+          "0.75) or use regularization=swa")
     norm, init = cfg.normalization, cfg.initialization
     if "eps" in norm:
         check(_is_number(norm.eps) and norm.eps > 0, "normalization.eps", norm.eps, "must be a number > 0, e.g. 1e-5")
     if "momentum" in norm:
         momentum = norm.momentum
-        check(momentum is None or (_is_number(momentum) and 0 <= momentum <= 1), "normalization.momentum", momentum,
-              "is the weight of each new batch in the running statistics, in [0, 1] (null: an "
-              "equal-weight average of all batches)")
+        check(momentum is None or (_is_number(momentum) and 0 < momentum <= 1), "normalization.momentum", momentum,
+              "is the weight of each new batch in the running statistics, in (0, 1] (null: an "
+              "equal-weight average of all batches); 0 would keep them at mean 0, variance 1, and every evaluation "
+              "would normalise with those")
     if "num_groups" in norm:
         check(isinstance(norm.num_groups, int) and not isinstance(norm.num_groups, bool) and norm.num_groups >= 1,
               "normalization.num_groups", norm.num_groups, "must be a whole number >= 1 that divides every layer width")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -12,6 +13,8 @@ from torch import nn
 
 from trainlab.config import ConfigError
 from trainlab.layers import ACTIVATIONS, NORMS, make_activation, make_norm  # noqa: F401  (part of this API)
+
+log = logging.getLogger("trainlab")
 
 
 class MLP(nn.Sequential):
@@ -31,6 +34,9 @@ class MLP(nn.Sequential):
         if not isinstance(hidden, (list, tuple)) or not all(_whole(w) and w >= 1 for w in hidden):
             raise ConfigError(f"model.hidden={hidden!r}: give the hidden layers' widths as a list of whole numbers "
                               ">= 1, e.g. [256, 256], or [] for a linear model")
+        if not hidden and dropout > 0:
+            log.warning(f"regularization.dropout={dropout:g} with model.hidden=[]: a linear model has no hidden layer "
+                        "to drop out of, so dropout does nothing (nor does normalization)")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for out in hidden:
@@ -201,6 +207,9 @@ class TorchvisionModel(nn.Module):
             self.net.maxpool = nn.Identity()
         else:
             _set_input_channels(self.net, channels)
+        for module in self.net.modules():  # the architecture's own batch norms take normalization.momentum and eps
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum, module.eps = norm.get("momentum", module.momentum), norm.get("eps", module.eps)
         self._check_input_size(input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

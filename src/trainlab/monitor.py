@@ -446,9 +446,15 @@ def final_table(summary: dict[str, Any]) -> Table:
 
     rows = [("status", summary["status"]), ("stop reason", summary.get("stop_reason") or "-")]
     best = summary.get("best") or {}
-    if best:
+    if best:  # the epoch early_stopping.monitor chose, and its metrics (not each metric's own best)
         rows.append(("best epoch", f"{summary['best_epoch']} of {summary['epochs_run']} run"))
-        rows += [(f"best {key}", fmt(value)) for key, value in best.items() if key != "epoch"]
+        rows += [(f"{key} at best epoch", fmt(value)) for key, value in best.items() if key != "epoch"]
+    swa = summary.get("swa")
+    if swa:
+        rows.append((f"SWA average ({swa['epochs_averaged']} epochs)",
+                     f"val/loss {fmt(swa['val/loss'])}  val/acc {fmt(swa['val/acc'])}"))
+    if summary.get("test"):
+        rows.append(("tested weights", summary.get("tested_weights", "-")))
     rows += [(key, fmt(value)) for key, value in (summary.get("test") or {}).items()]
     snapshots = summary.get("snapshot_ensemble")
     if snapshots:

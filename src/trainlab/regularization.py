@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -105,4 +106,4 @@ def swa_model(model: nn.Module) -> AveragedModel:
 
 def first_swa_epoch(swa_start: float, max_epochs: int) -> int:
     """The first (1-based) epoch averaged when averaging starts after a fraction swa_start of the run."""
-    return int(swa_start * max_epochs) + 1
+    return math.floor(round(swa_start * max_epochs, 9)) + 1  # 0.29 x 100 is 28.999999999999996 in floating point

@@ -66,10 +66,12 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     """Announce once what was built: the resolved config as a tree, then one line per part."""
     Console().print(config_tree(cfg))
     n_params = sum(p.numel() for p in model.parameters())
+    has_norm = any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
     log.info(f"data: {data.name}  {data.sizes}  "
              f"input {list(data.input_shape)}  classes {data.num_classes}")
     log.info(f"model: {type(model).__name__} {_knobs(cfg.model)}  {n_params:,} parameters  "
-             f"normalization={cfg.normalization.name}  initialization={cfg.initialization.name}")
+             f"normalization={cfg.normalization.name}{'' if has_norm or cfg.normalization.name == 'none' else ' (no layer to normalize)'}"
+             f"  initialization={cfg.initialization.name}")
     scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups)  # finetune: the groups' own rates
     groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params "
                        + (f"lr {g['lr']:g} " if scaled else "")
@@ -223,6 +225,11 @@ class Run:
             agree=functools.partial(distributed.all_true, device=self.device) if self.ranks.active else None)
         self.ema = ema_model(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay is not None else None
         self.swa = swa_model(model) if reg.swa_start is not None else None
+        ratio = float(reg.swa_lr) / float(self.cfg.optimizer.lr)
+        if self.swa is not None and not 0.05 <= ratio <= 5:  # the preset's 0.05 suits SGD at 0.1, not Adam at 1e-3
+            log.warning(f"regularization.swa_lr={reg.swa_lr:g} is {ratio:.3g}x optimizer.lr={self.cfg.optimizer.lr:g}: "
+                        "the SWA epochs train at that constant rate, and their average is what the run tests; "
+                        "SWA's rate is usually of the order of the optimizer's (set regularization.swa_lr)")
         self.swa_first_epoch = (first_swa_epoch(reg.swa_start, self.cfg.trainer.max_epochs)
                                 if reg.swa_start is not None else None)
         self.parts = StepParts(
@@ -509,6 +516,14 @@ class Run:
         it stopped early and early stopping would stop it again. A finished run continues when those allow more
         epochs (training on past the old end, with the schedule stretched to the new trainer.max_epochs)."""
         epoch, max_epochs = state["epoch"], self.cfg.trainer.max_epochs
+        saved_stopper = state.get("early_stopping", {})
+        changed = [f"early_stopping.{key}={saved_stopper[key]} (here: {getattr(self.stopper, key)})"
+                   for key in ("monitor", "mode") if key in saved_stopper and saved_stopper[key] != getattr(self.stopper, key)]
+        if changed:  # its best value, patience count and best.pt (and plateau's record) are of that metric
+            raise ConfigError(f"checkpoint.resume={path} was trained with {', '.join(changed)}: its best value, best.pt "
+                              "and patience count belong to that metric (and plateau's, which follows it); resume "
+                              "with the monitor it was trained with, or start a new run (finetune.weights= takes "
+                              "its weights)")
         if epoch >= max_epochs:
             raise ConfigError(f"checkpoint.resume={path}: that run already finished {epoch} epochs "
                               f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to train further, or drop "
