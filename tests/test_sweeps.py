@@ -356,7 +356,7 @@ def test_an_interrupted_job_stops_the_sweep_with_its_exit_code(tmp_path):
 
     def interrupted(cfg, run_dir, overrides):
         ran.append(run_dir)
-        return "interrupted", 143, SimpleNamespace(summary={"status": "interrupted"})
+        return "interrupted", 143, SimpleNamespace(summary={"status": "interrupted"}, started=True)
 
     with pytest.raises(SystemExit) as stop:
         run_sweep_job(cfg, tmp_path / "0_seed=0", ["seed=0"], interrupted)
