@@ -317,3 +317,15 @@ def test_a_refused_run_in_a_directory_that_holds_one_writes_nothing_there(tmp_pa
     result = run_cli([*again, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2 and f"{run_dir} already holds a run (metrics.csv" in result.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args, key", [(["trainer.max_epochs=1"], "hydra.run.dir"),
+                                       (["-m", "seed=0,1", "trainer.max_epochs=1"], "hydra.sweep.dir")])
+def test_a_run_or_sweep_directory_that_cannot_be_made_exits_2_with_one_line(tmp_path, args, key):
+    """Hydra made it and failed with a traceback, exit 1."""
+    (tmp_path / "afile").write_text("")
+    where = tmp_path / "afile" / "out"
+    result = run_cli([*args, f"{key}={where}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"train: cannot make the directory {where} (Not a directory); choose another {key}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -321,6 +321,37 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path):
     assert cache_file.stat().st_size > 1000
 
 
+def test_image_folder_reads_16_bit_images_as_8_bit_levels_not_clipped_white(tmp_path):
+    """PIL's convert clips 16-bit levels at 255: a 16-bit gradient came out 99.6 % white."""
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(gradient).save(tmp_path / "imgs" / name / f"{i}.png")
+    images, _ = datasets.decode_images([(tmp_path / "imgs" / "a" / "0.png", 0)], 16, 1)
+    assert torch.equal(images[0, 0], torch.from_numpy((gradient >> 8).astype(np.uint8)))
+    rgb, _ = datasets.decode_images([(tmp_path / "imgs" / "a" / "0.png", 0)], 16, 3)
+    assert torch.equal(rgb[0, 1], images[0, 0]) and rgb.float().mean() == pytest.approx(127.5, abs=1)
+
+
+def test_a_stop_signal_while_the_cache_is_read_stops_the_run_not_the_cache(tmp_path, monkeypatch):
+    """Ctrl-C while the image cache loaded was taken for a damaged cache: decoded again, trained on, exit 0."""
+    from trainlab import faults
+
+    write_image_folder(tmp_path / "imgs")
+    cfg = data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=tmp_path / "cache")
+    data.build_data(cfg)
+
+    def interrupted(*args, **kwargs):
+        raise faults.Interrupted(2, "start-up, before training began")
+
+    monkeypatch.setattr(torch, "load", interrupted)
+    with pytest.raises(faults.Interrupted):
+        data.build_data(cfg)
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     ("corrupt", r"cannot read the image .*dog/003\.jpg"),
     ("empty_class", r"the class folder .*fox holds no images"),
@@ -329,6 +360,9 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path):
     ("mismatch", r"train/ and test/ have different class folders"),
     ("train_only", r"holds train/ but no test/; add .*imgs/test with the same class folders, or give "
                    r"data.path=.*imgs/train"),
+    # train/ and val/ became the two classes "train" and "val", silently
+    ("train_val", r"holds train/ and val/ but no test/; rename val/ to test/ to test on it \(the validation split is "
+                  r"taken from train/ by data.val_fraction\), or add .*imgs/test"),
 ])
 def test_image_folder_bad_input_is_a_clear_error(tmp_path, damage, message):
     root = tmp_path / "imgs"
@@ -336,6 +370,9 @@ def test_image_folder_bad_input_is_a_clear_error(tmp_path, damage, message):
         write_image_folder(root, classes=("cat",))
     elif damage == "train_only":
         write_image_folder(root / "train")
+    elif damage == "train_val":
+        write_image_folder(root / "train")
+        write_image_folder(root / "val")
     elif damage == "mismatch":
         write_image_folder(root / "train")
         write_image_folder(root / "test", classes=("cat", "dog"))

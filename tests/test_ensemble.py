@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,25 @@ def test_each_member_scores_as_its_own_test_and_the_mean_is_never_worse_in_loss(
     assert len({m.loss for m in result.members}) == 3  # the seeds made different models
 
 
-def test_a_run_with_itself_is_that_run(seeds):
+def test_a_run_with_a_copy_of_itself_is_that_run(seeds, tmp_path):
     one = seeds / "1_seed=1"
-    result = ensemble.ensemble([one, one])
+    shutil.copytree(one, tmp_path / "copy")
+    result = ensemble.ensemble([one, tmp_path / "copy"])
     assert (result.loss, result.acc) == pytest.approx((result.members[0].loss, result.members[0].acc), abs=1e-12)
+
+
+def test_a_member_given_twice_counts_once_and_a_damaged_summary_is_read_as_untested(seeds, tmp_path, capsys):
+    """A sweep plus one of its jobs gave that job twice the weight in the mean (5 members of 4 runs), silently; a
+    truncated summary.json (a kill while it was written) gave a JSONDecodeError traceback."""
+    whole = ensemble.ensemble([seeds])
+    again = ensemble.ensemble([seeds, seeds / "0_seed=0", seeds / "0_seed=0"])
+    assert [m.run_dir.name for m in again.members] == [m.run_dir.name for m in whole.members]
+    assert (again.loss, again.acc) == (whole.loss, whole.acc)
+    assert "2 member(s) given more than once, counted once" in capsys.readouterr().err
+    damaged = tmp_path / "sweep"
+    shutil.copytree(seeds, damaged)
+    (damaged / "2_seed=2" / "summary.json").write_text('{"status": "compl')
+    assert [m.weights.name for m in ensemble.ensemble([damaged]).members] == ["best.pt"] * 3
 
 
 def test_the_command_prints_the_table_and_writes_the_csv(seeds, tmp_path, capsys):
@@ -101,8 +117,9 @@ def test_relative_data_paths_are_read_from_the_directory_the_run_was_trained_in(
     OmegaConf.save({"hydra": {"runtime": {"cwd": str(lab)}}}, run / ".hydra" / "hydra.yaml")  # as Hydra writes it
     cached = listing(lab / ("decoded" if cache else "data/cache"))
     assert len(cached) == 1
+    shutil.copytree(run, lab / "twin")  # a second member (the same run given twice counts once)
     monkeypatch.chdir(elsewhere)
-    result = ensemble.ensemble([run, run])
+    result = ensemble.ensemble([run, lab / "twin"])
     tested = json.loads((run / "summary.json").read_text())["test"]
     assert result.members[0].acc == pytest.approx(tested["test/acc"], abs=1e-7)
     assert result.examples == 5  # 0.2 of the 24 images

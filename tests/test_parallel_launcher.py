@@ -172,3 +172,30 @@ def test_a_refused_resume_leaves_the_jobs_hydra_record_as_it_was(tmp_path, launc
     result = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
     assert result.returncode == 1 and "was trained with Adam" in (job / "train.log").read_text()
     assert {p.name: p.read_bytes() for p in (job / ".hydra").iterdir()} == record
+
+
+@pytest.mark.slow  # 10-20 s
+def test_ctrl_c_while_a_job_process_starts_stops_the_sweep(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: a job process still starting (not yet in a group of its
+    own) died of it, and the launcher then blocked forever in process.start(), writing the rest of the job's payload
+    (only kill -9 ended it). The stop signals are now blocked while a job process starts."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in JOB if not a.startswith("hydra.launcher.n_jobs=")]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "output.txt").open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "trainlab", "-m", *args, "hydra.launcher.n_jobs=2",
+                                    "seed=0,1,2,3", f"trainer.max_epochs={LONG}", f"hydra.sweep.dir={sweep}"],
+                                   cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "#1 (slot 1)" not in (tmp_path / "output.txt").read_text():
+            assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "output.txt").read_text()
+            time.sleep(0.02)
+        time.sleep(0.05)  # the second job's process is starting: spawned, not yet in its own group
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=90) == 130, (tmp_path / "output.txt").read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

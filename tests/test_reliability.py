@@ -317,7 +317,9 @@ def test_resume_refuses_weights_only_a_directory_and_a_file_that_is_no_checkpoin
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     (tmp_path / "hello.txt").write_text("hello\n")  # reached the unpickler's internals: KeyError, not a message
     (tmp_path / "metrics.csv").write_text("epoch,step\n1,10\n")  # likewise, IndexError
+    torch.save({k: v for k, v in checkpoint.load(interrupted_run).items() if k != "model"}, tmp_path / "edited.pt")
     for target, message in ((best, "holds weights only, not a training state"), (tmp_path, "is a directory"),
+                            (tmp_path / "edited.pt", "is not a trainlab training state: it lacks model"),  # KeyError
                             (tmp_path / "notes.pt", "is corrupted or not a checkpoint"),
                             (tmp_path / "hello.txt", "is corrupted or not a checkpoint"),
                             (tmp_path / "metrics.csv", "is corrupted or not a checkpoint")):
@@ -428,6 +430,15 @@ def test_interval_check_is_sync_free_and_still_saves_no_non_finite_weights(tmp_p
     assert "step 23" in run.summary["stop_reason"]
     last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["step"] == 20 and all_finite(last)  # the step-25 checkpoint was refused: it would hold NaN
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_so(tmp_path, monkeypatch, caplog):
+    """It said "checkpoints keep the last finite state (last.pt, best.pt)" with no checkpoint written."""
+    poison_loss(monkeypatch, {3}, "nan")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=2", "trainer.device=cpu"])
+    assert (status, code) == ("diverged", 3) and not list((tmp_path / "run").glob("checkpoints/*.pt"))
+    assert "no checkpoint was written before it (it diverged in its first epoch)" in caplog.text
+    assert "checkpoints keep the last finite state" not in caplog.text
 
 
 @pytest.mark.parametrize("check, policy, mode", [("auto", "stop", "interval"), ("auto", "skip", "step"),

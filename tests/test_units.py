@@ -1089,3 +1089,22 @@ def test_validate_reports_unresolvable_interpolation_as_config_error(cfg, monkey
     cfg.trainer.device = "${oc.env:TRAINLAB_UNSET_DEVICE}"
     with pytest.raises(ConfigError):
         validate(cfg)
+
+
+@pytest.mark.parametrize("run_dir", ["/tmp/outputs/runs/2026-12-01_06-38-25.561557_optimizer=adam,seed=1",
+                                     "/tmp/it's here/run [1]", "/tmp/plain/run"])
+def test_the_printed_resume_command_parses_back_to_the_same_directory(run_dir):
+    """Default run directories hold `=` and `,`: the command a stopped run printed was refused by Hydra's grammar
+    ("mismatched input '='"), and a `,` would have made the resume a sweep."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainlab.run import resume_command
+
+    command = resume_command(["optimizer=adam", "seed=1"], pathlib.Path(run_dir))
+    words = shlex.split(command)
+    assert words[:3] == ["train", "optimizer=adam", "seed=1"] and words[-1] == "checkpoint.resume=auto"
+    (parsed,) = OverridesParser.create().parse_overrides([words[3]])
+    assert parsed.key_or_group == "hydra.run.dir" and parsed.value() == run_dir
+    assert (words[3] == f"hydra.run.dir={run_dir}") == (run_dir == "/tmp/plain/run")  # quoted only when needed

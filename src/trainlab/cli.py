@@ -103,6 +103,16 @@ def _remove(directory: Path, default: str) -> None:
 _RECORD: dict[Path, dict[str, bytes]] = {}
 
 
+def make_directory(path: Path, key: str) -> None:
+    """Make the run or sweep directory (Hydra would, next, with a traceback when it cannot): exit 2 naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"train: cannot make the directory {path} ({error.strerror or error}); choose another {key}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def keep_record(run_dir: Path) -> None:
     """Keep the Hydra record of `run_dir` as it is now (nothing when it has none, or was kept already)."""
     record = run_dir / ".hydra"
@@ -138,6 +148,7 @@ class FreshRunDirectory(Callback):
         if problem is not None:
             print(f"train: {problem}", file=sys.stderr)
             sys.exit(2)
+        make_directory(run_dir, "hydra.run.dir")
         keep_record(run_dir)
 
 

@@ -8,6 +8,7 @@ import functools
 import inspect
 import math
 import re
+import shlex
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,19 @@ def register_configs() -> None:
         store.store(name=name, node=node)
     if not OmegaConf.has_resolver("trainlab.slug"):
         OmegaConf.register_new_resolver("trainlab.slug", slug)
+
+
+HYDRA_SPECIAL = re.compile(r"[\s=,\[\]{}()'\"\\]")  # what Hydra's override grammar reads as structure, not text
+
+
+def shell_override(key: str, value: Any) -> str:
+    """`key=value` to paste into a shell: the value quoted for Hydra's override grammar when it holds characters the
+    grammar gives meaning to (a default run directory's name has `=` and `,`: unquoted, Hydra refused the command
+    a stopped run printed), then the whole for the shell."""
+    text = str(value)
+    if HYDRA_SPECIAL.search(text):
+        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return shlex.quote(f"{key}={text}")
 
 
 def slug(overrides: str, limit: int = 120) -> str:

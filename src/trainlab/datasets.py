@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,6 +261,7 @@ def decode_images(files: list[tuple[Path, int]], size: int, channels: int) -> Im
     for i, (path, _) in enumerate(files):
         try:
             with Image.open(path) as image:
+                image = _eight_bit(image, path)
                 image = image.convert(mode)
                 if image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BILINEAR)
@@ -269,6 +271,23 @@ def decode_images(files: list[tuple[Path, int]], size: int, channels: int) -> Im
                               "replace or remove the file") from None
         images[i] = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
     return images, torch.tensor([label for _, label in files], dtype=torch.long)
+
+
+def _eight_bit(image: Any, path: Path) -> Any:
+    """16-bit grey levels (PIL modes I;16*, and I within 0-65535) as 8-bit "L": PIL's convert clips them at 255, so a
+    16-bit image came out nearly white. Floating-point pixels have no range to scale by: refused."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ConfigError(f"data.path: the image {path} has floating-point pixels (PIL mode F), whose range is "
+                          "unknown; convert the images to 8 or 16 bits")
+    if not image.mode.startswith("I"):
+        return image
+    levels = np.asarray(image).astype(np.int64)
+    if levels.min() < 0 or levels.max() > 65535:
+        raise ConfigError(f"data.path: the image {path} has 32-bit integer pixels outside 0-65535; convert the images "
+                          "to 8 or 16 bits")
+    return Image.fromarray((levels >> 8).astype(np.uint8), mode="L")
 
 
 def cache_key(root: Path, files: list[tuple[Path, int]], size: int, channels: int) -> str:
@@ -292,12 +311,17 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
     trees = {"train": root / "train", "test": root / "test"}
     if not all(t.is_dir() for t in trees.values()):
         one = next((split for split, tree in trees.items() if tree.is_dir()), None)
-        others = [d for d in root.iterdir() if d.is_dir() and d.name not in trees and not d.name.startswith(".")]
-        if one is not None and not others:
+        others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in trees
+                        and not d.name.startswith("."))
+        if one is not None:  # a split layout (train/ with val/, say) whose folders would otherwise become the classes
             missing = "test" if one == "train" else "train"
-            raise ConfigError(f"data.path={cfg.path}: holds {one}/ but no {missing}/; add {root / missing} with the "
-                              f"same class folders, or give data.path={root / one} (its class folders are then split "
-                              "by data.test_fraction)")
+            besides = f" and {', '.join(o + '/' for o in others)}" if others else ""
+            rename = (f"rename {others[0]}/ to {missing}/ to {'test on it' if missing == 'test' else 'train on it'} "
+                      "(the validation split is taken from train/ by data.val_fraction), or "
+                      if len(others) == 1 else "")
+            raise ConfigError(f"data.path={cfg.path}: holds {one}/{besides} but no {missing}/; {rename}add "
+                              f"{root / missing} with the same class folders, or give data.path={root / one} (its class "
+                              "folders are then split by data.test_fraction)")
         trees = {"train": root}
     scanned = {split: scan_tree(tree) for split, tree in trees.items()}
     classes = scanned["train"][0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
         if not jobs:
             raise ConfigError(f"{path}: neither a run directory (.hydra/config.yaml) nor a sweep of them")
         found += [(job, w) for job in jobs for w in _last(job, _weights(job, which), last)]
+    unique = list({(run_dir.resolve(), weights.resolve()): (run_dir, weights) for run_dir, weights in found}.values())
+    if len(unique) < len(found):  # a run given twice (or a sweep and one of its jobs) would weigh twice in the mean
+        print(f"trainlab ensemble: {len(found) - len(unique)} member(s) given more than once, counted once",
+              file=sys.stderr)
+        found = unique
     if len(found) < 2:
         what = "snapshots" if which == "snapshots" else f"runs with {which} weights"
         raise ConfigError(f"an ensemble needs at least 2 {what}; found {len(found)} in {', '.join(map(str, paths))}")
@@ -95,8 +101,11 @@ def _weights(run_dir: Path, which: str) -> list[Path]:
     if which == "snapshots":
         return [path for _, path in checkpoint.snapshots(run_dir / "checkpoints")]
     if which == "tested":
-        summary = run_dir / "summary.json"
-        tested = json.loads(summary.read_text()).get("tested_weights") if summary.is_file() else None
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):  # none, or damaged (a kill while it was written): best.pt, as before a test
+            summary = None
+        tested = summary.get("tested_weights") if isinstance(summary, dict) else None
         which = Path(tested).stem if tested else "best"
     path = run_dir / "checkpoints" / f"{which}.pt"
     return [path] if path.is_file() else []

@@ -25,8 +25,10 @@ NONFINITE_POLICIES = ("stop", "skip")
 NONFINITE_CHECKS = ("auto", "step", "interval")
 
 
-class Interrupted(Exception):
-    """A stop signal arrived and the run saved last.pt: it ends with status interrupted."""
+class Interrupted(BaseException):
+    """A stop signal arrived and the run saved last.pt (or, at start-up, had nothing to save): it ends with status
+    interrupted. A BaseException, as KeyboardInterrupt: raised from a signal handler wherever start-up is, it must pass
+    the `except Exception` of what it interrupts (a damaged cache's fallback took it for a bad file and trained on)."""
 
     def __init__(self, signum: int, where: str):
         self.signum, self.where = signum, where

@@ -26,11 +26,12 @@ from rich.console import Console
 from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
-from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, validate
+from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, shell_override, validate
 from trainlab.data import batch_size_at, build_data, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
+from trainlab.files import write_text_atomic
 from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import TorchvisionModel, build_model
@@ -399,6 +400,11 @@ class Run:
         if "optimizer" not in state:
             raise ConfigError(f"checkpoint.resume={path} holds weights only, not a training state to continue; "
                               f"resume from the run's checkpoints/last.pt")
+        lacking = [key for key in ("model", "scheduler", "scaler", "epoch", "step", "early_stopping", "rng")
+                   if key not in state]
+        if lacking:  # a hand-edited or foreign file with a format_version: a KeyError traceback further on
+            raise ConfigError(f"checkpoint.resume={path} is not a trainlab training state: it lacks "
+                              f"{', '.join(lacking)}; resume from the run's checkpoints/last.pt")
         self.check_continuable(path, state)
         self.check_same_data(path, state)
         own = self.own_streams(path, state)
@@ -569,7 +575,9 @@ class Run:
                     break
         except faults.Diverged as error:
             status, reason = "diverged", f"non-finite training step: {error}"
-            log.error(f"{reason}; checkpoints keep the last finite state (last.pt, best.pt)")
+            kept = [name for name in ("last.pt", "best.pt") if (self.ckpt_dir / name).is_file()]
+            log.error(f"{reason}; " + (f"checkpoints keep the last finite state ({', '.join(kept)})" if kept else
+                                       "no checkpoint was written before it (it diverged in its first epoch)"))
         self.summary.update(status=status, stop_reason=reason)
         self.finish_swa()
         self.test_snapshots()
@@ -775,7 +783,7 @@ def resume_command(overrides: list[str], run_dir: Path, processes: int = 1) -> s
     kept = [shlex.quote(o) for o in overrides if not o.startswith(("checkpoint.resume=", "hydra.run.dir="))]
     command = ["train"] if processes == 1 else ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m",
                                                 "trainlab"]
-    return " ".join([*command, *kept, shlex.quote(f"hydra.run.dir={run_dir}"), "checkpoint.resume=auto"])
+    return " ".join([*command, *kept, shell_override("hydra.run.dir", run_dir), "checkpoint.resume=auto"])
 
 
 def execute(cfg: DictConfig, run_dir: Path, overrides: list[str], live: bool = False,
@@ -873,7 +881,7 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if run.ranks.main and (run.started or not earlier_summary):
-        (run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2, default=str) + "\n")
+        write_text_atomic(run_dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
     if run.ranks.main and run.started:
         Console().print(final_table(run.summary))
     return status, EXIT_CODES[status] if code is None else code, run

@@ -14,7 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainlab.config import ConfigError, monitor_mode
+from trainlab.config import ConfigError, monitor_mode, shell_override
+from trainlab.files import write_text_atomic
 
 log = logging.getLogger("trainlab")
 
@@ -123,7 +124,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
         if status == "interrupted" or code in STOPPED_CODES:
             state = "its last.pt is saved" if status == "interrupted" else f"it finished first: {status}"
             log.warning(f"sweep interrupted in {run_dir.name} ({state}); continue the sweep with the same "
-                        f"command plus hydra.sweep.dir={run_dir.parent} sweep.resume=true")
+                        f"command plus {shell_override('hydra.sweep.dir', run_dir.parent)} sweep.resume=true")
             sys.exit(code)
     if cfg.sweep.objective is None:
         return status
@@ -143,7 +144,7 @@ def _record_process(run_dir: Path) -> None:
 
     summary["process"] = {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
 
 class ReportCallback(Callback):
@@ -158,6 +159,9 @@ class ReportCallback(Callback):
         except ConfigError as error:
             log.error(str(error))
             sys.exit(2)  # before any job ran or any directory was made
+        from trainlab.cli import make_directory
+
+        make_directory(SWEEP_DIR[0], "hydra.sweep.dir")
         if config.sweep.resume:  # the jobs' records, before the basic launcher's run_job rewrites them
             from trainlab.cli import keep_record
 

@@ -158,6 +158,7 @@ def _child(connection: Connection, payload: bytes) -> None:
     os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C reaches the launcher alone, which passes it on once
     signals = _JobSignals()
     signals.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the launcher while it started this process
     code, ret = 0, None
     try:
         hydra_context, task_function, config, overrides, idx, singleton_state, launcher_pid = pickle.loads(payload)
@@ -264,9 +265,18 @@ class ParallelLauncher(Launcher):
                     payload = cloudpickle.dumps((self.hydra_context, self.task_function, self.config, list(overrides),
                                                  idx, Singleton.get_state(), os.getpid()))
                     receiver, sender = context.Pipe(duplex=False)
-                    with _environment(slots[slot]):
-                        process = context.Process(target=_child, args=(sender, payload), name=f"trainlab-job-{idx}")
-                        process.start()
+                    # The stop signals wait (blocked) while the job process starts: until it joins its own process
+                    # group, a terminal's Ctrl-C reaches it too, and one that died then left process.start() blocked
+                    # forever writing the rest of its payload. The child inherits the mask and unblocks them once its
+                    # handlers are in place; here they are delivered after start returns.
+                    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                    try:
+                        with _environment(slots[slot]):
+                            process = context.Process(target=_child, args=(sender, payload),
+                                                      name=f"trainlab-job-{idx}")
+                            process.start()
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                     sender.close()  # the child holds the only write end: EOF on the receiver means it has exited
                     self.running[receiver] = _Job(idx, list(overrides), process, slot)
                     self._pass_on_stop()  # a signal that came while it started
@@ -359,12 +369,14 @@ class ParallelLauncher(Launcher):
     def _end_sweep_after_report(self, sweep_dir: Path) -> None:
         """Once Hydra's sweeper has the jobs' returns, trainlab's report callback writes the report and ends the
         sweep with 130 or 143 (not its 1 for jobs that did not complete: they were stopped)."""
+        from trainlab.config import shell_override
         from trainlab.sweep import STOPPED
 
         assert self.stop is not None
         _, code, why = self.stop
         STOPPED.update(code=code, message=f"sweep stopped ({why}); {self.not_started} job(s) not started. Continue "
-                                          f"the sweep with the same command plus hydra.sweep.dir={sweep_dir} "
+                                          f"the sweep with the same command plus "
+                                          f"{shell_override('hydra.sweep.dir', sweep_dir)} "
                                           "sweep.resume=true")
 
 
@@ -401,7 +413,9 @@ def _record_failure(job: _Job, reason: str) -> None:
     job.job_dir.mkdir(parents=True, exist_ok=True)
     summary = {"status": "failed", "stop_reason": reason, "error": reason, "overrides": job.overrides,
                "run_dir": str(job.job_dir), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    from trainlab.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _usable_cores() -> int:
