@@ -624,3 +624,9 @@ def test_a_run_stops_its_dataloader_workers_when_it_ends(train_inprocess):
     assert status == "completed"
     for loader in (run.train_batches, run.val_batches, run.test_batches):
         assert loader.loader._iterator is None  # persistent workers shut down, not left to garbage collection
+
+
+def test_a_data_path_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "one.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"data.path=.*one.jpg: is a file, not a directory"):
+        data.build_data(data_cfg("image_folder", path=tmp_path / "one.jpg", cache_dir="null"))

@@ -34,7 +34,7 @@ def test_a_search_whose_trials_all_fail_ends_with_the_report_and_exit_1(tmp_path
         output = result.stdout + result.stderr
         assert result.returncode == 1, (attempt, output)
         assert "Traceback" not in output and "Record does not exist" not in output
-        assert "2 of 2 jobs did not complete" in output and output.count(": failed (invalid config)") == 2
+        assert "2 of 2 jobs did not complete" in output and output.count(": failed (invalid config: trainer.max_epochs=0") == 2
         assert result.stdout.strip().splitlines()[-1].endswith(  # the last word
             "no trial succeeded: none of the 2 jobs gave sweep.objective=best/val/loss a value, so the search has no "
             "best parameters")

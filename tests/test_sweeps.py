@@ -55,12 +55,12 @@ def test_a_failing_job_does_not_stop_the_sweep_and_the_report_names_it(tmp_path)
     failed = next(name for name, s in jobs.items() if s["status"] == "failed")
     assert "data.batch_size=0" in jobs[failed]["error"]
     output = result.stdout + result.stderr
-    assert "1 of 3 jobs did not complete" in output and f"{failed}: failed (invalid config)" in output
+    assert "1 of 3 jobs did not complete" in output and f"{failed}: failed (invalid config: data.batch_size=0: must be at least 1)" in output
     rows = read_csv(sweep / "sweep_summary.csv")
     assert [r["status"] for r in rows] == ["completed", "completed", "failed"]  # ranked, the failure last
     assert [r["rank"] for r in rows] == ["1", "2", ""]
     assert float(rows[0]["val/loss"]) <= float(rows[1]["val/loss"])
-    assert rows[2]["reason"] == "invalid config"
+    assert rows[2]["reason"] == "invalid config: data.batch_size=0: must be at least 1"
     assert (sweep / "sweep_summary.md").read_text().count("| failed |") == 1
     assert (sweep / "sweep_val_loss.png").stat().st_size > 0
 
@@ -374,3 +374,13 @@ def test_report_tables_print_overrides_and_paths_as_they_are(tmp_path):
     out = console.export_text()
     assert "data.root=/d/[red]a" in out and "data.root=/d/[/b]" in out and f"{sweep}: 2 jobs ranked" in out
     assert f"in {sweep}" in out
+
+
+def test_a_job_refused_for_its_config_is_reported_with_what_was_refused(tmp_path):
+    """The sweep's list of failed jobs and the report's reason said only "invalid config"."""
+    job = tmp_path / "sweep" / "0_data.train_size=5"
+    job.mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps({
+        "status": "failed", "stop_reason": "invalid config",
+        "error": "invalid config:\n  - data.train_size=5: give at least 10"}))
+    assert report.read_job(job).reason == "invalid config: data.train_size=5: give at least 10"

@@ -306,7 +306,8 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
 
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"data.path={cfg.path}: no such directory ({root.resolve()}); give a folder of class "
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise ConfigError(f"data.path={cfg.path}: {what} ({root.resolve()}); give a folder of class "
                           "subfolders, or one with train/ and test/ subfolders of class subfolders")
     trees = {"train": root / "train", "test": root / "test"}
     if not all(t.is_dir() for t in trees.values()):

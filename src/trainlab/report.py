@@ -82,9 +82,17 @@ def read_job(path: Path) -> Job:
               if isinstance(v, (int, float)) and k != "epoch"}
     return Job(name=path.name, num=int(match.group(1)) if match else None, overrides=overrides,
                status=summary.get("status", "unfinished"),
-               reason=summary.get("stop_reason") if summary else "no summary.json: the job did not finish",
+               reason=_reason(summary) if summary else "no summary.json: the job did not finish",
                best_epoch=summary.get("best_epoch"), values=values, wall_time_s=summary.get("wall_time_s"),
                curve=_val_loss_curve(path / "metrics.csv"), monitor=_monitor(path / ".hydra" / "config.yaml"))
+
+
+def _reason(summary: dict[str, Any]) -> str | None:
+    """The job's stop reason; for a refused config, what was refused (its error), not only "invalid config"."""
+    reason, error = summary.get("stop_reason"), summary.get("error")
+    if reason == "invalid config" and isinstance(error, str) and error:
+        return " ".join(line.strip().lstrip("- ") for line in error.splitlines() if line.strip())
+    return reason
 
 
 def _key(override: str) -> str:
