@@ -47,6 +47,16 @@ def train_inprocess(tmp_path):
     return run
 
 
+@pytest.fixture
+def threads_restored():
+    """trainer.threads is process-wide: put the test process's count back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def signal_at_step(monkeypatch, signum: int, step: int) -> None:
     """A real signal to this process right after optimizer step `step` (before the run looks for one)."""
     import trainlab.run

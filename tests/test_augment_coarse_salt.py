@@ -165,14 +165,6 @@ def test_device_and_dataloader_paths_draw_the_same_distribution(white):
 # --- the preset, on the digits ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def threads_restored():
-    """trainer.threads is process-wide: put the test process's count back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
 def test_the_preset_trains_on_the_digits_with_salt_at_their_white_of_16(loader, train_inprocess, threads_restored):
     cfg = compose_cfg(["augmentation=coarse_salt"])

@@ -433,14 +433,6 @@ PRESETS = {"shear": dict(shear=15), "perspective": dict(perspective=0.5, perspec
            "sharpness": dict(sharpness=1.0), "gamma": dict(gamma=0.5), "invert": dict(invert=0.5)}
 
 
-@pytest.fixture
-def threads_restored():
-    """trainer.threads is process-wide: put the test process's count back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_sets_its_keys_and_trains_two_steps_on_each_loader(preset, loader, train_inprocess, threads_restored):
