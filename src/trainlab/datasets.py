@@ -321,8 +321,8 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
                       "(the validation split is taken from train/ by data.val_fraction), or "
                       if len(others) == 1 else "")
             raise ConfigError(f"data.path={cfg.path}: holds {one}/{besides} but no {missing}/; {rename}add "
-                              f"{root / missing} with the same class folders, or give data.path={root / one} (its class "
-                              "folders are then split by data.test_fraction)")
+                              f"{root / missing} with the same class folders, or give data.path={root / one} (its "
+                              "class folders are then split by data.test_fraction)")
         trees = {"train": root}
     scanned = {split: scan_tree(tree) for split, tree in trees.items()}
     classes = scanned["train"][0]

@@ -212,9 +212,8 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     optimizers, and before the first step.
 
     A group of more than SAMPLE coordinates is read at SAMPLE of them drawn uniformly (each tensor's share by its
-    size, from a generator of its own: the run's random streams are untouched). Every k-th coordinate of each tensor
-    was read before: in a weight matrix whose row length k divides, those are the same input columns in every row
-    (the first layer of the MLP on the digits: pixel columns 0 and 4), and small tensors weighed as much as large."""
+    size, from a generator of its own: the run's random streams are untouched). Not every k-th coordinate: in a weight
+    matrix whose row length k divides, those are the same input columns in every row."""
     kind = type(optimizer).__name__
     if kind not in ("Adagrad", "RMSprop", "Adam", "AdamW", "UncorrectedAdam", "UncorrectedAdamW", "Adadelta"):
         return {}
@@ -229,7 +228,8 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             for param, state in stepped:
                 picked = _picked(param, total)
                 # the same coordinates of every state tensor, then the step sizes of those alone:
-                chosen = {k: v.reshape(-1)[picked] if torch.is_tensor(v) and v.ndim > 0 else v for k, v in state.items()}
+                chosen = {k: v.reshape(-1)[picked] if torch.is_tensor(v) and v.ndim > 0 else v
+                          for k, v in state.items()}
                 steps.append(_step_size(kind, group, chosen))
             if steps:
                 found[str(group.get("name", index))] = float(torch.cat(steps).float().median())

@@ -196,7 +196,7 @@ def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
     gradients stays 0, or goes negative: steps of lr / eps, or NaN)."""
     lr = options.get("lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
-        raise ConfigError(f"optimizer.lr=0: the weights would never move; give a learning rate > 0")
+        raise ConfigError("optimizer.lr=0: the weights would never move; give a learning rate > 0")
     if not (isinstance(cls, type) and issubclass(cls, (torch.optim.SGD, torch.optim.RMSprop))):
         return
     bounded = [("momentum", "the velocity would never decay (0.9 is usual)")]

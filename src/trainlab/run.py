@@ -67,12 +67,13 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     """Announce once what was built: the resolved config as a tree, then one line per part."""
     Console().print(config_tree(cfg))
     n_params = sum(p.numel() for p in model.parameters())
-    has_norm = any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    normalized = any(isinstance(m, norms) for m in model.modules())
+    absent = "" if normalized or cfg.normalization.name == "none" else " (no layer to normalize)"  # model.hidden=[]
     log.info(f"data: {data.name}  {data.sizes}  "
              f"input {list(data.input_shape)}  classes {data.num_classes}")
     log.info(f"model: {type(model).__name__} {_knobs(cfg.model)}  {n_params:,} parameters  "
-             f"normalization={cfg.normalization.name}{'' if has_norm or cfg.normalization.name == 'none' else ' (no layer to normalize)'}"
-             f"  initialization={cfg.initialization.name}")
+             f"normalization={cfg.normalization.name}{absent}  initialization={cfg.initialization.name}")
     scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups)  # finetune: the groups' own rates
     groups = ", ".join(f"{g.get('name', i)}: {sum(p.numel() for p in g['params']):,} params "
                        + (f"lr {g['lr']:g} " if scaled else "")
@@ -524,12 +525,13 @@ class Run:
         epoch, max_epochs = state["epoch"], self.cfg.trainer.max_epochs
         saved_stopper = state.get("early_stopping", {})
         changed = [f"early_stopping.{key}={saved_stopper[key]} (here: {getattr(self.stopper, key)})"
-                   for key in ("monitor", "mode") if key in saved_stopper and saved_stopper[key] != getattr(self.stopper, key)]
+                   for key in ("monitor", "mode") if saved_stopper.get(key, getattr(self.stopper, key))
+                   != getattr(self.stopper, key)]
         if changed:  # its best value, patience count and best.pt (and plateau's record) are of that metric
-            raise ConfigError(f"checkpoint.resume={path} was trained with {', '.join(changed)}: its best value, best.pt "
-                              "and patience count belong to that metric (and plateau's, which follows it); resume "
-                              "with the monitor it was trained with, or start a new run (finetune.weights= takes "
-                              "its weights)")
+            raise ConfigError(f"checkpoint.resume={path} was trained with {', '.join(changed)}: its best value, "
+                              "best.pt and patience count belong to that metric (and plateau's, which follows it); "
+                              "resume with the monitor it was trained with, or start a new run (finetune.weights= "
+                              "takes its weights)")
         if epoch >= max_epochs:
             raise ConfigError(f"checkpoint.resume={path}: that run already finished {epoch} epochs "
                               f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to train further, or drop "

@@ -33,7 +33,8 @@ class _Resumable:
 
         Singleton.set_state(singleton_state)
         setup_globals()
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(sweep_overrides))  # type: ignore[attr-defined]
+        loader = self.hydra_context.config_loader  # type: ignore[attr-defined]
+        config = loader.load_sweep_config(self.config, list(sweep_overrides))  # type: ignore[attr-defined]
         with open_dict(config):
             config.hydra.job.num = job_num
         HydraConfig.instance().set_config(config)
