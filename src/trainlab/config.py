@@ -320,7 +320,7 @@ def _unknown_keys(cfg: DictConfig) -> list[str]:
         if known is None:
             continue
         unknown = [key for key in node if key not in known]
-        if unknown and _renamed_option(str(name), node, unknown):
+        if unknown and _renamed_option(str(name), node):
             chosen = node["name"]
             problems.append(f"{name}.name={chosen}: an option of {name} is chosen as {name}={chosen} (the config "
                             f"group, which brings that option's keys); {name}.name= renames the option composed and "
@@ -330,7 +330,7 @@ def _unknown_keys(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _renamed_option(group: str, node: Any, unknown: list[str]) -> bool:
+def _renamed_option(group: str, node: Any) -> bool:
     """Whether `group.name=` was set to another option file's name: the node holds exactly the keys of another option
     file of the group (the one composed), some of which the named option does not know."""
     name = node.get("name") if OmegaConf.is_dict(node) else None
