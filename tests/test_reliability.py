@@ -863,3 +863,20 @@ def test_resume_auto_without_a_last_pt_starts_fresh_in_place_of_the_first_attemp
     assert (status, code) == ("completed", 0) and run.start_epoch == 1
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback_or_a_run_directory(tmp_path):
+    """Before trainlab's handlers are in (the first second or so: Hydra's start, then `import torch`), Ctrl-C printed
+    a KeyboardInterrupt traceback and left a run directory of .hydra/ and train.log."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "trainlab", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / ".hydra").is_dir():  # Hydra has written its record: torch is imported next
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and not run_dir.exists(), output

@@ -276,6 +276,17 @@ def test_report_by_another_metric_and_mode(known_sweep):
         report.build_report(known_sweep, metric="val/accuracy")
 
 
+def test_a_metric_no_job_has_exits_2_even_where_every_job_failed(tmp_path, capsys):
+    """--metric test/acc on a sweep whose jobs all failed exited 0 with no job ranked."""
+    sweep = tmp_path / "sweep"
+    for name in ("0_a", "1_b"):
+        fake_job(sweep, name, [name], "failed")
+    with pytest.raises(SystemExit) as stop:
+        report.main(["report", str(sweep), "--metric", "test/acc"])
+    assert stop.value.code == 2
+    assert "metric 'test/acc' is in no job's summary; no job of this sweep has any value yet" in capsys.readouterr().err
+
+
 def test_report_ranks_by_the_snapshot_ensemble_of_each_job(tmp_path):
     sweep = tmp_path / "sweep"
     for num, acc in enumerate((0.90, 0.95)):

@@ -101,6 +101,7 @@ def _remove(directory: Path, default: str) -> None:
 # by sweep.ReportCallback (the basic launcher's jobs run in its process) or by the launcher's job process (parallel,
 # slurm), each before Hydra's run_job writes the job's record.
 _RECORD: dict[Path, dict[str, bytes]] = {}
+_RUN_DIRS: list[Path] = []  # the single run's directory, once FreshRunDirectory has let it start
 
 
 def make_directory(path: Path, key: str) -> None:
@@ -150,6 +151,7 @@ class FreshRunDirectory(Callback):
             sys.exit(2)
         make_directory(run_dir, "hydra.run.dir")
         keep_record(run_dir)
+        _RUN_DIRS.append(run_dir)
 
 
 def main() -> None:
@@ -162,6 +164,16 @@ def main() -> None:
         if stop.code not in (0, None):
             _remove_unstarted_sweep()
         raise
+    except KeyboardInterrupt:  # Ctrl-C before trainlab's own handlers (while torch imports): no traceback, no junk
+        for run_dir in _RUN_DIRS:
+            if run_dir.is_dir():
+                _remove_if_only_bookkeeping(run_dir)
+                if run_dir.is_dir():
+                    restore_record(run_dir)
+        _remove_unstarted_sweep()
+        print("train: interrupted (Ctrl-C) outside the training loop (starting up); nothing was being trained",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def _remove_unstarted_sweep() -> None:

@@ -190,9 +190,10 @@ def build_report(sweep_dir: Path, metric: str | None = None, mode: str | None = 
         raise FileNotFoundError(f"{sweep_dir}: {what}")
     jobs = [read_job(p) for p in job_dirs(sweep_dir)]
     monitor = next((j.monitor for j in jobs if j.monitor is not None), ("val/loss", "min"))
-    known = {*COLUMNS, *(k for j in jobs for k in j.values)}
+    known = {k for j in jobs for k in j.values}  # what the jobs hold (none of a sweep whose jobs all failed)
     if metric is not None and metric not in known:
-        raise ValueError(f"metric {metric!r} is in no job's summary; choose one of {', '.join(sorted(known))}")
+        choices = f"choose one of {', '.join(sorted(known))}" if known else "no job of this sweep has any value yet"
+        raise ValueError(f"metric {metric!r} is in no job's summary; {choices}")
     metric = metric or monitor[0]
     if mode is None:
         mode = monitor[1] if metric == monitor[0] else ("max" if metric.endswith("acc") else "min")
