@@ -597,6 +597,19 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path, inter
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
 
 
+def test_a_refused_start_in_a_directory_holding_only_a_record_keeps_it(tmp_path):
+    """The refused run removed the directory (it held only bookkeeping), then put the record back into it: a
+    FileNotFoundError traceback, exit 1, and the earlier attempt's record gone."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_bytes(b"the earlier attempt's config\n")
+    result = run_cli(["trainer.max_epochs=1", "checkpoint.resume=auto", "data.batch_size=0",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == {
+        "config.yaml": b"the earlier attempt's config\n"}
+
+
 def test_a_resume_continues_on_the_data_it_trained_on_wherever_it_lives(tmp_path, interrupted_run):
     for change, message in ((["data.train_size=300"], "data.train_size=null (here: 300)"),
                             (["data.batch_size=32"], "data.batch_size=64 (here: 32)")):

@@ -53,8 +53,7 @@ def _train(cfg: DictConfig) -> str | float:
             if not ranks.main:
                 shutil.rmtree(scratch, ignore_errors=True)
     if code != 0 and not run.started and ranks.main:
-        _remove_if_only_bookkeeping(run_dir)
-        restore_record(run_dir)
+        _leave_as_found(run_dir)
     if code != 0:
         sys.exit(code)
     return status
@@ -72,9 +71,18 @@ def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
         dry_run(cfg, run_dir)
     except ConfigError as error:
         logging.getLogger("trainlab").error(str(error))
-        _remove_if_only_bookkeeping(run_dir)
+        _leave_as_found(run_dir)
         sys.exit(2)
     return "dry_run"
+
+
+def _leave_as_found(run_dir: Path) -> None:
+    """After a run refused before training: a directory that held a Hydra record before this command gets it back
+    (and keeps whatever else it held); one this command made goes, when it holds only bookkeeping."""
+    if run_dir.resolve() in _RECORD:
+        restore_record(run_dir)
+    elif run_dir.is_dir():
+        _remove_if_only_bookkeeping(run_dir)
 
 
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:
@@ -166,10 +174,7 @@ def main() -> None:
         raise
     except KeyboardInterrupt:  # Ctrl-C before trainlab's own handlers (while torch imports): no traceback, no junk
         for run_dir in _RUN_DIRS:
-            if run_dir.is_dir():
-                _remove_if_only_bookkeeping(run_dir)
-                if run_dir.is_dir():
-                    restore_record(run_dir)
+            _leave_as_found(run_dir)
         _remove_unstarted_sweep()
         print("train: interrupted (Ctrl-C) outside the training loop (starting up); nothing was being trained",
               file=sys.stderr)
