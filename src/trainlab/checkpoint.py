@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -185,12 +186,21 @@ def model_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Ten
 
 
 def _saved_group(config_yaml: str | None, group: str) -> dict[str, Any] | None:
-    """A group of a checkpoint's embedded config as plain data (never instantiated); None when it cannot be read."""
+    """A group of a checkpoint's embedded config as plain data (never instantiated, not to be changed: it is shared);
+    None when it cannot be read."""
+    config = _saved_config(config_yaml)
+    node = config.get(group, {}) if isinstance(config, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+@functools.lru_cache(maxsize=2)
+def _saved_config(config_yaml: str | None) -> Any:
+    """A checkpoint's embedded config as plain data, parsed once for the resume's checks and hints; None when it
+    cannot be read."""
     try:
-        node = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(group, {})
+        return OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False)
     except Exception:  # noqa: BLE001 - hints and checks only: a damaged config must not hide the real error
         return None
-    return node if isinstance(node, dict) else None
 
 
 def override(key: str, value: Any) -> str:

@@ -334,11 +334,10 @@ def _renamed_option(group: str, node: Any) -> bool:
     """Whether `group.name=` was set to another option file's name: the node holds exactly the keys of another option
     file of the group (the one composed), some of which the named option does not know."""
     name = node.get("name") if OmegaConf.is_dict(node) else None
-    if not isinstance(name, str) or not (CONF_DIR / group / f"{name}.yaml").is_file():
+    options = _option_files(group)
+    if not isinstance(name, str) or name not in options:
         return False
-    keys = set(node) | {"defaults"}  # exactly the keys of another option file: the one composed
-    return any(set(OmegaConf.load(path)) | {"defaults"} == keys
-               for path in (CONF_DIR / group).glob("*.yaml") if path.stem != name)
+    return any(keys == set(node) for option, keys in options.items() if option != name)  # the composed one's
 
 
 def _unknown(key: str, known: Any) -> str:
@@ -378,13 +377,18 @@ def _known_keys(group: str, node: Any) -> tuple[str, ...] | None:
     return _option_keys(group, str(node.get("name", "")))
 
 
-@functools.cache
 def _option_keys(group: str, name: str) -> tuple[str, ...] | None:
     """The keys of conf/<group>/<name>.yaml, or of every option of the group when no file has that name."""
-    files = [CONF_DIR / group / f"{name}.yaml"] if (CONF_DIR / group / f"{name}.yaml").is_file() else sorted(
-        (CONF_DIR / group).glob("*.yaml"))
-    keys = {key for path in files for key in OmegaConf.load(path) if key != "defaults"}
+    options = _option_files(group)
+    keys = options[name] if name in options else {key for keys in options.values() for key in keys}
     return tuple(keys) if keys else None
+
+
+@functools.cache
+def _option_files(group: str) -> dict[str, frozenset[str]]:
+    """The keys (less `defaults`) of each option file conf/<group>/<option>.yaml, by option name."""
+    return {path.stem: frozenset(key for key in OmegaConf.load(path) if key != "defaults")
+            for path in sorted((CONF_DIR / group).glob("*.yaml"))}
 
 
 def check_target(target: Any) -> str | None:

@@ -189,12 +189,12 @@ def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float
 def epoch_steps(loader: "DeviceLoader", cfg: DictConfig) -> list[int]:
     """The optimizer steps of each epoch 1 .. trainer.max_epochs: len(loader) at that epoch's batch size, which only
     data.batch_size_schedule changes. The loader is left at the batch size it had."""
-    kept = loader.batch_size, loader.drop_last
+    kept = loader.batch_size
     steps = []
     for epoch in range(1, cfg.trainer.max_epochs + 1):
         loader.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.get("batch_size_schedule")))
         steps.append(len(loader))
-    loader.batch_size, loader.drop_last = kept
+    loader.set_batch_size(kept)
     return steps
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from trainlab import finetune
 from trainlab.config import monitor_mode
-from trainlab.data import batch_size_at, build_data, epoch_steps, train_loader
+from trainlab.data import build_data, epoch_steps, train_loader
 from trainlab.models import TorchvisionModel, build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler, snapshot_epochs
@@ -51,14 +51,12 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int]]:
         first_swa = first_swa_epoch(swa_start, max_epochs)
     lrs: list[float] = []
     positions: list[float] = []
-    for epoch in range(1, max_epochs + 1):
-        loader.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.get("batch_size_schedule")))
-        steps = len(loader)  # changes only under data.batch_size_schedule
-        positions += [epoch - 1 + i / steps for i in range(steps)]
+    for epoch, count in enumerate(steps, start=1):  # counts change only under data.batch_size_schedule
+        positions += [epoch - 1 + i / count for i in range(count)]
         if epoch >= first_swa:
-            lrs += [float(cfg.regularization.swa_lr)] * steps
+            lrs += [float(cfg.regularization.swa_lr)] * count
             continue
-        for _ in range(steps):
+        for _ in range(count):
             lrs.append(optimizer.param_groups[0]["lr"])
             scheduler.step()
         scheduler.epoch_end(PLATEAU_METRIC)
