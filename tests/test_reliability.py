@@ -878,9 +878,11 @@ def test_resume_auto_without_a_last_pt_starts_fresh_in_place_of_the_first_attemp
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
-def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback_or_a_run_directory(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_while_torch_imports_exits_without_a_traceback_or_a_run_directory(tmp_path, signum, code):
     """Before trainlab's handlers are in (the first second or so: Hydra's start, then `import torch`), Ctrl-C printed
-    a KeyboardInterrupt traceback and left a run directory of .hydra/ and train.log."""
+    a KeyboardInterrupt traceback and SIGTERM ended the process silently, each leaving a run directory of .hydra/ and
+    train.log."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "trainlab", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
@@ -889,7 +891,8 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback_or_a_run_direc
     while not (run_dir / ".hydra").is_dir():  # Hydra has written its record: torch is imported next
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     output = process.communicate(timeout=60)[0]
-    assert process.returncode == 130, output
+    assert process.returncode == code, output
     assert "Traceback" not in output and not run_dir.exists(), output
+    assert "no training was cut short" in output, output

@@ -160,6 +160,41 @@ def test_a_single_run_signalled_during_its_test_writes_its_summary_and_exits_143
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+SIGNAL_BETWEEN_JOBS = """\
+import os, signal, sys
+from trainlab import sweep
+from trainlab.cli import main
+
+recorded = sweep._record_process
+def record(run_dir):  # the job's run has ended and its handlers are gone; the next job has not started
+    recorded(run_dir)
+    os.kill(os.getpid(), signal.SIGTERM)
+sweep._record_process = record
+sys.argv = ["train", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_sweep_signalled_between_two_jobs_exits_143_with_the_command_that_continues_it(tmp_path):
+    """Between jobs (outside any run's handlers) SIGTERM ended a basic-launcher sweep on the spot, saying nothing."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    script = tmp_path / "signal_between_jobs.py"
+    script.write_text(SIGNAL_BETWEEN_JOBS)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 143 and "Traceback" not in output, output
+    assert "interrupted (SIGTERM) outside the training loop" in output, output
+    assert f"continue the sweep with the same command plus hydra.sweep.dir={sweep} sweep.resume=true" in output
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0"]  # job 1 never started
+    result = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [json.loads(p.read_text())["status"] for p in sorted(sweep.glob("*/summary.json"))] == ["completed"] * 2
+
+
 @pytest.mark.slow  # 10 s: three sweeps
 def test_a_sweep_into_a_directory_whose_jobs_trained_is_refused_unless_resumed(tmp_path):
     """Every job was refused (its directory holds a run) and the report showed the old results, exit 0."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from functools import partial
@@ -166,19 +167,50 @@ def main() -> None:
     """Console-script entry point."""
     register_configs()
     _torchrun_arguments()
+    for signum in _TERMINATE:  # until trainlab's own handlers (faults.StopSignals) are in, and again after them
+        signal.signal(signum, _raise_stopped)
     try:
         _train()
     except SystemExit as stop:
         if stop.code not in (0, None):
             _remove_unstarted_sweep()
         raise
-    except KeyboardInterrupt:  # Ctrl-C before trainlab's own handlers (while torch imports): no traceback, no junk
+    except (KeyboardInterrupt, _Stopped) as stop:  # outside the training loop (torch importing, between sweep jobs)
         for run_dir in _RUN_DIRS:
             _leave_as_found(run_dir)
         _remove_unstarted_sweep()
-        print("train: interrupted (Ctrl-C) outside the training loop (starting up); nothing was being trained",
-              file=sys.stderr)
-        sys.exit(130)
+        name, code = ("Ctrl-C", 130) if isinstance(stop, KeyboardInterrupt) else (signal.Signals(stop.signum).name, 143)
+        print(f"train: interrupted ({name}) outside the training loop (starting up, or between a sweep's jobs); "
+              f"no training was cut short{_continue_sweep()}", file=sys.stderr)
+        sys.exit(code)
+
+
+# The stop signals a scheduler sends (SIGINT is Python's KeyboardInterrupt already). Their default action ends the
+# process on the spot: while torch imports, that left a run directory of .hydra/ and train.log and said nothing.
+_TERMINATE = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGUSR1 outside trainlab's own handlers: ends the command as Ctrl-C's KeyboardInterrupt does."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def _continue_sweep() -> str:
+    """How to continue the sweep a stop signal ended between jobs, when it had started any ('' otherwise)."""
+    from trainlab.config import shell_override
+    from trainlab.sweep import SWEEP_DIR
+
+    if not SWEEP_DIR or not SWEEP_DIR[0].is_dir() or not any(SWEEP_DIR[0].glob("*/.hydra")):
+        return ""
+    directory = shell_override("hydra.sweep.dir", SWEEP_DIR[0])
+    return f"; continue the sweep with the same command plus {directory} sweep.resume=true"
 
 
 def _remove_unstarted_sweep() -> None:
