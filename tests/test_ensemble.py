@@ -86,8 +86,10 @@ def test_runs_that_cannot_be_ensembled_are_refused_with_exit_2(seeds, tmp_path, 
                                              "data.shape=[1,8,8]"])
     with pytest.raises(ConfigError, match="was tested on other images than"):
         ensemble.ensemble([seeds / "0_seed=0", other])
-    with pytest.raises(ConfigError, match="at least 2 runs"):
+    with pytest.raises(ConfigError, match="at least 2 runs.*; the snapshots of one run .* --checkpoint snapshots"):
         ensemble.ensemble([seeds / "0_seed=0"])
+    with pytest.raises(ConfigError, match="summary.json: is a file, not a run or sweep directory"):
+        ensemble.ensemble([seeds / "0_seed=0" / "summary.json", seeds])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="neither a run directory"):
         ensemble.ensemble([tmp_path / "empty"])

@@ -315,6 +315,15 @@ def test_report_command(known_sweep, tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main(["report", str(tmp_path / "empty")])
     assert "holds no job directories" in capsys.readouterr().err
+    job = known_sweep / "0_optimizer=sgd,seed=0"  # one run: named as such, and its sweep when Hydra recorded one
+    with pytest.raises(SystemExit):
+        report.main(["report", str(job)])
+    assert "is a single run's directory, and a report ranks the jobs of a sweep: give a sweep's directory" in (
+        capsys.readouterr().err)
+    (known_sweep / "multirun.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["report", str(job)])
+    assert exit_info.value.code == 2 and f"give the sweep it belongs to, {known_sweep}" in capsys.readouterr().err
 
 
 def test_report_without_swept_seeds_draws_one_line_per_job(tmp_path):

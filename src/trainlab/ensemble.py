@@ -57,7 +57,8 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
     found: list[tuple[Path, Path]] = []
     for path in paths:
         if not path.is_dir():
-            raise ConfigError(f"{path}: no such run or sweep directory")
+            what = "is a file, not a run or sweep directory" if path.exists() else "no such run or sweep directory"
+            raise ConfigError(f"{path}: {what}")
         if (path / ".hydra" / "config.yaml").is_file():
             weights = _weights(path, which)
             if not weights:
@@ -78,7 +79,11 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
         found = unique
     if len(found) < 2:
         what = "snapshots" if which == "snapshots" else f"runs with {which} weights"
-        raise ConfigError(f"an ensemble needs at least 2 {what}; found {len(found)} in {', '.join(map(str, paths))}")
+        one_run = which != "snapshots" and len(found) == 1 and len(paths) == 1 and found[0][0] == paths[0]
+        hint = ("; the snapshots of one run (train with checkpoint.snapshots=cycles) are an ensemble with "
+                "--checkpoint snapshots") if one_run else ""
+        raise ConfigError(f"an ensemble needs at least 2 {what}; found {len(found)} in "
+                          f"{', '.join(map(str, paths))}{hint}")
     return found
 
 

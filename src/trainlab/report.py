@@ -404,12 +404,23 @@ def main(argv: list[str] | None = None) -> None:
         _ensemble(parser, args)
         return
     if args.sweep_dir.is_dir() and not job_dirs(args.sweep_dir):
-        parser.exit(2, f"trainlab report: {args.sweep_dir} holds no job directories (subdirectories with .hydra/ "
-                       "or summary.json); give the directory of a sweep, e.g. outputs/multirun/<time>\n")
+        parser.exit(2, f"trainlab report: {_not_a_sweep(args.sweep_dir)}\n")
     try:
         write_report(args.sweep_dir, args.metric, args.mode)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"trainlab report: {error}\n")
+
+
+def _not_a_sweep(path: Path) -> str:
+    """Why `path`, a directory without jobs, cannot be reported, and which directory to give instead."""
+    if (path / ".hydra").is_dir() or (path / "summary.json").is_file():
+        sweep = path.parent if (path.parent / "multirun.yaml").is_file() else None  # Hydra's record of a sweep
+        instead = (f"give the sweep it belongs to, {sweep}" if sweep is not None else
+                   "give a sweep's directory (train -m ...), e.g. outputs/multirun/<time>; the run's own results are "
+                   "in its summary.json and metrics.csv")
+        return f"{path} is a single run's directory, and a report ranks the jobs of a sweep: {instead}"
+    return (f"{path} holds no job directories (subdirectories with .hydra/ or summary.json); give the directory of a "
+            "sweep, e.g. outputs/multirun/<time>")
 
 
 def _ensemble(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
