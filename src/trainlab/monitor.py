@@ -305,7 +305,7 @@ class RunMonitor:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        best, test = summary.get("best") or {}, summary.get("test") or {}
+        best, test = summary.get("best") or {}, summary.get("test") or {}  # best: the epoch early_stopping chose
         metrics = {"hparams/best_val_loss": best.get("val/loss"), "hparams/best_val_acc": best.get("val/acc"),
                    "hparams/test_loss": test.get("test/loss"), "hparams/test_acc": test.get("test/acc"),
                    "hparams/epochs_run": summary.get("epochs_run")}
