@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -439,6 +440,26 @@ def test_a_run_that_diverges_before_any_checkpoint_says_so(tmp_path, monkeypatch
     assert (status, code) == ("diverged", 3) and not list((tmp_path / "run").glob("checkpoints/*.pt"))
     assert "no checkpoint was written before it (it diverged in its first epoch)" in caplog.text
     assert "checkpoints keep the last finite state" not in caplog.text
+
+
+def test_a_non_finite_validation_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
+    """Training stayed finite (a loss of 1e17, say) while the outputs overflowed on the validation images: the run
+    went on to max_epochs and ended "completed", with nan in metrics.csv."""
+    evaluate = trainlab.run.evaluate
+
+    def overflowing(model, batches, *args, **kwargs):
+        result = evaluate(model, batches, *args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": math.nan} if len(calls) == 2 else result
+
+    calls: list[int] = []
+    monkeypatch.setattr(trainlab.run, "evaluate", overflowing)
+    status, code, run = train(tmp_path, ["trainer.max_epochs=4", "trainer.device=cpu"])
+    assert (status, code) == ("diverged", 3)
+    assert run.summary["stop_reason"].startswith("non-finite validation loss: val/loss nan at epoch 2 (train/loss ")
+    assert run.summary["epochs_run"] == 1 and run.summary["best_epoch"] == 1
+    last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and run.summary["test"]["test/acc"] is not None
 
 
 @pytest.mark.parametrize("check, policy, mode", [("auto", "stop", "interval"), ("auto", "skip", "step"),

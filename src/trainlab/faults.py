@@ -46,6 +46,15 @@ def signal_name(signum: int) -> str:
 class Diverged(Exception):
     """The loss or the gradient norm became NaN or infinite; no checkpoint holds the non-finite weights."""
 
+    what = "non-finite training step"
+
+
+class DivergedInValidation(Diverged):
+    """Training stayed finite but the model's validation loss did not: its outputs overflow (weights blown up by
+    too high a learning rate, say). The epoch's weights are neither the best nor last.pt."""
+
+    what = "non-finite validation loss"
+
 
 class StopSignals:
     """While entered, SIGINT, SIGTERM and SIGUSR1 are handled here; the previous handlers come back on exit.

@@ -576,7 +576,7 @@ class Run:
                     status, reason = "stopped_early", self.stopper.reason()
                     break
         except faults.Diverged as error:
-            status, reason = "diverged", f"non-finite training step: {error}"
+            status, reason = "diverged", f"{error.what}: {error}"
             kept = [name for name in ("last.pt", "best.pt") if (self.ckpt_dir / name).is_file()]
             log.error(f"{reason}; " + (f"checkpoints keep the last finite state ({', '.join(kept)})" if kept else
                                        "no checkpoint was written before it (it diverged in its first epoch)"))
@@ -625,6 +625,9 @@ class Run:
         if averaging:
             self.swa.update_parameters(self.model)
         val = evaluate(self.eval_model, self.val_batches, self.autocast, self.reduce)
+        if not math.isfinite(val["loss"]):
+            raise faults.DivergedInValidation(f"val/loss {val['loss']} at epoch {epoch} (train/loss "
+                                              f"{result.loss:.4g}); try a lower optimizer.lr")
         row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
                "val/loss": val["loss"], "val/acc": val["acc"], "lr": self.epoch_lr,
                "epoch_time_s": time.perf_counter() - tic}
