@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_cfg, run_cli
 from hydra_plugins.trainlab_sweeps import parallel
@@ -297,6 +298,31 @@ def test_report_ranks_by_the_snapshot_ensemble_of_each_job(tmp_path):
     result = report.build_report(sweep, metric="test/snapshot_ensemble_acc")
     assert result.mode == "max" and [j.name for j in result.jobs] == ["1_seed=1", "0_seed=0"]
     assert result.jobs[0].values["test/snapshot_ensemble_loss"] == pytest.approx(0.05)
+
+
+def test_the_plot_averages_the_completed_seeds_the_tables_do_and_skips_non_finite_points(tmp_path):
+    """A seed with a NaN val/loss in its curve made statistics.stdev raise: no plot, no table, `trainlab report`
+    exit 1; and a failed seed's curve went into its group's mean, with n counting it."""
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "0_lr=0.1,seed=0", ["optimizer.lr=0.1", "seed=0"], "completed", 0.5, [0.9, 0.5, 0.4])
+    fake_job(sweep, "1_lr=0.1,seed=1", ["optimizer.lr=0.1", "seed=1"], "failed", None, [3.0, 4.85])
+    fake_job(sweep, "2_lr=0.1,seed=2", ["optimizer.lr=0.1", "seed=2"], "completed", 0.6, [0.7, float("nan"), 0.6])
+    fake_job(sweep, "3_lr=1,seed=0", ["optimizer.lr=1", "seed=0"], "completed", 0.8, [0.8, float("inf")])
+    result = report.write_report(sweep)
+    assert (sweep / "sweep_val_loss.png").is_file()
+    series = {label: (epochs, mean) for label, epochs, mean, _ in report.val_loss_series(result)}
+    assert series["optimizer.lr=0.1 (n=2)"] == ([1, 2, 3], [pytest.approx(0.8), 0.5, pytest.approx(0.5)])
+    assert series["optimizer.lr=1 (n=1)"] == ([1], [0.8])
+    result.groups = None  # one line per job: a non-finite point is a gap
+    lines = {label: mean for label, _, mean, _ in report.val_loss_series(result)}
+    assert math.isnan(lines["2 optimizer.lr=0.1"][1]) and math.isnan(lines["3 optimizer.lr=1"][1])
+
+
+def test_the_report_ignores_every_key_left_out_of_directory_names():
+    """A sweep resumed with logger.grad_norm=false split each group of seeds in two: the report ignored only some
+    of the keys conf/train.yaml leaves out of directory names."""
+    excluded = OmegaConf.load(Path(CONF_DIR) / "train.yaml").hydra.job.config.override_dirname.exclude_keys
+    assert {key for key in excluded if not key.startswith("hydra.")} <= set(report.IGNORED_KEYS)
 
 
 def test_report_command(known_sweep, tmp_path, capsys):

@@ -23,7 +23,8 @@ from trainlab.config import monitor_mode
 DONE = ("completed", "stopped_early")
 # Overrides that do not change the experiment (left out of directory names too, see conf/train.yaml).
 IGNORED_KEYS = ("sweep.resume", "sweep.objective", "hparams_search", "checkpoint.resume", "trainer.device",
-                "logger.progress", "logger.tensorboard", "dry_run")
+                "logger.progress", "logger.tensorboard", "logger.grad_norm", "logger.layer_stats_every_n_epochs",
+                "logger.histograms", "logger.graph", "dry_run")
 COLUMNS = ("val/loss", "val/acc", "test/loss", "test/acc")  # shown for every job besides the ranking metric
 
 
@@ -295,8 +296,36 @@ def group_table(report: Report) -> Table:
     return table
 
 
+def val_loss_series(report: Report) -> list[tuple[str, list[int], list[float], list[float] | None]]:
+    """(label, epochs, val/loss, std or None) per line of the plot: one per job, or per group of seeds (the mean over
+    its completed seeds, as the tables, with its std); a non-finite val/loss is a gap in a job's line and left out
+    of a mean."""
+    shown = [k for k in report.varying if k != "seed"]
+    series = []
+    if report.groups is not None:
+        for group in report.groups:
+            by_epoch: dict[int, list[float]] = {}
+            done = [job for job in group.jobs if job.status in DONE and job.curve]
+            for job in done:
+                for epoch, value in job.curve:
+                    if math.isfinite(value):
+                        by_epoch.setdefault(epoch, []).append(value)
+            if by_epoch:
+                epochs = sorted(by_epoch)
+                series.append((f"{_shown(group.overrides, shown)} (n={len(done)})", epochs,
+                               [statistics.fmean(by_epoch[e]) for e in epochs],
+                               [mean_std(by_epoch[e])[1] if len(by_epoch[e]) > 1 else 0.0 for e in epochs]))
+    else:
+        for job in report.jobs:
+            if job.curve:
+                epochs, values = zip(*job.curve)
+                values = [v if math.isfinite(v) else math.nan for v in values]  # inf would stretch the axis
+                series.append((f"{job.num} {_shown(job.overrides, shown)}", list(epochs), values, None))
+    return series
+
+
 def plot_val_loss(report: Report, path: Path) -> bool:
-    """One val/loss line per job, or per group of seeds (mean, with a ±std band); False when no job has a curve."""
+    """The val/loss lines of `val_loss_series` (a ±std band for a group of seeds); False when nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,24 +333,7 @@ def plot_val_loss(report: Report, path: Path) -> bool:
     import matplotlib.ticker
     import numpy as np
 
-    shown = [k for k in report.varying if k != "seed"]
-    series = []  # (label, epochs, mean, std or None)
-    if report.groups is not None:
-        for group in report.groups:
-            by_epoch: dict[int, list[float]] = {}
-            for job in group.jobs:
-                for epoch, value in job.curve:
-                    by_epoch.setdefault(epoch, []).append(value)
-            if by_epoch:
-                epochs = sorted(by_epoch)
-                series.append((f"{_shown(group.overrides, shown)} (n={len(group.jobs)})", epochs,
-                               [statistics.fmean(by_epoch[e]) for e in epochs],
-                               [mean_std(by_epoch[e])[1] if len(by_epoch[e]) > 1 else 0.0 for e in epochs]))
-    else:
-        for job in report.jobs:
-            if job.curve:
-                epochs, values = zip(*job.curve)
-                series.append((f"{job.num} {_shown(job.overrides, shown)}", list(epochs), list(values), None))
+    series = val_loss_series(report)
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -333,7 +345,7 @@ def plot_val_loss(report: Report, path: Path) -> bool:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val/loss")
-    ax.set_yscale("log" if all(v > 0 for s in series for v in s[2]) else "linear")
+    ax.set_yscale("log" if all(v > 0 for s in series for v in s[2] if not math.isnan(v)) else "linear")
     ax.set_title(f"validation loss: {report.sweep_dir.name}" + (" (mean ± std over seeds)" if report.groups else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
