@@ -84,7 +84,8 @@ def test_folded_totals_are_the_whole_batchs_when_the_ranks_sum_them():
     totals.record(2, torch.tensor(0.25), logits, torch.tensor([0, 1, 0]))
     assert totals.fold(torch.tensor(4.0)) == [4.0]  # a norm, the same on every rank
     assert (totals.seen, totals.correct) == (12, 10)  # 2 ranks x 3 examples x 2 steps; 2 x (2 + 3) hits
-    assert totals.loss_sum == pytest.approx(2 * 3 * (0.5 + 0.25)) and totals.interval_loss == pytest.approx(0.75)
+    assert totals.loss_sum == pytest.approx(2 * 3 * (0.5 + 0.25)) and totals.interval_loss == pytest.approx(2.25)
+    assert totals.interval_loss / totals.interval_seen == pytest.approx(0.375)  # the interval's mean
     assert totals.fold(torch.tensor(3.0), torch.tensor(5.0)) == [3.0, 5.0]  # nothing pending: extras only
 
 

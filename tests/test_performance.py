@@ -187,12 +187,40 @@ def test_epoch_metrics_and_intervals_match_a_direct_computation(soft):
     assert intervals[2].loss == pytest.approx(losses[6], rel=1e-6)
 
 
+def test_an_interval_with_a_short_last_batch_averages_its_examples_as_the_epoch_does():
+    """With data.drop_last=false the interval point was the mean of its steps' means, the epoch's the mean over
+    its examples: TensorBoard's train/loss and metrics.csv's disagreed on the same steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (8, 8, 8, 8, 8, 1)]
+    intervals = []
+    result = train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, SimpleNamespace(step=lambda: None),
+                             torch.amp.GradScaler("cpu", enabled=False), nullcontext(), 0, 6, intervals.append,
+                             StepParts())
+    with torch.no_grad():
+        per_example = torch.cat([F.cross_entropy(model(x), y, reduction="none") for x, y in batches])
+    assert [i.step for i in intervals] == [6]  # the whole epoch is one interval
+    assert intervals[0].loss == pytest.approx(per_example.mean().item(), rel=1e-6)
+    assert result.loss == pytest.approx(intervals[0].loss, rel=1e-6)
+
+
+def test_a_mid_interval_state_without_its_examples_count_restarts_the_interval_mean():
+    """A mid-epoch last.pt saved before interval_seen summed step means: the resumed interval averages its new
+    steps only, instead of mixing means with sums."""
+    state = {"loss_sum": 1.5, "correct": 2, "interval_loss": 0.5, "seen": 3, "interval_steps": 1}
+    totals = EpochTotals.from_state(state)
+    assert (totals.interval_loss, totals.interval_seen, totals.interval_steps, totals.loss_sum) == (0.0, 0, 1, 1.5)
+
+
 def test_epoch_totals_fold_on_checkpoint_and_restore_exactly():
     totals = EpochTotals()
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     totals.record(1, torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))
     state = totals.state_dict()  # folds the pending step
-    assert state == {"loss_sum": 1.5, "correct": 2, "interval_loss": 0.5, "seen": 3, "interval_steps": 1}
+    assert state == {"loss_sum": 1.5, "correct": 2, "interval_loss": 1.5, "seen": 3, "interval_steps": 1,
+                     "interval_seen": 3}
     assert not totals.losses
     assert EpochTotals.from_state(state).state_dict() == state
 

@@ -55,7 +55,7 @@ class Interval:
     """What the loop reports every `every_n_steps` optimizer steps, read from the device at once."""
 
     step: int
-    loss: float  # mean data loss over the interval's steps
+    loss: float  # mean data loss over the interval's examples (a short last batch weighs its size, as in the epoch's)
     lrs: list[float]  # the learning rate each parameter group used at the interval's last step
     grad_norm: float | None = None  # global gradient L2 norm at the interval's last step (after clipping)
     weight_norm: float | None = None  # the weights' L2 norm after the interval's last step
@@ -75,8 +75,9 @@ class EpochTotals:
     loss_sum: float = 0.0  # sum over examples of the data loss
     correct: int = 0
     seen: int = 0
-    interval_loss: float = 0.0  # sum of the step losses of the current logging interval
+    interval_loss: float = 0.0  # sum over the current logging interval's examples of the data loss
     interval_steps: int = 0
+    interval_seen: int = 0  # the interval's examples
     # the steps since the last fold, in order and one step apart: their losses, logits and targets (references to
     # device tensors)
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -116,9 +117,10 @@ class EpochTotals:
             hits = hits.float()  # the stack takes the widest float: half precision would round the count
         values = self._read(torch.stack([*self.losses, hits, *extra]), hits_at=count)  # exact hits below 2**24
         step_losses = values[:count]
-        self.loss_sum += sum(loss * t.shape[0] for loss, t in zip(step_losses, self.targets)) * self.world
-        interval = sum(step_losses)
+        interval = sum(loss * t.shape[0] for loss, t in zip(step_losses, self.targets))
+        self.loss_sum += interval * self.world
         self.interval_loss += interval
+        self.interval_seen += sum(t.shape[0] for t in self.targets)
         if self.nonfinite is None and not math.isfinite(interval):  # find the first non-finite step
             first = self.last_step - count + 1
             self.nonfinite = next(((first + i, loss) for i, loss in enumerate(step_losses)
@@ -140,12 +142,14 @@ class EpochTotals:
     def state_dict(self) -> dict[str, Any]:
         self.fold()
         return {"loss_sum": self.loss_sum, "correct": self.correct, "interval_loss": self.interval_loss,
-                "seen": self.seen, "interval_steps": self.interval_steps}
+                "seen": self.seen, "interval_steps": self.interval_steps, "interval_seen": self.interval_seen}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochTotals:
+        if "interval_seen" not in state:  # its interval_loss summed step means: the interval's point averages the
+            state = {**state, "interval_loss": 0.0, "interval_seen": 0}  # steps after the resume only
         return cls(float(state["loss_sum"]), int(state["correct"]), int(state["seen"]),
-                   float(state["interval_loss"]), int(state["interval_steps"]))
+                   float(state["interval_loss"]), int(state["interval_steps"]), int(state["interval_seen"]))
 
 
 def train_one_epoch(
@@ -235,13 +239,13 @@ def train_one_epoch(
 
 
 def _read_interval(step: int, totals: EpochTotals, lrs: list[float], parts: StepParts) -> Interval:
-    """The interval's mean loss, and the gradient and weight norms of its last step, in one read from the device."""
+    """The interval's mean loss (over its examples), and the gradient and weight norms of its last step, in one read from the device."""
     grad = [parts.grad_norm()] if parts.grad_norm is not None else []
     weights = [parts.weight_norm()] if parts.weight_norm is not None else []
     values = totals.fold(*grad, *weights)
-    interval = Interval(step, totals.interval_loss / totals.interval_steps, lrs,
+    interval = Interval(step, totals.interval_loss / totals.interval_seen, lrs,
                         grad_norm=values[0] if grad else None, weight_norm=values[-1] if weights else None)
-    totals.interval_loss, totals.interval_steps = 0.0, 0
+    totals.interval_loss, totals.interval_steps, totals.interval_seen = 0.0, 0, 0
     return interval
 
 
