@@ -57,7 +57,7 @@ def test_a_run_with_a_copy_of_itself_is_that_run(seeds, tmp_path):
     assert (result.loss, result.acc) == pytest.approx((result.members[0].loss, result.members[0].acc), abs=1e-12)
 
 
-def test_a_member_given_twice_counts_once_and_a_damaged_summary_is_read_as_untested(seeds, tmp_path, capsys):
+def test_a_member_given_twice_counts_once_and_a_damaged_summary_is_read_as_unfinished(seeds, tmp_path, capsys):
     """A sweep plus one of its jobs gave that job twice the weight in the mean (5 members of 4 runs), silently; a
     truncated summary.json (a kill while it was written) gave a JSONDecodeError traceback."""
     whole = ensemble.ensemble([seeds])
@@ -68,7 +68,24 @@ def test_a_member_given_twice_counts_once_and_a_damaged_summary_is_read_as_untes
     damaged = tmp_path / "sweep"
     shutil.copytree(seeds, damaged)
     (damaged / "2_seed=2" / "summary.json").write_text('{"status": "compl')
-    assert [m.weights.name for m in ensemble.ensemble([damaged]).members] == ["best.pt"] * 3
+    capsys.readouterr()
+    assert [m.run_dir.name for m in ensemble.ensemble([damaged]).members] == ["0_seed=0", "1_seed=1"]
+    assert "left out 1 job(s) of" in capsys.readouterr().err  # as the report, which lists it as not done
+    given = ensemble.ensemble([damaged / "2_seed=2", damaged / "1_seed=1"])  # named: taken, with a note
+    assert [m.weights.name for m in given.members] == ["best.pt", "best.pt"]
+    assert "2_seed=2 did not complete (unknown); its tested weights are taken as they are" in capsys.readouterr().err
+
+
+def test_a_sweep_ensemble_leaves_out_jobs_that_did_not_complete(seeds, tmp_path, capsys):
+    """An interrupted job with a best.pt (one epoch of three) was averaged in silently."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(seeds, sweep)
+    summary = json.loads((sweep / "1_seed=1" / "summary.json").read_text())
+    (sweep / "1_seed=1" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    capsys.readouterr()
+    assert [m.run_dir.name for m in ensemble.ensemble([sweep]).members] == ["0_seed=0", "2_seed=2"]
+    assert "left out 1 job(s) of " + str(sweep) + " that did not complete: 1_seed=1 (interrupted)" in (
+        capsys.readouterr().err)
 
 
 def test_the_command_prints_the_table_and_writes_the_csv(seeds, tmp_path, capsys):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import DEVICE_PATTERN, ConfigError
+from trainlab.sweep import DONE
 
 CHECKPOINTS = ("tested", "best", "last", "swa", "snapshots")
 
@@ -60,6 +61,10 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
             what = "is a file, not a run or sweep directory" if path.exists() else "no such run or sweep directory"
             raise ConfigError(f"{path}: {what}")
         if (path / ".hydra" / "config.yaml").is_file():
+            status = _status(path)
+            if status not in DONE:
+                print(f"trainlab ensemble: {path} did not complete ({status}); its {which} weights are taken as "
+                      "they are", file=sys.stderr)
             weights = _weights(path, which)
             if not weights:
                 what = ("no snapshots (snapshot_<epoch>.pt; train with checkpoint.snapshots=cycles)"
@@ -71,6 +76,11 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
         jobs = [p for p in sorted(path.iterdir()) if (p / ".hydra" / "config.yaml").is_file()]
         if not jobs:
             raise ConfigError(f"{path}: neither a run directory (.hydra/config.yaml) nor a sweep of them")
+        unfinished = [(job, _status(job)) for job in jobs if _status(job) not in DONE]
+        if unfinished:  # an interrupted or diverged job's weights are not those of the experiment it names
+            print(f"trainlab ensemble: left out {len(unfinished)} job(s) of {path} that did not complete: "
+                  + ", ".join(f"{job.name} ({status})" for job, status in unfinished), file=sys.stderr)
+            jobs = [job for job in jobs if _status(job) in DONE]
         found += [(job, w) for job in jobs for w in _last(job, _weights(job, which), last)]
     unique = list({(run_dir.resolve(), weights.resolve()): (run_dir, weights) for run_dir, weights in found}.values())
     if len(unique) < len(found):  # a run given twice (or a sweep and one of its jobs) would weigh twice in the mean
@@ -96,6 +106,17 @@ def _last(run_dir: Path, snapshots: list[Path], last: int | None) -> list[Path]:
                           f"{'s' if len(snapshots) > 1 else ''} ({', '.join(p.name for p in snapshots)}); give "
                           f"--last {len(snapshots)} or less")
     return snapshots[-last:]
+
+
+def _status(run_dir: Path) -> str:
+    """The run's status in its summary.json: "unfinished" without one (never ran, or killed), "unknown" when damaged."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except OSError:
+        return "unfinished"
+    except ValueError:
+        return "unknown"
+    return str(summary.get("status", "unknown")) if isinstance(summary, dict) else "unknown"
 
 
 def _weights(run_dir: Path, which: str) -> list[Path]:
