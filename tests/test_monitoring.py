@@ -382,11 +382,28 @@ def test_effective_step_size_of_adaptive_optimizers_is_the_median_of_their_rule(
     elif name == "RMSprop":
         rule = [0.05 / (s["square_avg"].sqrt() + 1e-8) for s in states]
     elif name == "Adam":
-        rule = [0.05 * (1 - 0.999 ** 30) ** 0.5 / (1 - 0.9 ** 30) / (s["exp_avg_sq"].sqrt() + 1e-8) for s in states]
+        rule = [0.05 / (1 - 0.9 ** 30) / (s["exp_avg_sq"].sqrt() / (1 - 0.999 ** 30) ** 0.5 + 1e-8) for s in states]
     else:
         rule = [0.05 * (s["acc_delta"] + 1e-6).sqrt() / (s["square_avg"] + 1e-6).sqrt() for s in states]
     assert sizes[-1] == pytest.approx(float(torch.cat([r.flatten() for r in rule]).median()), rel=1e-6)
     assert effective_lrs(torch.optim.SGD(model.parameters(), lr=0.1)) == {}  # one rate for all: the lr tag
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("scale", [1e-2, 1e-7])
+def test_adams_effective_step_size_is_the_update_it_took_per_unit_gradient(name, scale):
+    """eps sat outside the bias correction of v: for gradients near eps (1e-7) lr_effective read 0.26 of the step."""
+    from trainlab.layer_stats import effective_lrs
+
+    param = nn.Parameter(torch.zeros(101))
+    optimizer = getattr(torch.optim, name)([param], lr=1e-3, betas=(0.0, 0.999), weight_decay=0.0)  # m = g
+    gradient = torch.linspace(0.5, 1.5, 101) * scale
+    for _ in range(3):
+        before = param.detach().clone()
+        param.grad = gradient.clone()
+        optimizer.step()
+    taken = (before - param.detach()) / gradient
+    assert effective_lrs(optimizer)["0"] == pytest.approx(float(taken.median()), rel=1e-4)
 
 
 def test_effective_step_size_is_the_median_over_every_coordinate_not_a_strided_sample(monkeypatch):

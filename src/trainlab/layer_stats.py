@@ -263,4 +263,4 @@ def _step_size(kind: str, group: dict, state: dict) -> torch.Tensor:
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
     if kind.startswith("Uncorrected"):  # trainlab.adam: m / (sqrt(v) + eps) as they are
         return lr / (v.sqrt() + eps)
-    return lr * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step) / (v.sqrt() + eps)
+    return lr / (1 - beta1 ** step) / (v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps)  # eps where torch adds it
