@@ -320,6 +320,23 @@ def test_live_bar_shows_step_loss_lr_speed_and_eta(tmp_path):
         monitor.close()
 
 
+def test_the_speed_after_a_mid_epoch_resume_counts_only_the_steps_this_process_took(tmp_path, monkeypatch):
+    """Resumed at step 15 with 5 of the epoch's 10 steps done, one step in 0.5 s logged 384 samples/s, not 64."""
+    from trainlab import monitor as monitoring
+    from trainlab.loop import Interval
+
+    now = [100.0]
+    monkeypatch.setattr(monitoring.time, "perf_counter", lambda: now[0])
+    monitor = monitoring.RunMonitor(tmp_path, tensorboard=True, live=False, max_epochs=3, steps_per_epoch=10)
+    written = {}
+    monkeypatch.setattr(monitor, "_scalars", lambda values, step: written.update(values))
+    monitor.start_epoch(2, 10, 10, batch_size=32, done=5)
+    now[0] += 0.5
+    monitor.train_interval(Interval(step=16, loss=0.25, lrs=[0.1]))
+    monitor.close()
+    assert written["perf/samples_per_s"] == pytest.approx(64.0)
+
+
 def test_console_off_a_terminal_is_plain_text(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(["trainer.max_epochs=1", "logger.progress=auto", f"hydra.run.dir={run_dir}"], cwd=tmp_path)

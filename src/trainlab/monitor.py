@@ -168,11 +168,12 @@ class RunMonitor:
                 self._swapped.append((handler, rich_handler))
         self.progress.start()
 
-    def start_epoch(self, epoch: int, first_step: int, steps: int, batch_size: int = 0) -> None:
-        """`steps` optimizer steps of `batch_size` examples follow, from global step `first_step`."""
+    def start_epoch(self, epoch: int, first_step: int, steps: int, batch_size: int = 0, done: int = 0) -> None:
+        """`steps` optimizer steps of `batch_size` examples from global step `first_step`, of which `done` were taken
+        before (an epoch resumed from a mid-epoch last.pt): the speed counts only the steps this process takes."""
         self._epoch, self._epoch_first_step, self._epoch_steps = epoch, first_step, steps
         self._batch_size = batch_size
-        self._mark = (time.perf_counter(), first_step)
+        self._mark = (time.perf_counter(), first_step + done)
         if self.progress is not None:
             self.progress.update(self.task, completed=0, total=steps, epoch=epoch, step=first_step)
 

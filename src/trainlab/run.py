@@ -604,7 +604,8 @@ class Run:
             totals = EpochTotals.from_state(resumed["totals"])
             self.epoch_lr, done = resumed["lr"], int(resumed["loader"]["position"])
         self.guard.watch(totals)
-        self.monitor.start_epoch(epoch, self.step - done, len(self.train_batches), self.train_batches.batch_size)
+        self.monitor.start_epoch(epoch, self.step - done, len(self.train_batches), self.train_batches.batch_size,
+                                 done)
         every = cfg.logger.layer_stats_every_n_epochs  # and epoch 1, whose first step shows the initialization
         recording = self.recorder is not None and (epoch == 1 or epoch % every == 0)
         if recording:  # hooks for the epoch's first step only; they remove themselves after it
