@@ -19,8 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trainlab.config import monitor_mode
-
-DONE = ("completed", "stopped_early")
+from trainlab.sweep import DONE
 # Overrides that do not change the experiment (left out of directory names too, see conf/train.yaml).
 IGNORED_KEYS = ("sweep.resume", "sweep.objective", "hparams_search", "checkpoint.resume", "trainer.device",
                 "logger.progress", "logger.tensorboard", "logger.grad_norm", "logger.layer_stats_every_n_epochs",
