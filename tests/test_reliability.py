@@ -482,6 +482,16 @@ def test_skip_policy_skips_a_bounded_number_of_steps(tmp_path, monkeypatch, capl
     assert (status, code) == ("diverged", 3) and "after skipping 1" in run.summary["stop_reason"]
 
 
+def test_a_skipped_step_under_fp16_with_clipping_leaves_the_scaler_ready_for_the_next(tmp_path, monkeypatch, caplog):
+    """Clipping unscales the gradients (GradScaler.unscale_); a step skipped after it never closed the scaler's
+    step, so the next step's unscale_ raised "unscale_() has already been called": status failed, exit 1."""
+    poison_loss(monkeypatch, {3}, "nan")
+    status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.on_nonfinite=skip", "trainer.device=cpu",
+                                         "trainer.precision=fp16", "regularization.grad_clip_norm=1.0"])
+    assert (status, code) == ("completed", 0) and caplog.text.count("non-finite step skipped") == 1
+    assert int(checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"]) == STEPS_PER_EPOCH - 1
+
+
 def test_fp16_loss_scale_skips_are_not_divergence(tmp_path, monkeypatch):
     poison_loss(monkeypatch, {3, 4}, "grad")  # inf/NaN gradients: the GradScaler skips these steps itself
     status, code, run = train(tmp_path, ["trainer.max_epochs=1", "trainer.precision=fp16", "trainer.device=cpu"])

@@ -212,6 +212,8 @@ def train_one_epoch(
             logits, loss, _ = forward_backward(images, labels)
             if guard is not None and not guard(loss, step + 1):
                 optimizer.zero_grad(set_to_none=True)  # a skipped non-finite step: no update, not counted
+                if scaling and clip is not None:  # clip's unscale_ opened the scaler's step: close it (backing off)
+                    scaler.update()
                 continue
             if scaling:
                 scaler.step(optimizer)
