@@ -258,6 +258,24 @@ def test_a_new_run_in_a_directory_that_holds_one_is_refused_and_changes_nothing(
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
 
 
+def test_a_resume_of_another_runs_checkpoint_into_a_directory_that_holds_a_run_is_refused(train_inprocess,
+                                                                                           tmp_path):
+    """It overwrote that run: its best.pt, last.pt and summary.json replaced, its metrics.csv cut to the other run's
+    epoch and extended with the other run's rows. Its own checkpoints, by path, still resume there."""
+    assert train_inprocess(["trainer.max_epochs=1"], name="source")[:2] == ("completed", 0)
+    assert train_inprocess(["trainer.max_epochs=2"], name="run")[:2] == ("completed", 0)
+    run_dir = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    other = tmp_path / "source" / "checkpoints" / "last.pt"
+    status, code, run = train_inprocess(["trainer.max_epochs=3", f"checkpoint.resume={other}"])
+    assert (status, code) == ("failed", 2)
+    assert f"{run_dir} already holds another run (metrics.csv, checkpoints/last.pt, checkpoints/best.pt); resuming " \
+           f"checkpoint.resume={other} there would overwrite" in run.summary["error"]
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    own = run_dir / "checkpoints" / "last.pt"
+    assert train_inprocess(["trainer.max_epochs=3", f"checkpoint.resume={own}"])[:2] == ("completed", 0)
+
+
 def test_wall_time_counts_every_process_of_a_resumed_run(train_inprocess, tmp_path):
     import time
 

@@ -37,13 +37,20 @@ class ConfigError(ValueError):
 
 
 def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = False) -> str | None:
-    """Why a new run (no checkpoint.resume) or a dry run may not start in `run_dir`: it already holds a run, whose
-    metrics.csv and curves the new one would extend and whose checkpoints and record it would overwrite."""
-    if resume is not None and not dry_run:
+    """Why a new run (no checkpoint.resume), a dry run, or a resume of another directory's checkpoint may not start
+    in `run_dir`: it already holds a run, whose metrics.csv and curves the new one would extend and whose checkpoints
+    and record it would overwrite. A resume of the run's own checkpoints (auto, or a path in its checkpoints/) may."""
+    own = resume == "auto" or (resume is not None and
+                               Path(resume).expanduser().resolve().parent == (run_dir / "checkpoints").resolve())
+    if resume is not None and not dry_run and own:
         return None
     found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt") if (run_dir / name).is_file()]
     if not found:
         return None
+    if resume is not None and not dry_run:
+        return (f"{run_dir} already holds another run ({', '.join(found)}); resuming checkpoint.resume={resume} there "
+                "would overwrite its checkpoints and metrics.csv: leave out hydra.run.dir (a new directory), or name "
+                "another")
     fix = "" if dry_run else "continue it with checkpoint.resume=auto (a sweep: sweep.resume=true), or "
     return (f"{run_dir} already holds a run ({', '.join(found)}); {fix}start this "
             f"{'dry run' if dry_run else 'one'} in a new directory (leave out hydra.run.dir / hydra.sweep.dir, or "
