@@ -482,6 +482,20 @@ def test_skip_policy_skips_a_bounded_number_of_steps(tmp_path, monkeypatch, capl
     assert (status, code) == ("diverged", 3) and "after skipping 1" in run.summary["stop_reason"]
 
 
+def test_the_skip_budget_counts_the_whole_run_across_a_resume(tmp_path, monkeypatch):
+    """last.pt did not keep the skips taken: a run resumed after using its budget skipped again and completed, where
+    the uninterrupted run stops as diverged."""
+    args = ["trainer.max_epochs=2", "trainer.on_nonfinite=skip", "trainer.max_nonfinite_skips=1", "trainer.device=cpu"]
+    poison_loss(monkeypatch, {5}, "nan")
+    signal_at_step(monkeypatch, signal.SIGTERM, 10)
+    assert train(tmp_path, args)[:2] == ("interrupted", 143)
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["nonfinite_skipped"] == 1
+    monkeypatch.undo()
+    poison_loss(monkeypatch, {3}, "nan")  # the resumed process's third step: the run's second bad one
+    status, code, run = train(tmp_path, [*args, "checkpoint.resume=auto"])
+    assert (status, code) == ("diverged", 3) and "after skipping 1" in run.summary["stop_reason"]
+
+
 def test_a_skipped_step_under_fp16_with_clipping_leaves_the_scaler_ready_for_the_next(tmp_path, monkeypatch, caplog):
     """Clipping unscales the gradients (GradScaler.unscale_); a step skipped after it never closed the scaler's
     step, so the next step's unscale_ raised "unscale_() has already been called": status failed, exit 1."""

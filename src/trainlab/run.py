@@ -371,6 +371,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "swa": self.swa.state_dict() if self.swa is not None else None,
             "early_stopping": self.stopper.state_dict(),
+            "nonfinite_skipped": self.guard.skipped,  # trainer.max_nonfinite_skips counts the whole run
             "best_row": self.best_row,
             "rng": checkpoint.rng_state(),
             "config": self.config_yaml,
@@ -458,6 +459,7 @@ class Run:
             if average is not None:
                 average.load_state_dict(state[name])
         self.stopper.load_state_dict(state["early_stopping"])
+        self.guard.skipped = int(state.get("nonfinite_skipped", 0))
         self.best_row = dict(state.get("best_row", {}))
         checkpoint.set_rng_state(own["rng"])
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
