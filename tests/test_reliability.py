@@ -281,6 +281,22 @@ def test_resume_auto_skips_a_truncated_last_pt_and_is_still_exact(tmp_path, monk
     assert_resumed_run_equals(resumed, uninterrupted)  # resumed from last.prev.pt (step 30)
 
 
+def test_resume_auto_with_every_last_pt_damaged_is_refused_and_changes_nothing(tmp_path, monkeypatch):
+    """It started fresh: the run's good best.pt, its metrics.csv and summary.json were overwritten."""
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=33)
+        assert train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5"])[:2] == ("interrupted", 143)
+    run_dir = tmp_path / "run"
+    for name in ("last.pt", "last.prev.pt"):
+        path = run_dir / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    status, code, run = train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5", "checkpoint.resume=auto"])
+    assert (status, code) == ("failed", 2)
+    assert "last.pt and last.prev.pt in" in run.summary["error"] and "nothing was changed" in run.summary["error"]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, caplog):
     """2 epochs, then extended to 4: bitwise the run that trained 4 at once (a constant lr: no schedule to stretch)."""
     caplog.set_level(logging.INFO, logger="trainlab")

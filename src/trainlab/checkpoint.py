@@ -160,13 +160,19 @@ def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any
         path = Path(resume).expanduser()
         return path, load(path)
     last = ckpt_dir / "last.pt"
+    damaged = []
     for path in (last, previous_path(last)):  # newest first: last.prev.pt is the one before
         if path.is_file():
             try:
                 return path, load(path)
             except ConfigError as error:
                 log.warning(f"checkpoint.resume=auto: skipping {path}: {error}")
-    log.info(f"checkpoint.resume=auto: no usable last.pt in {ckpt_dir}; starting fresh")
+                damaged.append(path.name)
+    if damaged:  # a fresh start would overwrite the run's best.pt, metrics.csv and summary.json with nothing to show
+        raise ConfigError(f"checkpoint.resume=auto: {' and '.join(damaged)} in {ckpt_dir} cannot be loaded, so the run "
+                          "cannot continue; nothing was changed. Resume from another checkpoint by its path, or start "
+                          "a new run in a new directory (leave out hydra.run.dir)")
+    log.info(f"checkpoint.resume=auto: no last.pt in {ckpt_dir}; starting fresh")
     return None
 
 
