@@ -297,6 +297,53 @@ def test_resume_auto_with_every_last_pt_damaged_is_refused_and_changes_nothing(t
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_resume_from_last_prev_pt_does_not_keep_the_damaged_last_pt_as_the_next_fallback(tmp_path, monkeypatch):
+    """The first save after the fallback hard-linked the damaged last.pt as last.prev.pt: the only good fallback was
+    gone until the save after."""
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=33)
+        assert train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5"])[:2] == ("interrupted", 143)
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "last.pt").write_bytes((ckpt / "last.pt").read_bytes()[:1000])
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=34)  # one save after the resume (from step 30), then stopped
+        assert train(tmp_path, [*EXACT, "checkpoint.every_n_steps=5", "checkpoint.resume=auto"])[:2] == (
+            "interrupted", 143)
+    assert checkpoint.load(ckpt / "last.pt")["step"] == 34 and checkpoint.load(ckpt / "last.prev.pt")["step"] == 30
+
+
+def test_cutting_metrics_csv_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
+    """The rows were rewritten in place: a kill during the rewrite lost rows for good."""
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"epoch,step\r\n1,10\r\n2,20\r\n3,30\r\n")
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def writerows(self, rows):
+            raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.csv, "writer", Failing)
+        with pytest.raises(OSError):
+            checkpoint.keep_metrics_up_to(path, 2)
+    assert path.read_bytes() == b"epoch,step\r\n1,10\r\n2,20\r\n3,30\r\n"
+    checkpoint.keep_metrics_up_to(path, 2)
+    assert path.read_bytes() == b"epoch,step\r\n1,10\r\n2,20\r\n"
+
+
+def test_checkpoints_and_summary_are_readable_as_the_umask_allows(tmp_path):
+    """mkstemp made them 0600: on a shared machine nobody else could load best.pt or report the run."""
+    from trainlab import files
+
+    assert train(tmp_path, ["trainer.max_epochs=1"])[:2] == ("completed", 0)
+    run_dir = tmp_path / "run"
+    for path in (run_dir / "summary.json", run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~files.UMASK, path
+    assert (run_dir / "metrics.csv").stat().st_mode & 0o777 == 0o666 & ~files.UMASK
+
+
 def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, caplog):
     """2 epochs, then extended to 4: bitwise the run that trained 4 at once (a constant lr: no schedule to stretch)."""
     caplog.set_level(logging.INFO, logger="trainlab")
@@ -308,11 +355,12 @@ def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, ca
                                    name="extended")
     assert (status, code) == ("completed", 0) and extended.summary["epochs_run"] == 4
     assert "extending a finished run of 2 epochs to trainer.max_epochs=4" in caplog.text
-    assert [row["epoch"] for row in metrics_rows(extended.run_dir)] == ["3", "4"]
+    # the new directory's metrics.csv starts with the short run's rows: one row per epoch of the run
+    assert [row["epoch"] for row in metrics_rows(extended.run_dir)] == ["1", "2", "3", "4"]
     status, _, whole = train(tmp_path, [*base, "trainer.max_epochs=4"], name="whole")
     assert_equal_state(extended.model.state_dict(), whole.model.state_dict(), "model")
     assert_equal_state(extended.optimizer.state_dict(), whole.optimizer.state_dict(), "optimizer")
-    assert metrics_rows(extended.run_dir) == metrics_rows(whole.run_dir)[2:]
+    assert metrics_rows(extended.run_dir) == metrics_rows(whole.run_dir)
 
 
 def test_a_run_that_stopped_early_continues_only_with_more_patience(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import CONF_DIR, ConfigError
+from trainlab.files import as_if_created, write_text_atomic
 
 log = logging.getLogger("trainlab")
 
@@ -42,6 +44,7 @@ def save_atomic(obj: Any, path: Path, keep_previous: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        as_if_created(fd)
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
@@ -295,9 +298,16 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
     """Drop metrics.csv rows after `epoch`: a resumed run writes them again."""
     if not path.is_file():
         return
+    kept, dropped = metrics_up_to(path, epoch)
+    if dropped:  # written whole or not at all: a kill here must not lose the rows kept
+        write_text_atomic(path, kept, newline="")
+
+
+def metrics_up_to(path: Path, epoch: int) -> tuple[str, int]:
+    """The text of metrics.csv with its header and rows up to `epoch`, and the number of rows after it."""
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epoch]
-    if len(kept) < len(rows):
-        with path.open("w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    return text.getvalue(), len(rows) - len(kept)

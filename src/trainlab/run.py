@@ -473,11 +473,28 @@ class Run:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(best, self.ckpt_dir / "best.pt")
         if self.ranks.main:  # rows written after this checkpoint go, and so do snapshots: this run takes them again
+            self.continue_metrics(path, state["epoch"])
             checkpoint.keep_metrics_up_to(self.run_dir / "metrics.csv", state["epoch"])
             self.resume_snapshots(path, state["epoch"])
+            last = self.ckpt_dir / "last.pt"
+            if path.resolve() == checkpoint.previous_path(last).resolve() and last.is_file():
+                last.unlink()  # damaged (auto skipped it): the next save must not keep it as the fallback
+                log.info(f"removed the damaged {last.name}; {path.name} stays the fallback until the next save")
         where = (f"inside epoch {self.start_epoch} after batch {self.resume_in_epoch['loader']['position']}"
                  if self.resume_in_epoch is not None else f"at epoch {self.start_epoch}")
         log.info(f"resumed from {path} {where} (step {self.step})")
+
+    def continue_metrics(self, path: Path, epoch: int) -> None:
+        """A resume into a new directory starts its metrics.csv with the rows of the run it continues, up to the
+        checkpoint's epoch, so the file has a row for every epoch (the TensorBoard curves stay in that run's)."""
+        source = path.resolve().parent.parent / "metrics.csv"
+        target = self.run_dir / "metrics.csv"
+        if source == target.resolve() or target.exists() or not source.is_file():
+            return
+        rows, _ = checkpoint.metrics_up_to(source, epoch)
+        write_text_atomic(target, rows, newline="")
+        log.info(f"metrics.csv starts with the {rows.count(chr(10)) - 1} epoch row(s) of {source.parent}; its "
+                 f"TensorBoard curves up to epoch {epoch} stay there")
 
     def check_same_data(self, path: Path, state: dict[str, Any]) -> None:
         """A resume continues on the data and batches it trained on: another training subset, split or batch size
