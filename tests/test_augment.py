@@ -354,14 +354,13 @@ def test_v2_transform_maps_each_option_to_its_torchvision_counterpart():
     pipeline = augment.build_v2_transform(node(**EVERYTHING))
     kinds = [type(t) for t in pipeline.transforms]
     assert kinds == [augment.PadRandomCrop, v2.RandomAffine, v2.RandomRotation, v2.RandomAffine,
-                     v2.RandomHorizontalFlip, v2.RandomVerticalFlip, augment.InWhiteUnits, augment.Cutout, v2.ToDtype,
+                     v2.RandomHorizontalFlip, v2.RandomVerticalFlip, augment.ColorJitter, augment.Cutout, v2.ToDtype,
                      v2.GaussianNoise]
     affine, rotation, zoom, jitter, noise = (pipeline.transforms[k] for k in (1, 2, 3, 6, 9))
-    jitter = jitter.transform  # torchvision's ColorJitter, on the image as a share of white (255 here)
     assert affine.translate == (0.2, 0.2) and list(affine.degrees) == [0.0, 0.0]
     assert zoom.scale == (0.9, 1.1) and zoom.translate is None and zoom.interpolation == InterpolationMode.BILINEAR
     assert list(rotation.degrees) == [-10.0, 10.0] and rotation.interpolation == InterpolationMode.BILINEAR
-    assert jitter.brightness == (0.7, 1.3) and jitter.saturation == (0.7, 1.3)
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.white) == (0.3, 0.3, 0.3, 255.0)
     assert (noise.sigma, noise.clip) == (2.0, False)
     out = pipeline(uint8_image())
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
@@ -391,7 +390,9 @@ def test_v2_flip_crop_and_cutout_follow_the_batched_definitions():
 ])
 def test_policies_exist_on_the_dataloader_path(keys, kind, attrs):
     pipeline = augment.build_v2_transform(node(**keys))
-    (policy,) = pipeline.transforms
+    (scaled,) = pipeline.transforms
+    policy = scaled.transform  # torchvision's, on the image scaled to 0-255 (here it already is)
+    assert isinstance(scaled, augment.OnFullScale) and scaled.white == 255.0
     assert isinstance(policy, kind) and all(getattr(policy, k) == v for k, v in attrs.items())
     out = pipeline(uint8_image(1, 8, 8))
     assert out.shape == (1, 8, 8) and out.dtype == torch.uint8

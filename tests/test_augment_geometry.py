@@ -376,7 +376,7 @@ def test_colour_extras_come_after_colour_jitter_on_both_paths():
     keys = dict(brightness=0.2, sharpness=0.5, gamma=0.3, invert=0.4, blur_sigma=1.0)
     pipeline = augment.build_v2_transform(node(**keys))
     kinds = [type(t) for t in pipeline.transforms]
-    assert kinds == [augment.InWhiteUnits, augment.RandomFactor, augment.RandomFactor, augment.RandomInvert,
+    assert kinds == [augment.ColorJitter, augment.RandomFactor, augment.RandomFactor, augment.RandomInvert,
                      augment.RandomBlur]
     sharp, gamma, inv = pipeline.transforms[1:4]
     assert (sharp.name, sharp.low, sharp.high) == ("adjust_sharpness", 0.5, 1.5)

@@ -131,6 +131,14 @@ def _corners(h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float32, device=device)
 
 
+def _three_on_a_line(points: torch.Tensor) -> torch.Tensor:
+    """[N] bool: whether some three of the four points of each [N, 4, 2] lie on one line (exactly: whole pixels)."""
+    triples = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]], device=points.device)
+    a, b, c = points[:, triples].unbind(2)  # [N, 4, 2] each
+    ab, ac = b - a, c - a
+    return (ab[..., 0] * ac[..., 1] - ab[..., 1] * ac[..., 0] == 0).any(1)
+
+
 def perspective(images: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Warp image i so that its corner pixels land on corners[i] ([N, 4, 2]: (x, y) pixel coordinates of the new
     top-left, top-right, bottom-right, bottom-left); bilinear, zero fill, as torchvision's perspective. An image
@@ -156,7 +164,11 @@ def perspective(images: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     # a pixel on the homography's vanishing line maps to infinity (0/0 exactly on it): outside, so zero fill
     grid = torch.nan_to_num(numerator / denominator, nan=2.0).clamp(-2.0, 2.0).view(n, h, w, 2)
     warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return torch.where((info == 0).view(n, 1, 1, 1), warped, images)
+    # solve_ex misses some singular systems (four corners on one line leave a pivot of rounding size), so both
+    # corner sets are tested for three on a line as well (a 1-pixel-high image's own corners coincide in pairs)
+    valid = (info == 0) & ~_three_on_a_line(corners.to(images.dtype)) & ~_three_on_a_line(
+        _corners(h, w, images.device).to(images.dtype).expand(n, 4, 2))
+    return torch.where(valid.view(n, 1, 1, 1), warped, images)
 
 
 def random_perspective(images: torch.Tensor, distortion: float, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -307,7 +319,7 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor, white: float 
 
 
 def color_jitter(images: torch.Tensor, brightness: float, contrast: float, saturation: float,
-                 generator: torch.Generator, white: float = PIXEL_MAX) -> torch.Tensor:
+                 generator: torch.Generator | None, white: float = PIXEL_MAX) -> torch.Tensor:
     """Brightness, then contrast, then saturation, each with a factor drawn per image from
     U(max(0, 1 - s), 1 + s) for its strength s; a strength of 0 leaves that property alone. Clamped to [0, white]."""
     n, device = images.shape[0], images.device
@@ -406,17 +418,36 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 # --- builders --------------------------------------------------------------------------------------
 
 
-def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white: float) -> list[Step]:
-    """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise. `white` is
-    the data's brightest level (gamma, invert and coarse salt)."""
+def check_sizes(cfg: DictConfig, input_shape: tuple[int, int, int]) -> None:
+    """Refuse (ConfigError) the sizes of cfg that do not fit the (C, H, W) images, on either path: reflect padding
+    as wide as the image, a cutout square larger than it, and a translate or perspective too small to move a pixel
+    (their draws are whole pixels, so such a value would silently change nothing)."""
     _, h, w = input_shape
-    padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
-    if mode == "reflect" and padding >= min(h, w):
+    padding, side = int(cfg.crop_padding), max(h, w)
+    if cfg.crop_padding_mode == "reflect" and padding >= min(h, w):
         raise ConfigError(f"augmentation.crop_padding={padding}: reflect padding must be smaller than the "
                           f"{h}x{w} images; choose at most {min(h, w) - 1} or crop_padding_mode=zeros")
     if int(cfg.cutout_size) > min(h, w):
         raise ConfigError(f"augmentation.cutout_size={cfg.cutout_size} is larger than the {h}x{w} images; "
                           f"choose at most {min(h, w)}")
+    # round(U(-f·W, f·W)), rounding half to even, is 0 for every draw while f·W <= 0.5
+    if 0 < cfg.translate and cfg.translate * side <= 0.5:
+        raise ConfigError(f"augmentation.translate={cfg.translate} moves no pixel of the {h}x{w} images (shifts are "
+                          f"round(U(±translate·{side})) whole pixels, all 0 up to half a pixel); choose more than "
+                          f"{0.5 / side:.4g}, or 0 for off")
+    # corners move by U{0..int(d·(W // 2))} pixels: none while d·(W // 2) < 1
+    if 0 < cfg.perspective and 0 < cfg.perspective_p and int(cfg.perspective * (side // 2)) == 0:
+        least = (f"choose at least {math.ceil(1e4 / (side // 2)) / 1e4:.4g}, or 0 for off" if side >= 2
+                 else "no distortion moves one, so choose 0")
+        raise ConfigError(f"augmentation.perspective={cfg.perspective} moves no corner of the {h}x{w} images "
+                          f"(corners move by whole pixels up to int(perspective·{side // 2})); {least}")
+
+
+def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white: float) -> list[Step]:
+    """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise. `white` is
+    the data's brightest level (gamma, invert and coarse salt)."""
+    check_sizes(cfg, input_shape)
+    padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
     translate_f, degrees, flip_h, flip_v = float(cfg.translate), float(cfg.rotate), float(cfg.hflip), float(cfg.vflip)
     amount, shear_deg = float(cfg.scale), float(cfg.shear)
     distortion, distortion_p = float(cfg.perspective), float(cfg.perspective_p)
@@ -611,6 +642,39 @@ class InWhiteUnits:
         return out.round().to(image.dtype)
 
 
+class ColorJitter:
+    """v2 counterpart of color_jitter: the same factors in the same fixed order (brightness, contrast, saturation) on
+    one image, rounded back to its dtype. (torchvision's ColorJitter shuffles the order per image, which with the clamp
+    at white clips more pixels than the device path.)"""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, white: float = PIXEL_MAX):
+        self.brightness, self.contrast, self.saturation, self.white = brightness, contrast, saturation, white
+
+    def __repr__(self) -> str:
+        return (f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
+                f"white={self.white})")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = color_jitter(image[None].float(), self.brightness, self.contrast, self.saturation, None, self.white)
+        return out[0].round().to(image.dtype)
+
+
+class OnFullScale:
+    """A torchvision policy (`transform`) run on the uint8 image scaled from [0, white] to [0, 255] and scaled back,
+    each rounded: its operations (invert, posterize, solarize's threshold, brightness's clamp) assume 255 is white,
+    and the digits' white is 16. With white 255 both scalings are exact identities."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], white: float = PIXEL_MAX):
+        self.transform, self.white = transform, white
+
+    def __repr__(self) -> str:
+        return f"OnFullScale({self.transform!r}, white={self.white})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        full = (image.float() * (PIXEL_MAX / self.white)).round().to(torch.uint8)
+        return (self.transform(full).float() * (self.white / PIXEL_MAX)).round().to(image.dtype)
+
+
 class RandomFactor:
     """v2 counterpart of random_sharpness and random_gamma: torchvision's functional `name` (adjust_sharpness or
     adjust_gamma) with a factor drawn uniformly from [low, high] per image, run as InWhiteUnits does."""
@@ -663,11 +727,11 @@ class RandomInvert:
 
 def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The per-image part of the augmentation node as a torchvision.transforms.v2 pipeline, or None; `white` is the
-    data's brightest level (gamma, invert and coarse salt).
+    data's brightest level (the colour steps, coarse salt and the policies).
 
     In: one uint8 image [C, H, W]. Out: pixel units, uint8 (float32 when noise_std > 0); the loader
     converts to float and normalises as on the device path. Randomness comes from torch's global
-    generator (seeded per DataLoader worker). mixup and cutmix act on batches: see build_batch_mix.
+    generator (the loader seeds it per image). mixup and cutmix act on batches: see build_batch_mix.
     """
     from torchvision.transforms import v2
 
@@ -694,8 +758,7 @@ def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[t
     if cfg.vflip > 0:
         steps.append(v2.RandomVerticalFlip(float(cfg.vflip)))
     if max(cfg.brightness, cfg.contrast, cfg.saturation) > 0:
-        steps.append(InWhiteUnits(v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast),
-                                                 saturation=float(cfg.saturation)), white))
+        steps.append(ColorJitter(float(cfg.brightness), float(cfg.contrast), float(cfg.saturation), white))
     if cfg.sharpness > 0:
         low, high = max(0.0, 1 - float(cfg.sharpness)), 1 + float(cfg.sharpness)
         steps.append(RandomFactor("adjust_sharpness", low, high, white))
@@ -704,7 +767,7 @@ def build_v2_transform(cfg: DictConfig, white: float = PIXEL_MAX) -> Callable[[t
     if cfg.invert > 0:
         steps.append(RandomInvert(float(cfg.invert), white))
     if cfg.policy is not None:
-        steps.append(build_policy(cfg))
+        steps.append(OnFullScale(build_policy(cfg), white))
     if cfg.blur_sigma > 0:
         steps.append(RandomBlur(float(cfg.blur_sigma)))
     if cfg.cutout_size > 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from trainlab.augment import PIXEL_MAX, Augment, build_augment, build_batch_mix, build_v2_transform
+from trainlab.augment import PIXEL_MAX, Augment, build_augment, build_batch_mix, build_v2_transform, check_sizes
 from trainlab.config import ConfigError
 from trainlab.datasets import SOURCES, load_image_folder, load_source
 from trainlab.distributed import Ranks
@@ -330,7 +330,9 @@ class _Samples(torch.utils.data.Dataset):
         image = self.images[i]
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
-                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2**63)
+                # the CPU generator only: torch.manual_seed would also reseed the GPU's, which fork_rng(devices=[])
+                # does not restore (dropout there would restart from this seed every batch)
+                torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2**63)
                 image = self.transform(image)
         return image, self.labels[i]
 
@@ -396,6 +398,7 @@ def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ra
     on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers.
     Under torchrun each rank serves its part of every batch."""
     common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
+    check_sizes(cfg.augmentation, data.input_shape)  # both paths refuse them here, before any batch is drawn
     if fits_on_device(cfg.data, data):
         augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape, data.white)
         return DeviceLoader(data.train, data.mean, data.std, cfg.data.batch_size, device, augment=augment,
