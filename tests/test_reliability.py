@@ -344,6 +344,22 @@ def test_checkpoints_and_summary_are_readable_as_the_umask_allows(tmp_path):
     assert (run_dir / "metrics.csv").stat().st_mode & 0o777 == 0o666 & ~files.UMASK
 
 
+def test_a_resume_at_an_epochs_last_step_logs_no_gradient_norm_or_speed_it_did_not_measure(tmp_path, monkeypatch):
+    """Interrupted after the epoch's last step, the resumed process closed that epoch's interval with no step of its
+    own: train/grad_norm 0.0 (no gradients in a new process) and perf/samples_per_s 0."""
+    args = ["trainer.max_epochs=2", "trainer.device=cpu"]
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, signal.SIGTERM, step=STEPS_PER_EPOCH)
+        assert train(tmp_path, args)[:2] == ("interrupted", 143)
+    assert train(tmp_path, [*args, "checkpoint.resume=auto"])[:2] == ("completed", 0)
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    norms, speeds = events.Scalars("train/grad_norm"), events.Scalars("perf/samples_per_s")
+    assert [e.step for e in events.Scalars("train/loss")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert [e.step for e in norms] == [e.step for e in speeds] == [2 * STEPS_PER_EPOCH]
+    assert all(e.value > 0 for e in norms + speeds)
+
+
 def test_a_finished_run_trains_on_when_trainer_max_epochs_is_raised(tmp_path, caplog):
     """2 epochs, then extended to 4: bitwise the run that trained 4 at once (a constant lr: no schedule to stretch)."""
     caplog.set_level(logging.INFO, logger="trainlab")

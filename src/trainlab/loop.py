@@ -6,7 +6,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -193,6 +193,7 @@ def train_one_epoch(
         return logits, loss, objective
 
     lrs = list(map(rate, groups))
+    stepped = False  # whether this process took a step of the epoch (a resume may come at its very end)
     for images, labels in batches:
         if closure_step:  # the optimizer evaluates the loss as often as it needs; the last evaluation counts
             evaluations: list[tuple[torch.Tensor, ...]] = []
@@ -226,6 +227,7 @@ def train_one_epoch(
         lrs = list(map(rate, groups))  # the rates this step used
         scheduler.step()
         step += 1
+        stepped = True
 
         totals.record(step, loss, logits, labels)
         if totals.interval_steps == every_n_steps:
@@ -234,8 +236,8 @@ def train_one_epoch(
             on_step(step, totals)
     if totals.seen == 0:
         raise ValueError("the training split yields no batch; lower data.batch_size")
-    if totals.interval_steps > 0:
-        on_interval(_read_interval(step, totals, lrs, parts))
+    if totals.interval_steps > 0:  # without a step here, no gradient to measure: the interval's loss only
+        on_interval(_read_interval(step, totals, lrs, parts if stepped else replace(parts, grad_norm=None)))
     totals.fold()
     return EpochResult(loss=totals.loss_sum / totals.seen, acc=totals.correct / totals.seen, step=step)
 

@@ -181,21 +181,23 @@ class RunMonitor:
         """Per logging interval: train/loss, lr and momentum per group, gradient and weight norms, samples/s."""
         now = time.perf_counter()
         steps_done = interval.step - self._mark[1]
-        rate = steps_done / max(now - self._mark[0], 1e-9)  # steps per second over the interval
+        # steps per second over the interval; none when this process took none of its steps (resumed at its end)
+        rate = steps_done / max(now - self._mark[0], 1e-9) if steps_done > 0 else None
         self._mark = (now, interval.step)
-        self._run_rate = rate if self._run_rate is None else 0.7 * self._run_rate + 0.3 * rate
+        if rate is not None:
+            self._run_rate = rate if self._run_rate is None else 0.7 * self._run_rate + 0.3 * rate
         self.last_step = interval.step
         self._weight_norm = (interval.step, interval.weight_norm)  # the epoch's last interval ends at its last step
         if self.writer is not None:
             self._write_interval(interval, rate)
-        if self.progress is not None:
+        if self.progress is not None and rate is not None:
             remaining = (self._epoch_first_step + self._epoch_steps - interval.step
                          + (self.max_epochs - self._epoch) * self._epoch_steps)
             self.progress.update(self.task, completed=interval.step - self._epoch_first_step, step=interval.step,
                                  loss=f"{interval.loss:.4f}", lr=f"{interval.lrs[0]:.3g}",
                                  speed=f"{rate * self._batch_size:,.0f}", eta=_clock(remaining / self._run_rate))
 
-    def _write_interval(self, interval: Interval, rate: float) -> None:
+    def _write_interval(self, interval: Interval, rate: float | None) -> None:
         values = {"train/loss": interval.loss, "lr": interval.lrs[0]}
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         for i, (group, lr) in enumerate(zip(groups, interval.lrs)):
@@ -206,7 +208,7 @@ class RunMonitor:
                 values[f"momentum/{name}"] = momentum
         if interval.grad_norm is not None:
             values["train/grad_norm"] = interval.grad_norm
-        if self._batch_size > 0:
+        if self._batch_size > 0 and rate is not None:
             values["perf/samples_per_s"] = rate * self._batch_size
         self._scalars(values, interval.step)
 
