@@ -149,7 +149,9 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tra
     last = tmp_path / "first" / "checkpoints" / "last.pt"
     status, code, resumed = train_inprocess([*overrides, f"checkpoint.resume={last}"], name="second")
     assert (status, code) == ("completed", 0)
-    assert [int(r["epoch"]) for r in read_csv(tmp_path / "second" / "metrics.csv")] == [3, 4]
+    rows = read_csv(tmp_path / "second" / "metrics.csv")  # the continued run's rows up to its checkpoint, then its own
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == read_csv(tmp_path / "first" / "metrics.csv")[:2]
     assert resumed.summary["epochs_run"] == 4
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,17 @@ def summed(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `tensor` over the ranks (in place; one collective)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def mean_norm_statistics(module: nn.Module, world: int, keep: Iterable[nn.Module] = ()) -> None:
+    """Make every batch norm's running mean and variance the ranks' mean (one collective per tensor), except the
+    modules in `keep` (frozen ones, the same on every rank). Each rank's forward passes update them from its part of
+    the batch, so without this each rank would evaluate a different model, and best.pt (rank 0's) none of them."""
+    kept = set(map(id, keep))
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None and id(norm) not in kept:
+            for buffer in (norm.running_mean, norm.running_var):
+                summed(buffer).div_(world)
 
 
 def first_signal(received: int | None, device: torch.device) -> int | None:

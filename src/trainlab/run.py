@@ -644,6 +644,8 @@ class Run:
             raise faults.Diverged(f"the mean training loss of epoch {epoch} is {result.loss}")
         if averaging:
             self.swa.update_parameters(self.model)
+        if self.ranks.active:  # the weights every rank evaluates, and rank 0 saves as best.pt, are one model
+            distributed.mean_norm_statistics(self.eval_model, self.ranks.world, finetune.frozen_norms(self.eval_model))
         val = evaluate(self.eval_model, self.val_batches, self.autocast, self.reduce)
         if not math.isfinite(val["loss"]):
             raise faults.DivergedInValidation(f"val/loss {val['loss']} at epoch {epoch} (train/loss "
@@ -701,10 +703,7 @@ class Run:
         for module, state in frozen:  # update_bn resets every batch norm: a frozen one keeps its own
             module.load_state_dict(state)
         if self.ranks.active:  # each rank's pass saw its part of every batch: keep the ranks' mean statistics
-            for module in self.swa.module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                    for buffer in (module.running_mean, module.running_var):
-                        distributed.summed(buffer).div_(self.ranks.world)
+            distributed.mean_norm_statistics(self.swa.module, self.ranks.world, finetune.frozen_norms(self.swa))
         val = evaluate(self.swa.module, self.val_batches, self.autocast, self.reduce)
         self.summary["swa"] = {"epochs_averaged": int(self.swa.n_averaged), "val/loss": val["loss"],
                                "val/acc": val["acc"]}
