@@ -1003,6 +1003,12 @@ def test_resume_auto_without_a_last_pt_starts_fresh_in_place_of_the_first_attemp
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
+def _ctrl_c_as_from_a_terminal() -> None:
+    """A shell starts a background job (`pytest &`) with SIGINT ignored, and Python then leaves it ignored: undo that in
+    the child, as a terminal's foreground command has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_signal_while_torch_imports_exits_without_a_traceback_or_a_run_directory(tmp_path, signum, code):
     """Before trainlab's handlers are in (the first second or so: Hydra's start, then `import torch`), Ctrl-C printed
@@ -1011,7 +1017,8 @@ def test_a_stop_signal_while_torch_imports_exits_without_a_traceback_or_a_run_di
     run_dir = tmp_path / "run"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "trainlab", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_ctrl_c_as_from_a_terminal)
     deadline = time.monotonic() + 60
     while not (run_dir / ".hydra").is_dir():  # Hydra has written its record: torch is imported next
         assert time.monotonic() < deadline and process.poll() is None
