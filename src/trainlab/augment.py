@@ -445,7 +445,7 @@ def check_sizes(cfg: DictConfig, input_shape: tuple[int, int, int]) -> None:
 
 def _per_sample_steps(cfg: DictConfig, input_shape: tuple[int, int, int], white: float) -> list[Step]:
     """The per-image transforms of cfg, in the order they run: geometry, colour, blur, occlusion, noise. `white` is
-    the data's brightest level (gamma, invert and coarse salt)."""
+    the data's brightest level (the colour steps and coarse salt clamp at it, invert reflects about it)."""
     check_sizes(cfg, input_shape)
     padding, mode = int(cfg.crop_padding), str(cfg.crop_padding_mode)
     translate_f, degrees, flip_h, flip_v = float(cfg.translate), float(cfg.rotate), float(cfg.hflip), float(cfg.vflip)

@@ -76,11 +76,12 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
         jobs = [p for p in sorted(path.iterdir()) if (p / ".hydra" / "config.yaml").is_file()]
         if not jobs:
             raise ConfigError(f"{path}: neither a run directory (.hydra/config.yaml) nor a sweep of them")
-        unfinished = [(job, _status(job)) for job in jobs if _status(job) not in DONE]
+        statuses = {job: _status(job) for job in jobs}
+        unfinished = [(job, status) for job, status in statuses.items() if status not in DONE]
         if unfinished:  # an interrupted or diverged job's weights are not those of the experiment it names
             print(f"trainlab ensemble: left out {len(unfinished)} job(s) of {path} that did not complete: "
                   + ", ".join(f"{job.name} ({status})" for job, status in unfinished), file=sys.stderr)
-            jobs = [job for job in jobs if _status(job) in DONE]
+            jobs = [job for job, status in statuses.items() if status in DONE]
         found += [(job, w) for job in jobs for w in _last(job, _weights(job, which), last)]
     unique = list({(run_dir.resolve(), weights.resolve()): (run_dir, weights) for run_dir, weights in found}.values())
     if len(unique) < len(found):  # a run given twice (or a sweep and one of its jobs) would weigh twice in the mean

@@ -243,7 +243,8 @@ def train_one_epoch(
 
 
 def _read_interval(step: int, totals: EpochTotals, lrs: list[float], parts: StepParts) -> Interval:
-    """The interval's mean loss (over its examples), and the gradient and weight norms of its last step, in one read from the device."""
+    """The interval's mean loss (over its examples), and the gradient and weight norms of its last step, in one read
+    from the device."""
     grad = [parts.grad_norm()] if parts.grad_norm is not None else []
     weights = [parts.weight_norm()] if parts.weight_norm is not None else []
     values = totals.fold(*grad, *weights)
