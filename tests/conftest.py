@@ -17,6 +17,34 @@ from trainlab.config import register_configs
 CONF_DIR = Path(trainlab.__file__).parent / "conf"
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the default addopts): one worker per core this process may run on, hyperthreads included."""
+    return len(_cores())
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker gets its own share of the cores (its CPU affinity, which the processes its tests
+    start inherit), so two workers' training runs do not fight over the same cores with twice the threads."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = _cores()
+    if worker is None or count < 2 or count > len(cores) or not hasattr(os, "sched_setaffinity"):
+        return
+    share = cores[int(worker.removeprefix("gw")) :: count]
+    os.sched_setaffinity(0, share)
+    import torch
+
+    torch.set_num_threads(len(share))
+
+
+def _cores() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return list(range(os.cpu_count() or 1))
+
+
 # A short run: 2 epochs, small logging interval, so each test trains in about a second.
 FAST = ["trainer.max_epochs=2", "logger.every_n_steps=5"]
 

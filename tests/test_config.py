@@ -100,9 +100,10 @@ def test_cfg_job_prints_the_config_without_running(tmp_path):
     ],
     ids=["misspelt-key", "unknown-option", "wrong-type"],
 )
-def test_hydra_refuses_bad_overrides_before_any_work(tmp_path, args, message):
+def test_hydra_refuses_bad_overrides_before_any_work_with_exit_2(tmp_path, args, message):
+    """Hydra's own exit code for these is 1, that of an error during a run."""
     result = run_cli(args, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "outputs").exists()
 

@@ -89,7 +89,8 @@ def test_folded_totals_are_the_whole_batchs_when_the_ranks_sum_them():
     assert totals.fold(torch.tensor(3.0), torch.tensor(5.0)) == [3.0, 5.0]  # nothing pending: extras only
 
 
-@pytest.mark.parametrize("path", [[], ["data.loader=dataloader", "data.num_workers=0", "augmentation=noise"]],
+@pytest.mark.parametrize("path", [[], pytest.param(["data.loader=dataloader", "data.num_workers=0", "augmentation=noise"],
+                                                    marks=pytest.mark.slow)],  # 15 s: a torchrun run and one in-process
                          ids=["device", "dataloader-with-per-image-noise"])
 def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, path):
     """The DataLoader path's per-image transforms are seeded by the image, so they are the same at any rank count."""
@@ -182,6 +183,7 @@ def test_nonfinite_steps_are_skipped_and_stopped_on_every_rank_alike(tmp_path):
     assert len(skipped) == 4 and skipped[0] == skipped[1] and skipped[2] == skipped[3]  # 2 ranks, 2 skips each
 
 
+@pytest.mark.slow  # 25 s: three torchrun runs
 def test_resume_under_torchrun_continues_every_ranks_random_streams(tmp_path):
     """A mid-epoch last.pt (step 30 of 40; kept as last.prev.pt) resumed under torchrun ends bitwise like the run."""
     noisy = ["regularization=dropout", "augmentation=noise", "logger.every_n_steps=5", "trainer.max_epochs=2",
@@ -205,6 +207,7 @@ def environment(pid: int) -> dict[str, str]:
     return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
 
 
+@pytest.mark.slow  # 30 s: two torchrun runs
 def test_a_signal_to_one_rank_stops_all_of_them_after_the_same_step(tmp_path):
     process = torchrun(["trainer.max_epochs=100000", "early_stopping.enabled=false", "hydra.run.dir=run",
                         "logger.every_n_steps=5"], tmp_path, wait=False)
@@ -252,6 +255,7 @@ main()
 """
 
 
+@pytest.mark.slow  # 13 s: a torchrun run
 def test_when_one_rank_fails_summary_json_names_that_rank_and_its_error(tmp_path):
     """Rank 0 sees only its collective break off; the failing rank leaves its error in torchrun's store."""
     (tmp_path / "fail_rank_one.py").write_text(FAIL_RANK_ONE)
@@ -320,7 +324,8 @@ def test_the_advice_for_batches_the_processes_cannot_split_names_what_to_change(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["data.batch_size=63"], "each of the 2 processes trains an equal part of every batch; use a multiple of 2"),
+        pytest.param(["data.batch_size=63"], "each of the 2 processes trains an equal part of every batch; use a "
+                     "multiple of 2", marks=pytest.mark.slow),  # 11 s; the advice test above covers the message
         (["-m", "seed=0,1"], "a sweep (-m) runs its jobs one process each"),
     ],
     ids=["uneven-batch", "sweep"],

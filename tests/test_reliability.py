@@ -444,6 +444,7 @@ SLOW_EPOCHS = ["trainer.max_epochs=2", "data.batch_size=8", "logger.progress=lin
                "logger.tensorboard=false"]
 
 
+@pytest.mark.slow  # 14 s: a run and its resume; test_ctrl_c_saves_and_exits_130 covers one signal
 def test_sigterm_twice_saves_exits_143_and_resume_auto_finishes(tmp_path):
     run_dir = tmp_path / "run"
     proc = start_training([*SLOW_EPOCHS, f"hydra.run.dir={run_dir}"], tmp_path)

@@ -66,6 +66,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_the_report_names_it(tmp_path)
     assert (sweep / "sweep_val_loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # 8 s: two sweeps
 def test_two_sweeps_started_together_get_their_own_directories(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     args = [sys.executable, "-m", "trainlab", "-m", "dry_run=true", "optimizer=adam"]
@@ -165,6 +166,7 @@ def test_an_interrupted_optuna_search_resumes_its_study(tmp_path):
     assert sorted(int(p.parent.name.split("_")[0]) for p in sweep.glob("*/summary.json")) == [0, 1, 3]
 
 
+@pytest.mark.slow  # 26 s: a sweep and its resume
 def test_sweep_resume_skips_completed_jobs_and_resumes_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1", "trainer.max_epochs=2", "model.hidden=[16]", "logger.tensorboard=false",

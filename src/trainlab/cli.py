@@ -174,6 +174,8 @@ def main() -> None:
     except SystemExit as stop:
         if stop.code not in (0, None):
             _remove_unstarted_sweep()
+        if stop.code == 1 and _refused_by_hydra(stop):
+            sys.exit(2)  # the command line is wrong, as for every refusal of trainlab's own
         raise
     except (KeyboardInterrupt, _Stopped) as stop:  # outside the training loop (torch importing, between sweep jobs)
         for run_dir in _RUN_DIRS:
@@ -183,6 +185,15 @@ def main() -> None:
         print(f"train: interrupted ({name}) outside the training loop (starting up, or between a sweep's jobs); "
               f"no training was cut short{_continue_sweep()}", file=sys.stderr)
         sys.exit(code)
+
+
+def _refused_by_hydra(stop: SystemExit) -> bool:
+    """Hydra reports an override it cannot compose (a misspelt key, an unknown option, a value of the wrong type)
+    and exits 1 from inside its handler of the error, which is therefore the exit's context."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(stop.__context__, (HydraException, OmegaConfBaseException))
 
 
 # The stop signals a scheduler sends (SIGINT is Python's KeyboardInterrupt already). Their default action ends the

@@ -122,7 +122,7 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
     _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots)
-    console.print(f"wrote {path}", markup=False)
+    console.print(f"wrote {path}", markup=False, soft_wrap=True)  # a path cut over lines cannot be pasted
     return path
 
 

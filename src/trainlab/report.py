@@ -384,7 +384,7 @@ def publish(report: Report, console: Console | None = None) -> None:
         console.print(group_table(report))
     written = ["sweep_summary.csv", "sweep_summary.md"] + (["sweep_summary_over_seeds.csv"] if report.groups else [])
     console.print(f"report: {', '.join(written)}" + (", sweep_val_loss.png" if plotted else "") + f" in {sweep_dir}",
-                  markup=False)
+                  markup=False, soft_wrap=True)  # a path cut over lines cannot be pasted
 
 
 def main(argv: list[str] | None = None) -> None:
