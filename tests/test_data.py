@@ -178,6 +178,35 @@ def test_truncated_idx_file_names_the_file(tmp_path):
         data.build_data(data_cfg("mnist", root=tmp_path))
 
 
+def test_a_damaged_gzip_idx_file_names_the_file(tmp_path):
+    """Damage inside the deflate stream raised zlib.error: a traceback and exit 1, not the file and the fix."""
+    write_mnist(tmp_path, gz=True)
+    labels = tmp_path / "MNIST/raw/train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(b"")[:10] + b"\xff" * 40)  # a gzip header, then no valid deflate block
+    with pytest.raises(ConfigError, match=r"train-labels-idx1-ubyte\.gz cannot be read .*delete it and get the file"):
+        data.build_data(data_cfg("mnist", root=tmp_path))
+
+
+@pytest.mark.parametrize("keep", [0, 100], ids=["empty", "header-only"])
+def test_a_short_svhn_file_names_the_file(tmp_path, keep):
+    """An empty .mat raised scipy's MatReadError, one cut after its header an IndexError: tracebacks, exit 1."""
+    pytest.importorskip("scipy.io", reason="scipy reads SVHN's .mat files")
+    write_svhn(tmp_path)
+    test = tmp_path / "test_32x32.mat"
+    test.write_bytes(test.read_bytes()[:keep])
+    with pytest.raises(ConfigError, match=r"test_32x32\.mat is not a readable SVHN \.mat file"):
+        data.build_data(data_cfg("svhn", root=tmp_path))
+
+
+def test_labels_outside_the_classes_are_refused_naming_the_folder(tmp_path):
+    """EMNIST letters (labels 1-26) in MNIST's place trained until cross-entropy met label 18: exit 1 mid-run."""
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte", (np.arange(20) % 26 + 1).astype(np.uint8))
+    with pytest.raises(ConfigError, match=r"data=mnist: the test labels in .*MNIST/raw include 10 \(11 of 20 outside "
+                                          r"0-9\): these are not mnist's files"):
+        data.build_data(data_cfg("mnist", root=tmp_path))
+
+
 # --- offline: absent files, failed downloads ---------------------------------------------------------
 
 
@@ -319,6 +348,63 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path):
     cache_file.write_bytes(b"garbage")
     assert torch.equal(data.build_data(cfg).train.images, first.train.images)
     assert cache_file.stat().st_size > 1000
+
+
+def test_an_unwritable_cache_dir_trains_on_without_the_cache(tmp_path, caplog):
+    """A cache that could not be written (read-only data.root, a full disk) stopped the run: exit 1, "could not
+    write checkpoint ... the run directory"; the cache only saves decoding time."""
+    write_image_folder(tmp_path / "imgs")
+    (tmp_path / "blocker").write_text("a file where the cache folder would go")
+    cfg = data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=tmp_path / "blocker" / "cache")
+    d = data.build_data(cfg)
+    assert torch.equal(d.train.images, data.build_data(data_cfg("image_folder", path=tmp_path / "imgs",
+                                                                cache_dir="null")).train.images)
+    assert "cannot write the cache" in caplog.text and "data.cache_dir" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "imgs"]  # no partial cache file anywhere
+
+
+def test_a_cache_inside_the_image_folder_is_not_taken_for_a_class(tmp_path):
+    """With the defaults (data.root data/, cache in data/cache) and images in data/<class>/, the second run refused:
+    "the class folder data/cache holds no images"."""
+    write_image_folder(tmp_path / "data")
+    cfg = data_cfg("image_folder", path=tmp_path / "data", root=tmp_path / "data")
+    first = data.build_data(cfg)
+    assert (tmp_path / "data" / "cache").is_dir()
+    again = data.build_data(cfg)
+    assert again.num_classes == 3 and torch.equal(again.train.images, first.train.images)
+
+
+def test_a_cache_written_by_an_older_decoder_is_not_reused(tmp_path, monkeypatch):
+    """CACHE_FORMAT stayed 1 when 16-bit images stopped being clipped white: caches of the old decoding (same files,
+    same key) were still read."""
+    write_image_folder(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets, "CACHE_FORMAT", 1)
+        data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir))
+    (old,) = cache_dir.iterdir()
+    stored = torch.load(old, weights_only=True)
+    stored["train_images"].fill_(255)  # what the format-1 decoder made of a 16-bit image
+    torch.save(stored, old)
+    d = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir))
+    assert int(d.train.images.min()) < 255 and len(list(cache_dir.iterdir())) == 2
+
+
+def test_an_image_over_pils_pixel_limit_names_the_file(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError is not an OSError: it escaped as a traceback (exit 1)."""
+    from PIL import Image
+
+    write_image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # the 12x14 images are over twice it, as a 180 MP photo is
+    with pytest.raises(ConfigError, match=r"cannot read the image .*cat/000\.png \(DecompressionBombError"):
+        data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir="null"))
+
+
+def test_a_split_that_leaves_nothing_names_its_key(tmp_path):
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=1)
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.1 holds out 1 of 1 examples .*leaves nothing to "
+                                          r"train on; give a dataset with more examples"):
+        data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir="null"))
 
 
 def test_image_folder_reads_16_bit_images_as_8_bit_levels_not_clipped_white(tmp_path):

@@ -50,12 +50,15 @@ class Dataset:
         return f"train {len(self.train)}{of} / val {len(self.val)} / test {len(self.test)}"
 
 
-def split_index(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded permutation of range(n) cut into (kept, held_out) with round(fraction * n) held out."""
+def split_index(n: int, fraction: float, seed: int, key: str = "the fraction") -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded permutation of range(n) cut into (kept, held_out) with round(fraction * n), at least 1, held out;
+    `key` names the fraction in the error when nothing is left."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = max(1, round(fraction * n))
     if held >= n:
-        raise ConfigError(f"a fraction of {fraction} of {n} examples leaves nothing to train on")
+        smaller = f"a smaller {key} or " if round(fraction * n) >= n else ""
+        raise ConfigError(f"{key}={fraction} holds out {held} of {n} examples (at least one) and leaves nothing to "
+                          f"train on; give {smaller}a dataset with more examples")
     return order[held:].sort().values, order[:held].sort().values
 
 
@@ -165,9 +168,9 @@ def build_data(cfg: DictConfig) -> Dataset:
     train_all, test, num_classes = load_images(cfg)
     if test is None:
         # The test split depends on nothing but the data, so every run of a study tests on the same images.
-        train_idx, test_idx = split_index(len(train_all), cfg.test_fraction, seed=0)
+        train_idx, test_idx = split_index(len(train_all), cfg.test_fraction, 0, "data.test_fraction")
         train_all, test = train_all.subset(train_idx), train_all.subset(test_idx)
-    fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, seed=cfg.split_seed)
+    fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, cfg.split_seed, "data.val_fraction")
     available, val = train_all.subset(fit_idx), train_all.subset(val_idx)
     # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
     # The statistics are the subset's own: a run on N examples knows nothing of the others.

@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ log = logging.getLogger("trainlab")
 
 DOWNLOAD_TIMEOUT_S = 10.0  # per blocking socket operation: an unreachable network fails in seconds, not minutes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # part of every cache's key: raise it when decoding changes (2: 16-bit images scaled, not clipped)
 
 Images = tuple[torch.Tensor, torch.Tensor]  # uint8 [N, C, H, W], int64 [N]
 
@@ -40,7 +41,7 @@ def read_idx(path: Path) -> torch.Tensor:
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged .gz (not every damage is a bad CRC)
         raise ConfigError(f"{path} cannot be read ({error}); delete it and get the file again") from None
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ConfigError(f"{path} is not an idx file of unsigned bytes (magic {raw[:4].hex()}); delete it and get "
@@ -89,7 +90,7 @@ def read_svhn_mat(path: Path) -> Images:
         mat = loadmat(path)
         images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8))
         labels = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - scipy's MatReadError, IndexError (a short file), NotImplementedError
         raise ConfigError(f"{path} is not a readable SVHN .mat file ({type(error).__name__}: {error}); delete it "
                           "and get the file again") from None
     return images, labels
@@ -186,6 +187,14 @@ def load_source(name: str, root: Path, download: bool) -> tuple[Images, Images, 
     if len(missing) > 0:
         download_source(name, root)
     train, test = source.read(folder)
+    for split, (_, labels) in (("train", train), ("test", test)):
+        # another dataset's files in this one's place (EMNIST letters 1-26 as MNIST) trained until the loss met a
+        # label past the model's outputs ("Target 18 is out of bounds"; on a GPU a device-side assert)
+        outside = labels[(labels < 0) | (labels >= source.num_classes)]
+        if len(outside) > 0:
+            raise ConfigError(f"data={name}: the {split} labels in {folder.resolve()} include {int(outside[0])} "
+                              f"({len(outside)} of {len(labels)} outside 0-{source.num_classes - 1}): these are not "
+                              f"{name}'s files; replace them with the files from {source.origin}")
     return train, test, source.num_classes
 
 
@@ -235,9 +244,16 @@ def download_source(name: str, root: Path) -> None:
 # --- image folders ---------------------------------------------------------------------------------
 
 
-def scan_tree(tree: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _folders(tree: Path, cache_dir: Path | None) -> list[str]:
+    """The names of tree's subfolders, sorted, less hidden ones and data.cache_dir: with the defaults (data.root data/,
+    the cache in data/cache) images in data/<class>/ made a second run refuse the first run's cache as a class."""
+    cache = cache_dir.resolve() if cache_dir is not None else None
+    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith(".") and d.resolve() != cache)
+
+
+def scan_tree(tree: Path, cache_dir: Path | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class names, [(image file, class index)]) of a directory of class subfolders, sorted by name."""
-    classes = sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = _folders(tree, cache_dir)
     if len(classes) < 2:
         raise ConfigError(f"data.path: {tree} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
                           "an image folder needs one subfolder of images per class, at least 2 classes")
@@ -266,7 +282,8 @@ def decode_images(files: list[tuple[Path, int]], size: int, channels: int) -> Im
                 if image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
-        except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        # PIL's UnidentifiedImageError is an OSError; DecompressionBombError (over 179 M pixels) is not
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise ConfigError(f"data.path: cannot read the image {path} ({type(error).__name__}: {error}); "
                               "replace or remove the file") from None
         images[i] = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
@@ -309,11 +326,11 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
         what = "is a file, not a directory" if root.exists() else "no such directory"
         raise ConfigError(f"data.path={cfg.path}: {what} ({root.resolve()}); give a folder of class "
                           "subfolders, or one with train/ and test/ subfolders of class subfolders")
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else None
     trees = {"train": root / "train", "test": root / "test"}
     if not all(t.is_dir() for t in trees.values()):
         one = next((split for split, tree in trees.items() if tree.is_dir()), None)
-        others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in trees
-                        and not d.name.startswith("."))
+        others = [name for name in _folders(root, cache_dir) if name not in trees]
         if one is not None:  # a split layout (train/ with val/, say) whose folders would otherwise become the classes
             missing = "test" if one == "train" else "train"
             besides = f" and {', '.join(o + '/' for o in others)}" if others else ""
@@ -324,7 +341,7 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
                               f"{root / missing} with the same class folders, or give data.path={root / one} (its "
                               "class folders are then split by data.test_fraction)")
         trees = {"train": root}
-    scanned = {split: scan_tree(tree) for split, tree in trees.items()}
+    scanned = {split: scan_tree(tree, cache_dir) for split, tree in trees.items()}
     classes = scanned["train"][0]
     if "test" in scanned and scanned["test"][0] != classes:
         raise ConfigError(f"data.path={cfg.path}: train/ and test/ have different class folders "
@@ -332,9 +349,9 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
     size, channels = int(cfg.image_size), int(cfg.channels)
     all_files = [f for _, files in scanned.values() for f in files]
     cache = None
-    if cfg.cache_dir is not None:
+    if cache_dir is not None:
         key = cache_key(root, all_files, size, channels)
-        cache = Path(cfg.cache_dir).expanduser() / f"image_folder_{root.resolve().name}_{size}px_{channels}ch_{key}.pt"
+        cache = cache_dir / f"image_folder_{root.resolve().name}_{size}px_{channels}ch_{key}.pt"
         if cache.is_file():
             try:
                 stored = torch.load(cache, weights_only=True)
@@ -349,8 +366,12 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
     for split, (images, labels) in decoded.items():
         stored[f"{split}_images"], stored[f"{split}_labels"] = images, labels
     if cache is not None:
-        save_atomic(stored, cache)
-        log.info(f"image_folder: cached as {cache}")
+        try:  # the cache only saves decoding time: a data.root that cannot be written (read-only, full) stops nothing
+            save_atomic(stored, cache)
+            log.info(f"image_folder: cached as {cache}")
+        except OSError as error:
+            log.warning(f"image_folder: cannot write the cache {cache} ({error.__cause__ or error}); training on "
+                        "without it (each run decodes again): set data.cache_dir to a writable folder, or null")
     return _cached_splits(stored, len(classes))
 
 
