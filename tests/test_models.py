@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,20 @@ def test_group_norm_with_indivisible_channels_names_both_numbers_and_the_fix():
         MLP([10], input_shape=(4,), num_classes=2, norm={"name": "group", "num_groups": 4})
 
 
+def test_group_norm_refused_on_an_mlp_lists_the_group_counts_every_hidden_width_takes():
+    """It listed the divisors of the one width that failed (of 100: ..., 5, 10, ...): 10 was then refused at 256."""
+    for groups in (8, 10):
+        with pytest.raises(ConfigError, match=r"num_groups=%d does not divide .*\(of 256, 100: 1, 2, 4\)" % groups):
+            MLP([256, 100], input_shape=(1, 8, 8), num_classes=3, norm={"name": "group", "num_groups": groups})
+    assert MLP([256, 100], input_shape=(1, 8, 8), num_classes=3, norm={"name": "group", "num_groups": 4})
+
+
+def test_layer_norm_of_a_one_unit_layer_is_refused_without_suggesting_layer_norm():
+    with pytest.raises(ConfigError, match=r"normalization=layer .* 1 channel.*Use wider hidden layers "
+                                          r"\(model.hidden\), or normalization=batch\.$"):
+        MLP([1], input_shape=(1, 8, 8), num_classes=3, norm={"name": "layer"})
+
+
 def test_instance_norm_on_flat_features_is_refused():
     with pytest.raises(ConfigError, match=r"normalization=instance.*model=mlp.*normalization=layer"):
         MLP([16], input_shape=(1, 8, 8), num_classes=3, norm={"name": "instance"})
@@ -196,6 +211,17 @@ def test_leaky_relu_slope_is_the_negative_slope_knob():
     assert models.make_activation("leaky_relu").negative_slope == 0.01
     x = torch.tensor([-2.0, 3.0])
     assert torch.equal(models.make_activation("leaky_relu", 0.2)(x), torch.tensor([-0.4, 3.0]))
+
+
+@pytest.mark.parametrize("slope", [None, "0.1", float("nan")])
+def test_a_leaky_relu_slope_that_is_not_a_number_is_refused_when_the_model_is_built(slope):
+    """model.negative_slope=null built the model (and its init took slope 0.01), then crashed at the first forward."""
+    with pytest.raises(ConfigError, match=r"model.negative_slope=.*leaky_relu's slope for x < 0 must be a number"):
+        MLP([4], "leaky_relu", slope, input_shape=(3,), num_classes=2, norm=BATCH)
+    with pytest.raises(ConfigError, match=r"model.negative_slope="):
+        cfg = compose_cfg(["model=cnn", "model.activation=leaky_relu", "model.negative_slope=null"])
+        build_model(cfg, (1, 8, 8), 10)
+    assert MLP([4], "relu", slope, input_shape=(3,), num_classes=2, norm=BATCH)  # read by leaky_relu only
 
 
 def test_unknown_activation_lists_the_valid_names():
@@ -368,6 +394,38 @@ def test_cnn_depth_counts_weighted_layers(depth, residual):
 def test_resnet20_has_269722_parameters_with_option_a_shortcuts(residual):
     cnn = CNN(depth=20, width=16, stages=3, residual=residual, input_shape=(3, 32, 32), num_classes=10, norm=BATCH)
     assert sum(p.numel() for p in cnn.parameters()) == 269722
+
+
+def test_residual_must_be_true_or_false():
+    """model.residual=null built a plain net without a word (the skip connections are read by truthiness)."""
+    with pytest.raises(ConfigError, match=r"model.residual=None: choose true .* or false"):
+        build_model(compose_cfg(["model=cnn", "model.residual=null"]), (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["initialization.zero_init_residual=true"], "zero_init_residual=true: MLP has no residual blocks"),
+    (["model=cnn", "model.residual=false", "initialization.zero_init_residual=true"], "CNN has no residual blocks"),
+    (["model=cnn", "normalization=none", "initialization.zero_init_residual=true"], "normalization=none has no norms"),
+    (["initialization=kaiming_normal", "initialization.mode=fan_avg"], "initialization.mode='fan_avg'"),
+])
+def test_the_dry_run_refuses_an_initialization_that_training_refuses(overrides, message):
+    """The dry run built the model but never the initialization: it drew the lr curve (exit 0) of a run that
+    `train` refuses (exit 2). build_model now checks cfg.initialization against the model it built."""
+    from trainlab.dry_run import lr_curve
+
+    cfg = compose_cfg([*overrides, "trainer.max_epochs=1", "data.batch_size=512"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lr_curve(cfg)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model(cfg, (1, 8, 8), 10)
+
+
+def test_build_model_checks_the_initialization_without_applying_it():
+    cfg = compose_cfg(["model=cnn", "model.depth=8", "initialization=constant",
+                       "initialization.zero_init_residual=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 8, 8), 10)
+    assert model.blocks[0].conv1.weight.std() > 0 and torch.equal(model.blocks[0].norm2.weight, torch.ones(16))
 
 
 # --- torchvision ----------------------------------------------------------------------------------------------

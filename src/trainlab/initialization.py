@@ -86,6 +86,12 @@ def initialize(model: nn.Module, cfg: Mapping[str, Any], activation: str = "relu
         nn.init.zeros_(norm.weight)
 
 
+def check_initialization(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Refuse what `initialize(model, cfg)` would refuse (the name, mode, std, zero_init_residual), changing nothing."""
+    weight_initializer(cfg)
+    _residual_norms(model, cfg.get("zero_init_residual", False))
+
+
 def _residual_norms(model: nn.Module, zero_init_residual: Any) -> list[nn.Module]:
     """The norms that zero_init_residual zeroes (none when it is false); refuses models it cannot apply to."""
     if not isinstance(zero_init_residual, bool):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -24,11 +25,19 @@ def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
     """The activation module named `name`; `negative_slope` is read by leaky_relu only."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"model.activation={name!r} is not an activation; choose one of {', '.join(ACTIVATIONS)}")
+    if name == "leaky_relu" and not (isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
+                                     and math.isfinite(negative_slope)):
+        raise ConfigError(f"model.negative_slope={negative_slope!r}: leaky_relu's slope for x < 0 must be a number, "
+                          "e.g. 0.01")
     return ACTIVATIONS[name](negative_slope)
 
 
-def norm_groups(cfg: Mapping[str, Any], num_features: int) -> int:
-    """How many groups of channels a per-sample norm (layer, instance, group) takes its statistics over."""
+def norm_groups(cfg: Mapping[str, Any], num_features: int, widths: Sequence[int] = ()) -> int:
+    """How many groups of channels a per-sample norm (layer, instance, group) takes its statistics over.
+
+    `widths`: every layer width of the model, when they are not all multiples of `num_features` (an MLP's hidden
+    widths), so that a refusal lists the group counts that fit them all.
+    """
     name = cfg["name"]
     if name == "layer":
         return 1
@@ -36,10 +45,12 @@ def norm_groups(cfg: Mapping[str, Any], num_features: int) -> int:
         return num_features
     groups = cfg.get("num_groups", 8)
     if groups < 1 or num_features % groups:
-        divisors = ", ".join(str(d) for d in range(1, num_features + 1) if num_features % d == 0)
+        common = math.gcd(num_features, *widths)
+        divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+        of = f"of {', '.join(map(str, widths))}" if widths else f"of {num_features}"
         raise ConfigError(f"normalization.num_groups={groups} does not divide the {num_features} channels of a "
                           f"layer into equal groups; set normalization.num_groups to a divisor of every layer width "
-                          f"(of {num_features}: {divisors}), or change model.width / model.hidden")
+                          f"({of}: {divisors}), or change model.width / model.hidden")
     return groups
 
 
@@ -80,6 +91,8 @@ def _single_value_groups(name: str, num_features: int, groups: int, spatial: boo
            "of a single value each: a lone value normalises to 0, so the layer would output its bias whatever "
            "the input.")
     if not spatial:
+        if name == "layer":
+            return f"{why} Use wider hidden layers (model.hidden), or normalization=batch."
         return f"{why} Use fewer normalization.num_groups, or normalization=layer."
     return (f"{why} The feature maps are 1x1 at this layer (each stage after the first halves them, rounding up): "
             "use larger images, fewer model.stages, or normalization=batch, layer or group with fewer groups.")

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from trainlab.config import ConfigError
+from trainlab.initialization import check_initialization
 from trainlab.layers import ACTIVATIONS, NORMS, make_activation, make_norm  # noqa: F401  (part of this API)
+from trainlab.layers import norm_groups
 
 log = logging.getLogger("trainlab")
 
@@ -37,6 +39,9 @@ class MLP(nn.Sequential):
         if not hidden and dropout > 0:
             log.warning(f"regularization.dropout={dropout:g} with model.hidden=[]: a linear model has no hidden layer "
                         "to drop out of, so dropout does nothing (nor does normalization)")
+        if norm["name"] == "group":
+            for out in hidden:  # refused with the group counts that fit every hidden width, not only this one's
+                norm_groups(norm, out, widths=hidden)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for out in hidden:
@@ -124,6 +129,8 @@ class CNN(nn.Module):
         for key, value in (("depth", depth), ("width", width), ("stages", stages)):
             if not (_whole(value) and value >= 1):
                 raise ConfigError(f"model.{key}={value!r}: must be a whole number >= 1")
+        if not isinstance(residual, bool):
+            raise ConfigError(f"model.residual={residual!r}: choose true (skip connections) or false (a plain net)")
         if (depth - 2) % (2 * stages) or depth < 2 + 2 * stages:
             valid = ", ".join(str(2 * n * stages + 2) for n in range(1, 6))
             raise ConfigError(f"model.depth={depth} with model.stages={stages}: depth must be 2 * blocks * stages + 2; "
@@ -275,10 +282,17 @@ def count_weighted_layers(model: nn.Module) -> int:
 
 
 def build_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The model of cfg.model, sized for the data, with cfg.normalization and cfg.regularization.dropout."""
+    """The model of cfg.model, sized for the data, with cfg.normalization and cfg.regularization.dropout.
+
+    cfg.initialization is checked against it (not applied): whatever builds the model (a run, a dry run) refuses
+    an initialization that `initialize` would refuse.
+    """
     from hydra.utils import instantiate
 
     factory = instantiate(cfg.model, _convert_="all")
     norm = dict(cfg.normalization)
-    return factory(input_shape=tuple(input_shape), num_classes=num_classes, norm=norm,
-                   dropout=float(cfg.regularization.dropout))
+    model = factory(input_shape=tuple(input_shape), num_classes=num_classes, norm=norm,
+                    dropout=float(cfg.regularization.dropout))
+    if cfg.get("initialization") is not None:  # (a config built by hand may leave it out)
+        check_initialization(model, cfg.initialization)
+    return model
