@@ -290,6 +290,34 @@ def test_ftrl_without_regularization_is_per_coordinate_gradient_descent_from_the
     torch.testing.assert_close(param.detach(), w0 - 0.5 * g / (1.0 + g.abs()), rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize(("l1", "l2"), [(0.0, 0.0), (0.3, 0.5)])
+def test_ftrl_under_a_changing_lr_steps_at_each_steps_rate_from_where_the_weights_are(l1, l2):
+    """A warmup's second step (lr 0.025 -> 0.05) doubled every weight, and a cosine to 0 drove them all to 0 (a
+    digits run ended at val/loss 2.3026, chance): sigma must use the last step's alpha for the old rate."""
+    beta, lrs = 1.0, [0.025, 0.05, 0.075, 0.1, 0.04, 0.01]
+    w0 = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    grads = [torch.tensor([0.3, -0.4, 0.05, 2.0], dtype=torch.float64) * (k + 1) for k in range(len(lrs))]
+    param = nn.Parameter(w0.clone())
+    optimizer = FTRL([param], lr=lrs[0], beta=beta, lambda1=l1, lambda2=l2)
+    # the reference: the paper's z and n with sigma_1..t adding up to (beta + sqrt(n_t)) / alpha_t
+    n = torch.zeros_like(w0)
+    z = -(w0 * ((beta + n.sqrt()) / lrs[0] + l2) + w0.sign() * l1)
+    w, previous = w0, lrs[0]
+    for lr, g in zip(lrs, grads):
+        optimizer.param_groups[0]["lr"] = lr
+        param.grad = g.clone()
+        optimizer.step()
+        n_new = n + g * g
+        z = z + g - ((beta + n_new.sqrt()) / lr - (beta + n.sqrt()) / previous) * w
+        n, previous = n_new, lr
+        w = torch.where(z.abs() <= l1, torch.zeros_like(z), -(z - z.sign() * l1) / ((beta + n.sqrt()) / lr + l2))
+        torch.testing.assert_close(param.detach(), w, rtol=1e-12, atol=1e-14)
+    if l1 == l2 == 0:  # then FTRL is per-coordinate gradient descent at each step's rate
+        expected = w0 - sum(lr * g / (beta + torch.stack(grads[: k + 1]).pow(2).sum(0).sqrt())
+                            for k, (lr, g) in enumerate(zip(lrs, grads)))
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
 def test_ftrl_large_lambda1_gives_exact_zeros_on_irrelevant_features():
     x, y = regression()
     model = linear()  # from zero weights, as in the paper
@@ -310,8 +338,8 @@ def test_ftrl_state_dict_round_trip_continues_identically():
     x, y = regression()
     train_steps(model, optimizer, x, y, steps=5)
     state = copy.deepcopy(optimizer.state_dict())
-    assert all(isinstance(v, torch.Tensor) for per_param in state["state"].values() for v in per_param.values())
-    assert all(set(per_param) == {"z", "n"} for per_param in state["state"].values())
+    assert all(isinstance(per_param[k], torch.Tensor) for per_param in state["state"].values() for k in ("z", "n"))
+    assert all(set(per_param) == {"z", "n", "alpha"} for per_param in state["state"].values())
     resumed_model = copy.deepcopy(model)
     resumed = optim.build_optimizer(cfg, resumed_model)
     resumed.load_state_dict(state)
@@ -345,8 +373,8 @@ def test_optimizer_decay_keys_are_refused(key):
 
 
 def test_invalid_value_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"optimizer=torch.optim.SGD: .*Nesterov"):
-        optim.build_optimizer(config("nesterov", "optimizer.momentum=0.0"), linear())
+    with pytest.raises(ConfigError, match=r"optimizer=torch.optim.SGD: Invalid momentum value: -0.5"):
+        optim.build_optimizer(config("momentum", "optimizer.momentum=-0.5"), linear())
 
 
 def test_a_momentum_ramp_from_0_on_rmsprop_trains_like_rmsprop_with_that_momentum():
@@ -390,8 +418,14 @@ def test_a_momentum_ramp_from_0_on_rmsprop_trains_like_rmsprop_with_that_momentu
     ("rmsprop", "optimizer.alpha=1", "optimizer.alpha=1: must be in [0, 1) for optimizer=torch.optim.RMSprop"),
     ("rmsprop", "optimizer.momentum=1.5", "optimizer.momentum=1.5: must be in [0, 1)"),
     ("adam", "optimizer.lr=0", "optimizer.lr=0: the weights would never move; give a learning rate > 0"),
+    ("adadelta", "optimizer.rho=1", "optimizer.rho=1: must be in [0, 1) for optimizer=torch.optim.Adadelta; at 1 "
+                                    "its running averages stay 0 and every step is plain SGD"),
+    ("momentum", "optimizer.dampening=1", "optimizer.dampening=1: must be in [0, 1) with optimizer.momentum=0.9"),
+    ("nesterov", "optimizer.momentum=0", "optimizer.nesterov=true needs optimizer.momentum > 0 and "
+                                         "optimizer.dampening=0 (here 0 and 0.0)"),
 ])
 def test_rates_torch_accepts_but_cannot_train_with_are_refused(name, override, message):
-    """momentum 1.5 completed with exit 0 and a loss of 1e6, RMSprop's alpha 1.5 diverged, lr 0 trained nothing."""
+    """momentum 1.5 completed with exit 0 and a loss of 1e6, RMSprop's alpha 1.5 diverged, lr 0 trained nothing;
+    Adadelta's rho 1 trained as SGD at lr 1, SGD's dampening 1 stopped the weights after the first gradient."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         optim.build_optimizer(config(name, override), linear())

@@ -138,7 +138,8 @@ def test_cosine_restarts_with_fractional_periods_restarts_on_the_right_step():
                                               ("exp_range", [0.1 + 0.9 * 0.5, 0.1 + 0.9 * 0.5 ** 3,
                                                              0.1 + 0.9 * 0.5 ** 5])])
 def test_cyclic_peaks_and_troughs(mode, peaks):
-    cfg = {"name": "cyclic", "half_cycle_epochs": 1, "base_lr_fraction": 0.1, "mode": mode, "gamma": 0.5}
+    cfg = {"name": "cyclic", "half_cycle_epochs": 1, "base_lr_fraction": 0.1, "mode": mode,
+           **({"gamma": 0.5} if mode == "exp_range" else {})}
     lrs = lrs_of(cfg, 4, 6)
     assert [lrs[0], lrs[8], lrs[16]] == pytest.approx([0.1, 0.1, 0.1])  # troughs: every 2 half-cycles
     assert [lrs[4], lrs[12], lrs[20]] == pytest.approx(peaks)  # peaks: in between
@@ -451,6 +452,10 @@ def test_step_decay_with_a_fractional_period_decays_at_every_boundary_it_passes(
     (["scheduler=cyclic", "scheduler.mode=exp_range", "scheduler.gamma=1.5"],
      "scheduler.gamma=1.5: exp_range scales each cycle's amplitude by gamma**epochs, so above 1 the peaks grow past "
      "optimizer.lr"),
+    (["scheduler=cyclic", "scheduler.gamma=0.5"],  # the curve was triangular's, bit for bit
+     "scheduler.gamma=0.5: only scheduler.mode=exp_range reads it, and mode=triangular would train without it"),
+    (["scheduler=cyclic", "scheduler.mode=triangular2", "scheduler.gamma=0.9"],
+     "scheduler.gamma=0.9: only scheduler.mode=exp_range reads it, and mode=triangular2"),
     (["optimizer=lbfgs", "finetune=low_lr"],  # training refuses it: so does the dry run, which builds its groups
      "optimizer=torch.optim.LBFGS takes one parameter group, so one learning rate"),
 ])
@@ -467,3 +472,42 @@ def test_a_first_cycle_longer_than_the_run_is_warned_of(caplog):
     caplog.clear()
     lr_curve(compose_train(["scheduler=cosine_restarts", "scheduler.period_epochs=2", "trainer.max_epochs=2"]))
     assert "does not end within" not in caplog.text
+
+
+@pytest.mark.parametrize(("overrides", "refused"), [
+    (["scheduler.patience=10"], True),  # early_stopping.patience is 10: the run stopped as plateau first reduced
+    (["scheduler.patience=12"], True),
+    (["scheduler.patience=12", "early_stopping.min_delta=0.01", "scheduler.min_delta=0.01"], True),
+    (["scheduler.patience=9"], False),
+    (["scheduler.patience=10", "early_stopping.enabled=false"], False),
+    (["scheduler.patience=10", "scheduler.min_delta=0.01"], False),  # plateau's stricter rule may count ahead
+])
+def test_a_plateau_patience_early_stopping_always_ends_first_is_refused(overrides, refused):
+    from trainlab.config import validate
+
+    cfg = compose_train(["scheduler=plateau", *overrides])
+    if not refused:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(
+            "early stopping (early_stopping.patience=10) ends the run by the epoch plateau would first lower the lr, "
+            "so it never trains at a lower one; give scheduler.patience below early_stopping.patience")):
+        validate(cfg)
+
+
+def test_plateau_never_reduces_before_early_stopping_with_the_same_patience():
+    """Why the refusal holds: with min_delta 0 plateau's count of bad epochs is early stopping's until the first
+    reduction, so a reduction at patience >= early_stopping.patience comes with the stop or after it."""
+    from trainlab.early_stopping import EarlyStopping
+
+    metrics = [1.0, 0.9, 0.95, 0.85, 0.86, 0.86, 0.84, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    optimizer, scheduler = make({"name": "plateau", "patience": 4, "factor": 0.5}, 2, len(metrics))
+    stopper = EarlyStopping(patience=4)
+    for epoch, value in enumerate(metrics, start=1):
+        scheduler.step()
+        scheduler.step()
+        scheduler.epoch_end(value)
+        stopper.update(value, epoch)
+        if stopper.should_stop:
+            break
+    assert epoch == 11 and scheduler.plateau.reductions == 1  # the one reduction came at the stop: no lower-lr step

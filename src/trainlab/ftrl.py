@@ -14,14 +14,17 @@ class FTRL(torch.optim.Optimizer):
     Per coordinate, with gradient g and the current weight w (the paper's Algorithm 1, vectorised
     over each parameter tensor):
 
-        sigma = (sqrt(n + g^2) - sqrt(n)) / alpha
+        sigma = (beta + sqrt(n + g^2)) / alpha - (beta + sqrt(n)) / alpha_prev
         z    += g - sigma * w
         n    += g^2
         w     = 0                                                    if |z| <= lambda1
               = -(z - sign(z) * lambda1) / ((beta + sqrt(n)) / alpha + lambda2)   otherwise
 
     `lr` is the paper's alpha (the per-coordinate rate is alpha / (beta + sqrt(n))). lambda1 sets
-    weights exactly to zero (sparsity); lambda2 is an L2 penalty. The state per parameter is z and n.
+    weights exactly to zero (sparsity); lambda2 is an L2 penalty. The state per parameter is z, n and
+    alpha, the lr of its last step: the paper's sigmas add up to 1 / (this step's rate), so a schedule
+    that changes the lr (alpha_prev != alpha) changes the rate from here on and leaves the weights where
+    they are (a sigma computed with this step's alpha alone rescaled every weight by alpha / alpha_prev).
 
     Start: n = initial_accumulator_value, and z is the value for which the closed form above gives
     back the model's initial weights, z = -(w0 * ((beta + sqrt(n)) / alpha + lambda2) + sign(w0) * lambda1).
@@ -67,8 +70,10 @@ class FTRL(torch.optim.Optimizer):
                     state["z"] = -(w * ((beta + n0.sqrt()) / alpha + l2) + w.sign() * l1)  # gives back w
                     state["n"] = n0
                 z, n = state["z"], state["n"]
+                alpha_prev = state.get("alpha", alpha)  # (a state saved before alpha was kept: its group's lr)
                 n_new = n + g * g
-                sigma = (n_new.sqrt() - n.sqrt()) / alpha
+                sigma = (n_new.sqrt() - n.sqrt()) / alpha + (beta + n.sqrt()) * (1.0 / alpha - 1.0 / alpha_prev)
+                state["alpha"] = float(alpha)
                 z.add_(g - sigma * w)
                 n.copy_(n_new)
                 new_w = -(z - z.sign() * l1) / ((beta + n.sqrt()) / alpha + l2)

@@ -190,21 +190,44 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
     return optimizer
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
     """What torch accepts but cannot train with: lr 0 (nothing moves), SGD's or RMSprop's momentum of 1 or more
-    (the velocity never decays: 1.5 grows it 1.5x a step), RMSprop's alpha of 1 or more (its mean of squared
-    gradients stays 0, or goes negative: steps of lr / eps, or NaN)."""
+    (the velocity never decays: 1.5 grows it 1.5x a step), RMSprop's alpha or Adadelta's rho of 1 or more (the
+    running mean of squared gradients stays 0, or goes negative: steps of lr / eps, plain SGD, or NaN), SGD's
+    dampening of 1 or more with momentum (no gradient enters the velocity after the first step, or with its sign
+    flipped); and Nesterov without momentum, which torch refuses without naming the values."""
     lr = options.get("lr")
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
+    if _number(lr) and lr == 0:
         raise ConfigError("optimizer.lr=0: the weights would never move; give a learning rate > 0")
-    if not (isinstance(cls, type) and issubclass(cls, (torch.optim.SGD, torch.optim.RMSprop))):
+    if not isinstance(cls, type):
+        return
+    rho = options.get("rho")
+    if issubclass(cls, torch.optim.Adadelta) and _number(rho) and rho >= 1:
+        raise ConfigError(f"optimizer.rho={rho}: must be in [0, 1) for optimizer={target}; at 1 its running "
+                          "averages stay 0 and every step is plain SGD, w -= lr * g (0.9 is usual)")
+    momentum, dampening = options.get("momentum", 0), options.get("dampening", 0)
+    if issubclass(cls, torch.optim.SGD) and _number(momentum) and _number(dampening):
+        if options.get("nesterov") is True and not (momentum > 0 and dampening == 0):
+            raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 and optimizer.dampening=0 (here "
+                              f"{momentum} and {dampening}); set them (optimizer=nesterov: 0.9 and 0), or "
+                              "optimizer.nesterov=false")
+        if momentum > 0 and dampening >= 1:
+            raise ConfigError(f"optimizer.dampening={dampening}: must be in [0, 1) with optimizer.momentum={momentum}; "
+                              "the velocity v = momentum * v + (1 - dampening) * g takes in no gradient after the "
+                              "first step at 1 (the weights stop), each with its sign flipped above 1 (0 is the "
+                              "classic heavy ball)")
+    if not issubclass(cls, (torch.optim.SGD, torch.optim.RMSprop)):
         return
     bounded = [("momentum", "the velocity would never decay (0.9 is usual)")]
     if issubclass(cls, torch.optim.RMSprop):
         bounded.append(("alpha", "the running mean of squared gradients would never follow them (0.99 is usual)"))
     for key, why in bounded:
         value = options.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+        if _number(value) and value >= 1:
             raise ConfigError(f"optimizer.{key}={value}: must be in [0, 1) for optimizer={target}; at 1 or more {why}")
 
 

@@ -321,10 +321,13 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
         problems.append(f"scheduler.warmup_epochs={warmup_epochs!r}: must be a number of epochs")
     problems += [f"scheduler.{key}={value!r}: must be {KNOB_RULES[key][1]}"
                  for key, value in options.items() if key in valid and not KNOB_RULES[key][0](value)]
-    gamma = options.get("gamma", 1.0)
-    if name == "cyclic" and options.get("mode") == "exp_range" and _number(gamma) and gamma > 1:
+    gamma, mode = options.get("gamma", 1.0), options.get("mode", _default("cyclic", "mode"))
+    if name == "cyclic" and mode == "exp_range" and _number(gamma) and gamma > 1:
         problems.append(f"scheduler.gamma={gamma}: exp_range scales each cycle's amplitude by gamma**epochs, so above "
                         "1 the peaks grow past optimizer.lr, the cycle's highest lr; give gamma <= 1 (e.g. 0.99)")
+    if name == "cyclic" and mode in CYCLIC_MODES and mode != "exp_range" and _number(gamma) and gamma != 1:
+        problems.append(f"scheduler.gamma={gamma}: only scheduler.mode=exp_range reads it, and mode={mode} would "
+                        "train without it; add scheduler.mode=exp_range, or leave gamma at 1")
     if problems:
         raise ConfigError("; ".join(problems))
     return name, float(warmup_epochs), options
