@@ -206,12 +206,17 @@ def test_wrongly_typed_values_are_named_before_anything_is_built(overrides, mess
          "normalization.name=none: an option of normalization is chosen as normalization=none (the config group, "
          "which brings that option's keys); normalization.name= renames the option composed and keeps its keys "
          "(normalization.momentum, normalization.eps). Write normalization=none"),
+        (["seed=9223372036854775808"], "seed=9223372036854775808: a seed is a whole number from 0 to 2**32 - 1"),
+        (["seed=-1"], "seed=-1: a seed is a whole number from 0 to 2**32 - 1"),
+        (["data=synthetic", "data.seed=4294967296"], "data.seed=4294967296: a seed is a whole number from 0 to 2**32"),
     ],
-    ids=["norm-momentum-0", "ema-warmup-alone", "swa-lr-alone", "norm-name"],
+    ids=["norm-momentum-0", "ema-warmup-alone", "swa-lr-alone", "norm-name", "seed-2**63", "seed-negative",
+         "data-seed-2**32"],
 )
 def test_values_that_would_do_nothing_or_harm_silently_are_refused(overrides, message):
     """Each ran with exit 0: momentum 0 froze the running statistics (val/loss 1.52 against 0.11), the other two
-    changed nothing; normalization.name=none was refused naming keys the user never typed."""
+    changed nothing; normalization.name=none was refused naming keys the user never typed. seed=2**63 failed in
+    torch.manual_seed after the run directory was made (exit 1)."""
     with pytest.raises(ConfigError, match="invalid config") as error:
         validate(compose_cfg(overrides))
     assert message in str(error.value)

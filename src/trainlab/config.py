@@ -481,6 +481,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
             problems.append(f"{key}={value!r}: {fix}")
 
     data, trainer, stop = cfg.data, cfg.trainer, cfg.early_stopping
+    # numpy's range, which the streams derived from these stay within (seed=2**63 failed in torch.manual_seed, exit 1);
+    # data.split_seed takes any whole number
+    for key in ("seed", "data.seed"):
+        seed = OmegaConf.select(cfg, key)
+        check(seed is None or 0 <= seed < 2**32, key, seed, "a seed is a whole number from 0 to 2**32 - 1 (4294967295)")
     check(data.batch_size >= 1, "data.batch_size", data.batch_size, "must be at least 1")
     check(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size, "must be at least 1")
     schedule = data.batch_size_schedule
@@ -528,6 +533,15 @@ def _check_values(cfg: DictConfig) -> list[str]:
           f"so mode={stop.mode} would keep its worst epoch; use mode={natural} or mode=auto")
     check(stop.patience >= 1, "early_stopping.patience", stop.patience, "must be at least 1 epoch")
     check(stop.min_delta >= 0, "early_stopping.min_delta", stop.min_delta, "must be >= 0")
+    plateau = cfg.scheduler
+    if plateau.get("name") == "plateau" and stop.enabled and isinstance(plateau.get("patience"), int):
+        # plateau counts epochs without improvement by early stopping's rule (min_delta 0 or the same): its count
+        # never runs ahead of early stopping's, so a patience as long stops the run before the lr ever drops
+        check(plateau.patience < stop.patience or plateau.get("min_delta", 0.0) not in (0, stop.min_delta),
+              "scheduler.patience", plateau.patience, f"early stopping (early_stopping.patience={stop.patience}) "
+              "ends the run by the epoch plateau would first lower the lr, so it never trains at a lower one; give "
+              "scheduler.patience below early_stopping.patience (e.g. 3), raise early_stopping.patience, or "
+              "early_stopping.enabled=false")
     check(cfg.checkpoint.every_n_epochs >= 1, "checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs,
           "must be at least 1")
     check(cfg.checkpoint.every_n_steps is None or cfg.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps",
