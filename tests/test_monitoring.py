@@ -365,7 +365,7 @@ def test_messages_paths_and_values_are_printed_as_they_are_not_as_rich_markup():
     """A gloo error ("[/__w/...pair.cc:561]") once crashed the final table; "[bold]x" would have lost its text."""
     from rich.console import Console
 
-    from trainlab.monitor import config_tree, final_table
+    from trainlab.monitor import config_tree, final_table, where_to_look
 
     reason = "error: RuntimeError: [/__w/gloo/pair.cc:561] Connection closed; expected [batch, channels]"
     summary = {"status": "failed", "stop_reason": reason, "wall_time_s": 1.0, "device": "cpu",
@@ -374,7 +374,8 @@ def test_messages_paths_and_values_are_printed_as_they_are_not_as_rich_markup():
     console.print(final_table(summary))
     console.print(config_tree(compose_cfg(["data=image_folder", "data.root='/data/[red]x[/red]'"])))
     out = console.export_text()
-    assert reason in out and "/runs/[bold]a" in out and "--logdir /runs/[bold]a" in out
+    assert reason in out
+    assert where_to_look(summary) == ["run directory: /runs/[bold]a", "curves: tensorboard --logdir '/runs/[bold]a'"]
     assert "root: /data/[red]x[/red]" in out
 
 

@@ -64,6 +64,8 @@ def test_cli_run_writes_every_output(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
     assert "\x1b" not in result.stdout + result.stderr  # not a terminal: plain lines, no control characters
+    # the paths under the final table are whole on their lines, however long (they folded at 80 columns)
+    assert f"\nrun directory: {run_dir}\ncurves: tensorboard --logdir {run_dir}\n" in result.stdout
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_FIELDS <= set(summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shlex
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -442,7 +443,7 @@ def final_table(summary: dict[str, Any]) -> Table:
     """The run's outcome: status, stop reason, best and test metrics, wall time, where to look."""
     table = Table(title="trainlab run", show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")  # paths stay whole (folded, never cut) so they can be copied
+    table.add_column(overflow="fold")  # values stay whole (folded, never cut)
 
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
@@ -463,8 +464,14 @@ def final_table(summary: dict[str, Any]) -> Table:
     if snapshots:
         rows.append((f"snapshot ensemble ({snapshots['members']})",
                      f"test/loss {fmt(snapshots['test/loss'])}  test/acc {fmt(snapshots['test/acc'])}"))
-    rows += [("wall time", f"{summary['wall_time_s']:.1f} s on {summary['device']}"),
-             ("run directory", summary["run_dir"]), ("curves", f"tensorboard --logdir {summary['run_dir']}")]
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s on {summary['device']}"))
     for name, value in rows:  # Text: error messages and paths are shown as they are, never read as rich markup
         table.add_row(name, Text(str(value)))
     return table
+
+
+def where_to_look(summary: dict[str, Any]) -> list[str]:
+    """The lines under the final table: the run directory and the command that shows its curves, each whole on one
+    line (in the table's column a long path was folded over lines, and pasted with the line breaks)."""
+    run_dir = str(summary["run_dir"])
+    return [f"run directory: {run_dir}", f"curves: tensorboard --logdir {shlex.quote(run_dir)}"]

@@ -37,7 +37,7 @@ from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_
 from trainlab.models import TorchvisionModel, build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
 from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
-                              write_confusion_csv)
+                              where_to_look, write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler, snapshot_epochs
@@ -907,5 +907,8 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     if run.ranks.main and (run.started or not earlier_summary):
         write_text_atomic(run_dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
     if run.ranks.main and run.started:
-        Console().print(final_table(run.summary))
+        console = Console()
+        console.print(final_table(run.summary))
+        for line in where_to_look(run.summary):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     return status, EXIT_CODES[status] if code is None else code, run
