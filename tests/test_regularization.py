@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import types
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import compose_cfg
+from trainlab.config import ConfigError, validate
+from trainlab.early_stopping import EarlyStopping
 from trainlab.optim import build_optimizer, decayed_parameters
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty
+from trainlab.run import Run
 
 
 def _cfg(optimizer: str, lr: float, **reg) -> OmegaConf:
@@ -184,3 +189,77 @@ def test_an_swa_lr_far_from_the_optimizers_is_warned_of(train_inprocess, caplog)
     caplog.clear()
     train_inprocess(["regularization=swa", "trainer.max_epochs=2", "logger.tensorboard=false"], name="sgd")
     assert "swa_lr" not in caplog.text  # 0.05 against SGD's 0.1
+
+
+def test_decoupled_decay_at_lr_times_weight_decay_of_1_erases_the_weights_every_step():
+    """Why lr * weight_decay >= 1 is refused: w *= 1 - lr * wd before each update, so at 0.1 x 10 every step starts
+    from zero weights and leaves only -lr * g (above 1 it flips their sign); such a run completed at chance accuracy
+    (test/acc 0.09)."""
+    model = _model()
+    optimizer = build_optimizer(_cfg("SGD", 0.1, weight_decay=10.0), model)
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for layer in (model[0], model[2]):
+        assert torch.allclose(layer.weight, -0.1 * layer.weight.grad)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["regularization.weight_decay=10"], r"regularization.weight_decay=10\.0: decoupled decay multiplies the weights "
+     r"by 1 - lr \* weight_decay every step, and with optimizer.lr=0.1 that is 0: .* give regularization.weight_decay "
+     r"below 1 / optimizer.lr = 10"),
+    (["optimizer=adam", "regularization=swa", "regularization.weight_decay=20"],
+     r"with regularization.swa_lr=0.05 that is 0: .* below 1 / regularization.swa_lr = 20"),
+    (["regularization.l2=inf"], r"regularization.l2=inf: must be a finite number >= 0"),
+    (["regularization.l1=inf"], r"regularization.l1=inf: must be a finite number >= 0"),
+    (["regularization.weight_decay=inf"], r"regularization.weight_decay=inf: must be a finite number >= 0"),
+    (["regularization.grad_clip_norm=inf"], r"regularization.grad_clip_norm=inf: must be a finite number > 0, or null"),
+    (["regularization.grad_clip_value=inf"], r"regularization.grad_clip_value=inf: must be a finite number > 0"),
+    (["regularization=swa", "regularization.swa_lr=inf"], r"regularization.swa_lr=inf: must be a finite number > 0"),
+    (["early_stopping.min_delta=inf"], r"early_stopping.min_delta=inf: must be a finite number >= 0"),
+    (["early_stopping.monitor=val/acc", "early_stopping.min_delta=1"],
+     r"early_stopping.min_delta=1\.0: val/acc is a fraction in \[0, 1\], so no epoch can improve on the first by "
+     r"1 or more: .* e.g. 0.005"),
+])
+def test_regularization_and_early_stopping_values_that_cannot_work_are_refused(overrides, message):
+    """Each was accepted: inf penalties and swa_lr diverged (exit 3), inf clipping did nothing, and an inf min_delta,
+    or a min_delta of 1 on an accuracy, kept epoch 1's weights as best.pt (test/acc 0.947 against 0.98)."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg(overrides))
+
+
+def test_weight_decay_below_one_over_lr_and_a_fractional_min_delta_are_accepted():
+    validate(compose_cfg(["regularization.weight_decay=5"]))  # 0.1 x 5 = 0.5: strong, but it trains
+    validate(compose_cfg(["early_stopping.monitor=val/acc", "early_stopping.min_delta=0.005"]))
+    validate(compose_cfg(["early_stopping.min_delta=1"]))  # a loss can drop by more than 1
+
+
+def test_early_stopping_reason_counts_one_epoch_in_the_singular():
+    stopper = EarlyStopping(patience=1)
+    stopper.update(1.0, 1)
+    stopper.update(2.0, 2)
+    assert stopper.reason() == ("early stopping: val/loss did not improve by more than 0 for 1 epoch "
+                                "(best 1 at epoch 1)")
+
+
+def test_extending_a_completed_run_past_a_lower_patience_does_not_say_it_stopped_early(tmp_path):
+    """A 2-epoch run that completed (its epoch 2 no better, patience 3), extended with patience 1, was refused with
+    'that run stopped early at epoch 2': it never stopped early."""
+    saved = EarlyStopping(patience=3)
+    saved.update(0.5, 1)
+    saved.update(0.6, 2)
+    state = {"epoch": 2, "finished": True, "early_stopping": saved.state_dict()}
+    run = types.SimpleNamespace(cfg=compose_cfg(["trainer.max_epochs=10", "early_stopping.patience=1"]),
+                                stopper=EarlyStopping(patience=1), swa=None)
+    with pytest.raises(ConfigError) as refused:
+        Run.check_continuable(run, tmp_path / "last.pt", state)
+    assert "stopped early" not in str(refused.value)
+    assert ("that run completed its 2 epochs, the last 1 without improvement, and early_stopping.patience=1 ends it "
+            "there; raise early_stopping.patience above 1") in str(refused.value)
+    saved.update(0.7, 3)
+    saved.patience = 2  # a run that did stop early (epochs 2 and 3 no better, patience 2) still says so
+    state = {"epoch": 3, "finished": True, "early_stopping": saved.state_dict()}
+    run.cfg = compose_cfg(["trainer.max_epochs=10", "early_stopping.patience=2"])
+    run.stopper = EarlyStopping(patience=2)
+    with pytest.raises(ConfigError, match="that run stopped early at epoch 3"):
+        Run.check_continuable(run, tmp_path / "last.pt", state)

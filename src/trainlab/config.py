@@ -532,7 +532,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
           f"early_stopping.monitor={stop.monitor} improves when it gets {'higher' if natural == 'max' else 'lower'}, "
           f"so mode={stop.mode} would keep its worst epoch; use mode={natural} or mode=auto")
     check(stop.patience >= 1, "early_stopping.patience", stop.patience, "must be at least 1 epoch")
-    check(stop.min_delta >= 0, "early_stopping.min_delta", stop.min_delta, "must be >= 0")
+    check(math.isfinite(stop.min_delta) and stop.min_delta >= 0, "early_stopping.min_delta", stop.min_delta,
+          "must be a finite number >= 0 (0: any improvement counts)")
+    check(not (str(stop.monitor).endswith("acc") and 1 <= stop.min_delta < math.inf), "early_stopping.min_delta",
+          stop.min_delta, f"{stop.monitor} is a fraction in [0, 1], so no epoch can improve on the first by 1 or more: "
+          "best.pt would keep epoch 1's weights; give a fraction, e.g. 0.005 for half a percentage point")
     plateau = cfg.scheduler
     if plateau.get("name") == "plateau" and stop.enabled and isinstance(plateau.get("patience"), int):
         # plateau counts epochs without improvement by early stopping's rule (min_delta 0 or the same): its count
@@ -573,16 +577,29 @@ def _check_values(cfg: DictConfig) -> list[str]:
           "must be in [0, 1)")
     reg = cfg.regularization
     for key in ("weight_decay", "l1", "l2"):
-        check(reg[key] >= 0, f"regularization.{key}", reg[key], "must be >= 0")
+        check(math.isfinite(reg[key]) and reg[key] >= 0, f"regularization.{key}", reg[key],
+              "must be a finite number >= 0 (0 = off)")
+    # decoupled decay multiplies the weights by 1 - lr * weight_decay before each update: at 1 or more every step
+    # erases them (or flips their sign), and such a run "completed" at chance accuracy
+    rates = {"optimizer.lr": cfg.optimizer.get("lr")}
+    if reg.swa_start is not None:
+        rates["regularization.swa_lr"] = reg.swa_lr
+    for name, rate in rates.items():
+        if _is_number(rate) and 0 < rate < math.inf and math.isfinite(reg.weight_decay):
+            check(rate * reg.weight_decay < 1, "regularization.weight_decay", reg.weight_decay,
+                  f"decoupled decay multiplies the weights by 1 - lr * weight_decay every step, and with {name}={rate:g} "
+                  f"that is {1 - rate * reg.weight_decay:g}: each step would erase them or flip their sign; give "
+                  f"regularization.weight_decay below 1 / {name} = {1 / rate:g} (5e-4 is usual)")
     check(0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", reg.label_smoothing,
           "must be in [0, 1)")
     for key in ("grad_clip_norm", "grad_clip_value"):
-        check(reg[key] is None or reg[key] > 0, f"regularization.{key}", reg[key], "must be > 0, or null for off")
+        check(reg[key] is None or 0 < reg[key] < math.inf, f"regularization.{key}", reg[key],
+              "must be a finite number > 0, or null for off")
     check(reg.ema_decay is None or 0.0 < reg.ema_decay < 1.0, "regularization.ema_decay", reg.ema_decay,
           "must be in (0, 1), e.g. 0.999, or null for off")
     check(reg.swa_start is None or 0.0 <= reg.swa_start < 1.0, "regularization.swa_start", reg.swa_start,
           "is a fraction of the run in [0, 1), or null for off")
-    check(reg.swa_lr > 0, "regularization.swa_lr", reg.swa_lr, "must be > 0")
+    check(0 < reg.swa_lr < math.inf, "regularization.swa_lr", reg.swa_lr, "must be a finite number > 0")
     check(not reg.ema_warmup or reg.ema_decay is not None, "regularization.ema_warmup", reg.ema_warmup,
           "ramps the decay of an EMA, and regularization.ema_decay is null (no EMA); set it (e.g. 0.999) or use "
           "regularization=ema")

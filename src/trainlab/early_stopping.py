@@ -41,7 +41,8 @@ class EarlyStopping:
 
     def reason(self) -> str:
         return (f"early stopping: {self.monitor} did not improve by more than {self.min_delta:g} for "
-                f"{self.bad_epochs} epochs (best {self.best:.4g} at epoch {self.best_epoch})")
+                f"{self.bad_epochs} epoch{'' if self.bad_epochs == 1 else 's'} (best {self.best:.4g} at epoch "
+                f"{self.best_epoch})")
 
     def state_dict(self) -> dict:
         return asdict(self)

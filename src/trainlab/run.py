@@ -560,8 +560,12 @@ class Run:
         stopper = dataclasses.replace(self.stopper)  # this run's rule, the saved run's record
         stopper.load_state_dict(state["early_stopping"])
         if stopper.should_stop:
-            raise ConfigError(f"checkpoint.resume={path}: that run stopped early at epoch {epoch} "
-                              f"({stopper.reason()}); raise early_stopping.patience above "
+            saved = state["early_stopping"]  # by its own rule it stopped early, or completed and this rule ends it
+            stopped = saved.get("enabled", True) and stopper.bad_epochs >= saved.get("patience", stopper.patience)
+            what = (f"that run stopped early at epoch {epoch} ({stopper.reason()})" if stopped else
+                    f"that run completed its {epoch} epochs, the last {stopper.bad_epochs} without improvement, and "
+                    f"early_stopping.patience={stopper.patience} ends it there")
+            raise ConfigError(f"checkpoint.resume={path}: {what}; raise early_stopping.patience above "
                               f"{stopper.bad_epochs} (or set early_stopping.enabled=false) to train further, or "
                               "drop checkpoint.resume to start fresh")
         if self.swa is not None:
