@@ -272,6 +272,20 @@ def test_a_module_applied_twice_per_forward_is_recorded_per_call():
     assert recorder.result.histograms == {}
 
 
+def test_vanishing_gradients_read_as_their_size_not_as_zero():
+    """Gradients of 1e-24 (a 20-layer MLP at initialization std 0.01) square to 0 in float32: both norms read 0."""
+    tiny = [torch.full((128, 128), 1e-24), torch.full((3,), 1e-25)]
+    expected = math.sqrt(128 * 128 * 1e-48 + 3 * 1e-50)
+    assert float(global_norm(tiny)) == pytest.approx(expected, rel=1e-5)
+    layer = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    recorder = LayerRecorder(layer, optimizer, histograms=False)
+    recorder.attach()
+    (layer(torch.ones(1, 4)).sum() * 1e-30).backward()  # every weight's gradient is 1e-30
+    optimizer.step()
+    assert recorder.result.scalars["grad_norm/weight"] == pytest.approx(math.sqrt(8) * 1e-30, rel=1e-5)
+
+
 def test_histogram_counts_every_value_between_min_and_max():
     values = torch.tensor([0.0, 1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0])
     row = histogram(values, bins=4).tolist()

@@ -20,13 +20,14 @@ MAX_FILTER_TILES = 64  # the first layer's image shows its first 64 kernels (a s
 def global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all `tensors` together, computed on their device (nothing is read back to the host).
 
-    Under no_grad rather than a detach per tensor, and one stack of the per-tensor norms (which promotes mixed
-    dtypes) before the float: a fixed handful of kernels and calls, read once per logging interval."""
+    Under no_grad rather than a detach per tensor: a fixed handful of kernels and calls, read once per logging
+    interval. The squares are summed in float64: in float32 elements below about 1e-23 square to 0, and the
+    vanishing gradients of a badly initialized deep net read as exactly 0."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(())
     with torch.no_grad():
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))).float()
 
 
 def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -144,7 +145,7 @@ class LayerRecorder:
         scalars, histograms = dict(self._acts), dict(self._act_hists)
         for (name, p), before in zip(self.weights, self._before or []):
             if p.grad is not None:
-                scalars[f"grad_norm/{name}"] = p.grad.norm()
+                scalars[f"grad_norm/{name}"] = torch.linalg.vector_norm(p.grad, dtype=torch.float64).float()  # as global_norm
             scalars[f"update_ratio/{name}"] = (p - before).norm() / before.norm().clamp_min(1e-12)
             if self.histograms:
                 histograms[f"weights/{name}"] = (histogram(p), p.numel())
