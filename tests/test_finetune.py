@@ -13,6 +13,8 @@ import torch
 from conftest import compose_cfg
 from trainlab import finetune, optim
 from trainlab.config import ConfigError
+from trainlab.initialization import initialize
+from trainlab.models import TorchvisionModel
 from trainlab.run import Run, execute
 
 DATA = ["data=synthetic", "data.num_samples=600", "data.shape=[1,8,8]", "logger.every_n_steps=5"]
@@ -155,7 +157,9 @@ def test_weights_that_cannot_be_loaded_are_named_with_the_fix(tmp_path, monkeypa
         "missing-file": ([*TARGET, f"finetune.weights={tmp_path / 'none.pt'}"], "finetune.weights=.*none.pt: no "
                          "such file; give the path of a trainlab checkpoint"),
         "other-architecture": ([*TARGET, "model=cnn", f"finetune.weights={pretrained}"], r"is not of this model's "
-                               r"architecture \(missing: stem.0.weight.*not in this model: 1.weight"),
+                               r"architecture \(missing: stem.0.weight.*not in this model: 1.weight.*or train with "
+                               r"the options of the weights' run: model=mlp model.hidden=\[256,256\] .*"
+                               r"normalization=batch"),
         "other-width": ([*TARGET, "finetune=frozen", "model.hidden=[128,128]", f"finetune.weights={pretrained}"],
                         r"other shapes: 2.weight \(\[256\] in the weights, \[128\] here\)"),
         "other-normalization": ([*TARGET, "normalization=layer", f"finetune.weights={pretrained}"],
@@ -175,3 +179,46 @@ def test_weights_that_cannot_be_loaded_are_named_with_the_fix(tmp_path, monkeypa
 def test_a_model_without_a_linear_layer_cannot_be_fine_tuned():
     with pytest.raises(ConfigError, match="no linear layer"):
         finetune.prepare(torch.nn.Conv2d(1, 2, 3), compose_cfg(["finetune=frozen"]).finetune)
+
+
+def test_torchvision_googlenet_weights_load_without_their_auxiliary_classifiers(tmp_path, monkeypatch, caplog):
+    import torchvision
+
+    caplog.set_level(logging.INFO, logger="trainlab")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # torchvision's file holds aux1 and aux2 (its builder drops them after loading); trainlab builds googlenet without
+    reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(torchvision.models.GoogLeNet_Weights.DEFAULT.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(reference, cached)
+    model = TorchvisionModel("googlenet", input_shape=(3, 32, 32), num_classes=4, norm={"name": "batch"})
+    transfer = finetune.prepare(model, compose_cfg(["finetune.weights=DEFAULT"]).finetune, "googlenet")
+    aux = [k for k in reference if k.startswith("aux")]
+    assert len(aux) == 20 and "20 tensors of its auxiliary classifiers left out" in caplog.text
+    state = model.state_dict()
+    assert all(torch.equal(state[f"net.{k}"], v) for k, v in reference.items() if k not in aux and "fc." not in k)
+    assert len(transfer.features) == sum(1 for n, _ in model.named_parameters()) - 2  # all but the new classifier
+
+
+def test_an_initialization_reaches_the_query_key_and_value_weights_of_attention():
+    # a ViT's attention keeps them in MultiheadAttention.in_proj_weight (or q/k/v_proj_weight), not in Linear modules
+    shared, separate = torch.nn.MultiheadAttention(16, 2), torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    model = torch.nn.ModuleList([shared, separate])
+    torch.nn.init.ones_(shared.in_proj_bias)
+    initialize(model, {"name": "orthogonal"}, "relu")  # W W^T = 2 I (W^T W for more rows than columns), gain sqrt(2)
+    for w in (*shared.in_proj_weight.detach().chunk(3), separate.q_proj_weight, separate.k_proj_weight,
+              separate.v_proj_weight):
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(gram, 2 * torch.eye(len(gram)), atol=1e-5, rtol=0)
+    assert torch.equal(shared.in_proj_bias, torch.zeros(48))
+    initialize(model, {"name": "constant", "value": 0.01}, "relu")
+    assert (shared.in_proj_weight == 0.01).all() and (separate.k_proj_weight == 0.01).all()
+
+
+def test_the_small_image_stem_of_a_torchvision_resnet_starts_with_torchvisions_init():
+    torch.manual_seed(0)  # resnet's own: kaiming_normal_(fan_out, relu), std sqrt(2 / (64 * 3 * 3)) = 0.0589
+    model = TorchvisionModel("resnet18", input_shape=(1, 8, 8), num_classes=10, norm={"name": "batch"})
+    stem, second = model.net.conv1.weight, model.net.layer1[0].conv1.weight
+    assert stem.shape == (64, 1, 3, 3)
+    assert stem.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.1)  # PyTorch's default: 1/sqrt(3 * 9) = 0.19
+    assert second.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.1)  # as the layer after it

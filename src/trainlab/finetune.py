@@ -112,7 +112,7 @@ def load_weights(model: nn.Module, weights: str, model_name: str | None, head: s
     keep the model's initialization. A first conv of three input channels loaded into one of a single channel is
     summed over the colours instead (the response to a grey image stays the same). A batch norm right after a
     first layer that was not loaded keeps its initialization too (its statistics were those of the old layer)."""
-    source, where = _source(weights, model_name)
+    source, where, trained = _source(weights, model_name)
     own = model.state_dict()
     prefix = "net." if model_name is not None and not any(k.startswith("net.") for k in source) else ""
     source = {prefix + k: v for k, v in source.items()}
@@ -127,7 +127,8 @@ def load_weights(model: nn.Module, weights: str, model_name: str | None, head: s
                  (("missing", absent), ("not in this model", extra), ("other shapes", reshaped)) if keys]
         raise ConfigError(f"finetune.weights={weights} is not of this model's architecture ({'; '.join(parts)}); "
                           "give weights of the same model, normalization and widths (only the classifier and the "
-                          "first layer may differ)")
+                          "first layer may differ)" + (f", or train with the options of the weights' run: {trained}"
+                                                       if trained else ""))
     loaded, kept, skipped = set(), [], set()
     if not all(source[k].shape == own[k].shape or _grey_first_conv(source[k], own[k]) for k in first):
         # the first layer keeps its initialization: so does the batch norm after it (its statistics were the old one's)
@@ -166,8 +167,9 @@ def _grey_first_conv(value: torch.Tensor, tensor: torch.Tensor) -> bool:
         value.shape[0], *value.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])
 
 
-def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, description) of a trainlab checkpoint file or, for model=torchvision, torchvision's weights."""
+def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict, description, the model and normalization options of the run that saved it: '' for torchvision's)
+    of a trainlab checkpoint file or, for model=torchvision, torchvision's weights."""
     from trainlab import checkpoint
 
     path = Path(weights).expanduser()
@@ -179,11 +181,13 @@ def _source(weights: str, model_name: str | None) -> tuple[dict[str, torch.Tenso
         state = checkpoint.load(path)
         if "model" not in state:
             raise ConfigError(f"finetune.weights={weights}: holds no model weights")
-        return state["model"], str(path)
+        trained = " ".join(checkpoint.saved_options(state.get("config"), group) for group in ("model", "normalization"))
+        trained = trained.replace("normalization.name=", "normalization=")  # the option, not a key of the default's
+        return state["model"], str(path), trained if "cannot be read" not in trained else ""
     if model_name is None:
         raise ConfigError(f"finetune.weights={weights}: no such file; give the path of a trainlab checkpoint "
                           "(best.pt, last.pt, swa.pt), or use a torchvision weights name with model=torchvision")
-    return _torchvision_weights(weights, model_name)
+    return (*_torchvision_weights(weights, model_name), "")
 
 
 def _torchvision_weights(weights: str, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -209,4 +213,9 @@ def _torchvision_weights(weights: str, model_name: str) -> tuple[dict[str, torch
         raise ConfigError(f"finetune.weights={weights}: {model_name}'s {chosen.name} weights are not in {file.parent} "
                           f"and cannot be downloaded ({error}); download {chosen.url} elsewhere and copy it to {file}"
                           ) from None
-    return state, f"torchvision {model_name} {chosen.name} ({file})"
+    # googlenet's and inception_v3's auxiliary classifiers (aux1, aux2, AuxLogits): torchvision's own builder drops
+    # them after loading unless aux_logits=True, and trainlab builds these models without them
+    aux = {k for k in state if k.partition(".")[0] in ("aux1", "aux2", "AuxLogits")}
+    state = {k: v for k, v in state.items() if k not in aux}
+    return state, f"torchvision {model_name} {chosen.name} ({file}" + (
+        f"; {len(aux)} tensors of its auxiliary classifiers left out)" if aux else ")")

@@ -64,7 +64,8 @@ def weight_initializer(cfg: Mapping[str, Any], activation: str = "relu",
 
 
 def initialize(model: nn.Module, cfg: Mapping[str, Any], activation: str = "relu") -> None:
-    """Re-initialise `model` in place as cfg says: every linear and conv weight by cfg['name'], biases to 0,
+    """Re-initialise `model` in place as cfg says: every linear and conv weight (and an attention layer's query,
+    key and value weights, each as one linear layer) by cfg['name'], biases to 0,
     norm layers to weight 1 and bias 0 (all untouched by `default`); then, with cfg['zero_init_residual'],
     the scale (gamma) of the last norm of every residual block to 0, so each block starts as its shortcut.
 
@@ -82,8 +83,21 @@ def initialize(model: nn.Module, cfg: Mapping[str, Any], activation: str = "relu
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.MultiheadAttention):  # (a ViT's) query, key and value: three linear maps
+                for weight in _attention_inputs(module):
+                    init_weight(weight)
+                if module.in_proj_bias is not None:
+                    nn.init.zeros_(module.in_proj_bias)
     for norm in residual_norms:
         nn.init.zeros_(norm.weight)
+
+
+def _attention_inputs(module: nn.MultiheadAttention) -> list[torch.Tensor]:
+    """The query, key and value weights of an attention layer, each [embed_dim, its input dim] like a linear
+    layer's (in_proj_weight stacks the three when they share the input width; its rows are views of it)."""
+    if module.in_proj_weight is not None:
+        return list(module.in_proj_weight.detach().chunk(3))
+    return [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
 
 
 def check_initialization(model: nn.Module, cfg: Mapping[str, Any]) -> None:

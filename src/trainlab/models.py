@@ -211,6 +211,7 @@ class TorchvisionModel(nn.Module):
         channels, height, width = input_shape
         if isinstance(self.net, torchvision.models.ResNet) and max(height, width) <= small_input_max:
             self.net.conv1 = nn.Conv2d(channels, self.net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet's own
             self.net.maxpool = nn.Identity()
         else:
             _set_input_channels(self.net, channels)
