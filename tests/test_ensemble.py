@@ -204,3 +204,58 @@ def test_devices_that_cannot_be_used_exit_2_naming_the_option(device, cuda_devic
     monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert command_error([str(seeds), "--device", device], capsys) == f"trainlab ensemble: {message}\n"
+
+
+# --- what a sweep or run lacks, or holds damaged: named, exit 2 with the fix -----------------------------
+
+
+def test_a_completed_job_without_the_weights_is_left_out_and_named(seeds, tmp_path, capsys):
+    """A completed job whose best.pt was deleted was left out of a sweep's ensemble without a word."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(seeds, sweep)
+    (sweep / "2_seed=2" / "checkpoints" / "best.pt").unlink()
+    capsys.readouterr()
+    assert [m.run_dir.name for m in ensemble.ensemble([sweep]).members] == ["0_seed=0", "1_seed=1"]
+    assert f"left out 1 job(s) of {sweep} without tested weights: 2_seed=2 (no best.pt)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"2_seed=2: no tested weights \(best.pt\) in "):
+        ensemble.ensemble([sweep / "2_seed=2", sweep / "1_seed=1"])
+
+
+def test_a_damaged_config_or_weights_file_exits_2_naming_it_and_the_fix(seeds, tmp_path, capsys):
+    """A damaged .hydra/config.yaml gave a YAML traceback (exit 1); a damaged best.pt's message told to pass
+    checkpoint.resume=, which this command has not."""
+    run = tmp_path / "run"
+    shutil.copytree(seeds / "0_seed=0", run)
+    config = run / ".hydra" / "config.yaml"
+    good = config.read_text()
+    config.write_text("model: {name: mlp\n")
+    err = command_error([str(run), str(seeds / "1_seed=1")], capsys)
+    assert err.startswith(f"trainlab ensemble: {config} cannot be read (") and err.endswith(
+        f"restore it, or leave {run} out\n")
+    config.write_text("")
+    assert "has no data or model group" in command_error([str(run), str(seeds / "1_seed=1")], capsys)
+    config.write_text(good)
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:2000])
+    err = command_error([str(run), str(seeds / "1_seed=1")], capsys)
+    assert err.startswith(f"trainlab ensemble: checkpoint {best} is corrupted or incomplete (")
+    assert err.endswith(f"; choose another --checkpoint, or leave {run} out\n") and "checkpoint.resume" not in err
+
+
+def test_the_csv_is_written_whole_or_not_at_all(seeds, tmp_path):
+    """The CSV was opened for writing (emptied) before its rows were made: a failure mid-way left a truncated file
+    in place of the previous one."""
+    result = ensemble.ensemble([seeds / "0_seed=0", seeds / "1_seed=1"])
+    path = tmp_path / "e.csv"
+    ensemble.write_csv(result, path)
+    whole = path.read_text()
+
+    class Full(float):  # a write that fails on the last row, as a full disk does
+        def __format__(self, spec):
+            raise OSError(28, "No space left on device")
+
+    result.acc = Full(result.acc)
+    with pytest.raises(OSError, match="No space left"):
+        ensemble.write_csv(result, path)
+    assert path.read_text() == whole
+    assert [p.name for p in tmp_path.iterdir()] == ["e.csv"]  # no temporary file left

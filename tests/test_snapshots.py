@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,42 @@ def test_under_torchrun_rank_0_writes_the_snapshots_and_scores_the_whole_test_sp
     assert summary["snapshot_ensemble"]["test/acc"] == pytest.approx(whole.acc, abs=1e-12)
     assert [v for s in summary["snapshots"] for v in (s["test/loss"], s["test/acc"])] == pytest.approx(
         [v for m in whole.members for v in (m.loss, m.acc)], rel=1e-9)
+
+
+def test_a_bf16_run_is_ensembled_in_bf16_as_its_end_of_run_scores_are(whole, tmp_path):
+    """The command evaluated every member in fp32 while the run tested (and scored its snapshots) under its own
+    autocast: a bf16 run's losses differed in the 4th decimal (ensemble 0.4021 against summary.json's 0.4026)."""
+    from trainlab.device import autocast_for
+
+    run, _ = whole
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summary, "precision": "bf16"}))  # as a bf16 run records it
+    result = ensemble.ensemble([copy], which="snapshots")
+    bf16 = autocast_for(torch.device("cpu"), "bf16")
+    probabilities = []
+    for member in result.members:  # as Run.test_snapshots scores them, under the run's autocast
+        run.model.load_state_dict(checkpoint.load(member.weights)["model"])
+        probs, labels = ensemble.probabilities(run.model, run.test_batches, bf16)
+        probabilities.append(probs)
+        own = evaluate(run.model, run.test_batches, bf16)  # the snapshot tested as a bf16 run tests
+        assert (member.loss, member.acc) == pytest.approx((own["loss"], own["acc"]), rel=1e-6)
+        fp32 = evaluate(run.model, run.test_batches, nullcontext())
+        assert member.loss != pytest.approx(fp32["loss"], rel=1e-5)  # bf16 is seen in these digits
+    loss, hits, n = ensemble.sums(torch.stack(probabilities).mean(dim=0), labels).tolist()
+    assert (result.loss, result.acc) == pytest.approx((loss / n, hits / n), rel=1e-12)
+
+
+def test_a_damaged_snapshot_exits_2_naming_it_and_how_to_ensemble_the_others(whole, tmp_path, capsys):
+    run, _ = whole
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    damaged = copy / "checkpoints" / "snapshot_1.pt"
+    damaged.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["ensemble", str(copy), "--checkpoint", "snapshots"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"trainlab ensemble: checkpoint {damaged} is corrupted")
+    assert err.endswith(f"; move it out of {damaged.parent} to ensemble the run's other snapshots, or leave {copy} "
+                        "out\n")

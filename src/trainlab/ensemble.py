@@ -1,9 +1,10 @@
 """`trainlab ensemble`: average the predicted class probabilities of several trained runs on their common test split.
 
 Each member is rebuilt from its run directory (.hydra/config.yaml) and its checkpoint, and evaluated with its own
-input normalization (the statistics of its own training split). The test split depends only on the data, so runs
-of one dataset that differ in seed, optimizer or model share it; members whose test images or labels differ are
-refused. Relative data paths are those of the directory each run was trained in, not the current one.
+input normalization (the statistics of its own training split) and in the precision of its own test (summary.json).
+The test split depends only on the data, so runs of one dataset that differ in seed, optimizer or model share it;
+members whose test images or labels differ are refused. Relative data paths are those of the directory each run was
+trained in, not the current one.
 
 `--checkpoint snapshots` makes every snapshot of a run (checkpoint.snapshots=cycles: the weights at the end of each
 learning-rate cycle) a member: a snapshot ensemble (Huang et al. 2017), from one run or from several; `--last N`
@@ -13,6 +14,7 @@ takes the last N snapshots of each run (the paper's ensembles of the last m, whi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterable
@@ -22,9 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import DEVICE_PATTERN, ConfigError
+from trainlab.files import write_text_atomic
 from trainlab.sweep import DONE
 
 CHECKPOINTS = ("tested", "best", "last", "swa", "snapshots")
@@ -68,7 +72,7 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
             weights = _weights(path, which)
             if not weights:
                 what = ("no snapshots (snapshot_<epoch>.pt; train with checkpoint.snapshots=cycles)"
-                        if which == "snapshots" else f"no {which} weights")
+                        if which == "snapshots" else f"no {which} weights ({_weights_name(path, which)})")
                 raise ConfigError(f"{path}: {what} in {path / 'checkpoints'}"
                                   + ("" if which == "snapshots" else " (did the run train?)"))
             found += [(path, w) for w in _last(path, weights, last)]
@@ -82,6 +86,11 @@ def members(paths: list[Path], which: str = "tested", last: int | None = None) -
             print(f"trainlab ensemble: left out {len(unfinished)} job(s) of {path} that did not complete: "
                   + ", ".join(f"{job.name} ({status})" for job, status in unfinished), file=sys.stderr)
             jobs = [job for job, status in statuses.items() if status in DONE]
+        without = [job for job in jobs if not _weights(job, which)]
+        if without:  # a completed job whose weights were deleted, or trained without snapshots (or SWA)
+            print(f"trainlab ensemble: left out {len(without)} job(s) of {path} without "
+                  f"{'snapshots' if which == 'snapshots' else f'{which} weights'}: "
+                  + ", ".join(f"{job.name} (no {_weights_name(job, which)})" for job in without), file=sys.stderr)
         found += [(job, w) for job in jobs for w in _last(job, _weights(job, which), last)]
     unique = list({(run_dir.resolve(), weights.resolve()): (run_dir, weights) for run_dir, weights in found}.values())
     if len(unique) < len(found):  # a run given twice (or a sweep and one of its jobs) would weigh twice in the mean
@@ -127,22 +136,47 @@ def _weights(run_dir: Path, which: str) -> list[Path]:
 
     if which == "snapshots":
         return [path for _, path in checkpoint.snapshots(run_dir / "checkpoints")]
-    if which == "tested":
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError):  # none, or damaged (a kill while it was written): best.pt, as before a test
-            summary = None
-        tested = summary.get("tested_weights") if isinstance(summary, dict) else None
-        which = Path(tested).stem if tested else "best"
-    path = run_dir / "checkpoints" / f"{which}.pt"
+    path = run_dir / "checkpoints" / _weights_name(run_dir, which)
     return [path] if path.is_file() else []
+
+
+def _weights_name(run_dir: Path, which: str) -> str:
+    """The file name of a run's `which` weights (tested: the one its summary.json names, else best.pt)."""
+    if which == "snapshots":
+        return "snapshot_<epoch>.pt"
+    if which == "tested":
+        tested = _summary(run_dir).get("tested_weights")
+        which = Path(tested).stem if tested else "best"
+    return f"{which}.pt"
+
+
+def _summary(run_dir: Path) -> dict:
+    """The run's summary.json; {} when it has none or it is damaged (a kill while it was written)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def run_cwd(run_dir: Path) -> Path:
     """The directory the run was trained from (hydra.runtime.cwd in its .hydra/hydra.yaml), else the current one."""
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    cwd = OmegaConf.select(load_yaml(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
     return Path(cwd) if cwd is not None else Path.cwd()
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A run's .hydra/*.yaml; ConfigError naming the file when it cannot be read or is not a mapping."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{path} cannot be read ({detail}); restore it, or leave {path.parent.parent} out") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} is not a run's config (a YAML mapping); restore it, or leave {path.parent.parent} "
+                          "out")
+    return loaded
 
 
 def anchor_data(data: DictConfig, cwd: Path) -> None:
@@ -198,13 +232,22 @@ class RebuiltRun:
 
     def __init__(self, run_dir: Path, device: torch.device):
         from trainlab.data import build_data, eval_loader
+        from trainlab.device import autocast_for, select_precision
         from trainlab.models import build_model
 
-        self.run_dir, self.cfg = run_dir, OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        self.run_dir, self.cfg = run_dir, load_yaml(run_dir / ".hydra" / "config.yaml")
+        if "data" not in self.cfg or "model" not in self.cfg:
+            raise ConfigError(f"{run_dir / '.hydra' / 'config.yaml'} has no data or model group: not a trainlab "
+                              f"run's config; restore it, or leave {run_dir} out")
         anchor_data(self.cfg.data, run_cwd(run_dir))
         self.data = build_data(self.cfg.data)
         self.model = build_model(self.cfg, self.data.input_shape, self.data.num_classes).to(device)
         self.batches = eval_loader(self.cfg, self.data, self.data.test, device)
+        # the precision its test ran in (summary.json; bf16 by default on a GPU), as the end-of-run snapshot scores
+        # use it: in fp32 a bf16 run's losses differed from its own in the 4th decimal
+        precision = _summary(run_dir).get("precision") or select_precision(
+            str(OmegaConf.select(self.cfg, "trainer.precision", default="fp32")), device)
+        self.autocast = autocast_for(device, precision)
         images = self.data.test.images.double()
         self.digest = torch.stack([images.sum(), (images ** 2).sum()])
 
@@ -212,12 +255,18 @@ class RebuiltRun:
         """(class probabilities [N, C] in float64 on the CPU, labels [N]) of `weights` on the run's test split."""
         from trainlab import checkpoint
 
-        mismatch = checkpoint.model_mismatch(self.model.state_dict(), state := checkpoint.load(weights)["model"])
+        try:
+            state = checkpoint.load(weights)["model"]
+        except ConfigError as error:  # checkpoint.load's fix names checkpoint.resume, which is not this command's
+            fix = (f"move it out of {weights.parent} to ensemble the run's other snapshots"
+                   if checkpoint.SNAPSHOT_NAME.match(weights.name) else "choose another --checkpoint")
+            raise ConfigError(f"{str(error).split('; pass the path')[0]}; {fix}, or leave {self.run_dir} out") from None
+        mismatch = checkpoint.model_mismatch(self.model.state_dict(), state)
         if mismatch is not None:
             raise ConfigError(f"{weights} does not fit the model of {self.run_dir / '.hydra' / 'config.yaml'}: "
                               f"{mismatch}")
         self.model.load_state_dict(state)
-        return probabilities(self.model, self.batches)
+        return probabilities(self.model, self.batches, self.autocast)
 
 
 def ensemble(paths: list[Path], which: str = "tested", device: str = "cpu", last: int | None = None) -> Ensemble:
@@ -257,12 +306,14 @@ def _scores(probabilities: torch.Tensor, labels: torch.Tensor) -> tuple[float, f
 
 
 def write_csv(result: Ensemble, path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["member", "weights", "test/loss", "test/acc"])
-        for m in result.members:
-            writer.writerow([str(m.run_dir), m.weights.name, f"{m.loss:.6f}", f"{m.acc:.6f}"])
-        writer.writerow(["ensemble", "", f"{result.loss:.6f}", f"{result.acc:.6f}"])
+    """The table as CSV, written whole or not at all (a full disk or a kill mid-write keeps the file that was there)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["member", "weights", "test/loss", "test/acc"])
+    for m in result.members:
+        writer.writerow([str(m.run_dir), m.weights.name, f"{m.loss:.6f}", f"{m.acc:.6f}"])
+    writer.writerow(["ensemble", "", f"{result.loss:.6f}", f"{result.acc:.6f}"])
+    write_text_atomic(path, text.getvalue(), newline="")
 
 
 def table(result: Ensemble):
