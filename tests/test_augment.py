@@ -15,7 +15,6 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import FAST, compose_cfg
 from trainlab import augment
 from trainlab.config import AugmentationConfig, ConfigError, validate
-from trainlab.data import Split
 
 
 def gen(seed: int) -> torch.Generator:
