@@ -380,7 +380,8 @@ def test_dry_run_csv_equals_lr_curve(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote {path}\n" in out and any(ch in out for ch in "▁█")  # the path on one line, whatever its length
     png = tmp_path / "out" / "lr_curve.png"
-    assert png.is_file() == (importlib.util.find_spec("matplotlib") is not None)
+    assert png.is_file() == (importlib.util.find_spec("matplotlib") is not None) == (f"wrote {png}\n" in out)
+    assert "epochs done" in out  # the table's positions count from 0, lr_curve.csv's epochs from 1
 
 
 def test_dry_run_names_the_snapshot_epochs_at_the_lowest_lr_of_each_cycle(tmp_path, capsys):

@@ -102,7 +102,7 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     console = Console()
     table = Table(title=f"learning rate: scheduler={knobs.pop('name')} "
                         + " ".join(f"{k}={v}" for k, v in knobs.items()))
-    for column in ("step", "epoch", "lr", "lr / optimizer.lr"):
+    for column in ("step", "epochs done", "lr", "lr / optimizer.lr"):  # lr_curve.csv's epoch: the step's, from 1
         table.add_column(column, justify="right")
     for step in table_steps(positions):
         label = "end" if step == len(lrs) - 1 else f"{positions[step]:g}"
@@ -121,17 +121,19 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     if cfg.early_stopping.enabled:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
-    _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots)
-    console.print(f"wrote {path}", markup=False, soft_wrap=True)  # a path cut over lines cannot be pasted
+    plotted = _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots)
+    for written in [path] + ([out_dir / "lr_curve.png"] if plotted else []):
+        console.print(f"wrote {written}", markup=False, soft_wrap=True)  # a path cut over lines cannot be pasted
     return path
 
 
-def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snapshots: list[int]) -> None:
-    """lr against epoch as a PNG, the snapshot epochs' ends as dotted lines; only when matplotlib can be imported."""
+def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snapshots: list[int]) -> bool:
+    """lr against epoch as a PNG, the snapshot epochs' ends as dotted lines; only when matplotlib can be imported
+    (whether it wrote the file)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        return
+        return False
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
     ax.plot(positions, lrs)
@@ -143,3 +145,4 @@ def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snap
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
