@@ -457,7 +457,8 @@ def _argument_problems(group: str, node: Any) -> list[str]:
     return problems
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number: an int or a float, not a bool (YAML's true is an int to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -465,10 +466,10 @@ def _wanted_kind(default: Any, value: Any) -> str | None:
     """What `value` should be, given the parameter's default, or None when it fits (or the default says nothing)."""
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "true or false"
-    if _is_number(default):
-        return None if _is_number(value) else "a number"
-    if isinstance(default, tuple) and default and all(map(_is_number, default)):
-        fits = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))
+    if is_number(default):
+        return None if is_number(value) else "a number"
+    if isinstance(default, tuple) and default and all(map(is_number, default)):
+        fits = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(is_number, value))
         return None if fits else f"a list of {len(default)} numbers, e.g. {list(default)}"
     return None
 
@@ -585,10 +586,10 @@ def _check_values(cfg: DictConfig) -> list[str]:
     if reg.swa_start is not None:
         rates["regularization.swa_lr"] = reg.swa_lr
     for name, rate in rates.items():
-        if _is_number(rate) and 0 < rate < math.inf and math.isfinite(reg.weight_decay):
+        if is_number(rate) and 0 < rate < math.inf and math.isfinite(reg.weight_decay):
             check(rate * reg.weight_decay < 1, "regularization.weight_decay", reg.weight_decay,
-                  f"decoupled decay multiplies the weights by 1 - lr * weight_decay every step, and with {name}={rate:g} "
-                  f"that is {1 - rate * reg.weight_decay:g}: each step would erase them or flip their sign; give "
+                  "decoupled decay multiplies the weights by 1 - lr * weight_decay every step, and with "
+                  f"{name}={rate:g} that is {1 - rate * reg.weight_decay:g}: each step would erase them or flip their sign; give "
                   f"regularization.weight_decay below 1 / {name} = {1 / rate:g} (5e-4 is usual)")
     check(0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", reg.label_smoothing,
           "must be in [0, 1)")
@@ -608,10 +609,10 @@ def _check_values(cfg: DictConfig) -> list[str]:
           "0.75) or use regularization=swa")
     norm, init = cfg.normalization, cfg.initialization
     if "eps" in norm:
-        check(_is_number(norm.eps) and norm.eps > 0, "normalization.eps", norm.eps, "must be a number > 0, e.g. 1e-5")
+        check(is_number(norm.eps) and norm.eps > 0, "normalization.eps", norm.eps, "must be a number > 0, e.g. 1e-5")
     if "momentum" in norm:
         momentum = norm.momentum
-        check(momentum is None or (_is_number(momentum) and 0 < momentum <= 1), "normalization.momentum", momentum,
+        check(momentum is None or (is_number(momentum) and 0 < momentum <= 1), "normalization.momentum", momentum,
               "is the weight of each new batch in the running statistics, in (0, 1] (null: an "
               "equal-weight average of all batches); 0 would keep them at mean 0, variance 1, and every evaluation "
               "would normalise with those")
@@ -619,9 +620,9 @@ def _check_values(cfg: DictConfig) -> list[str]:
         check(isinstance(norm.num_groups, int) and not isinstance(norm.num_groups, bool) and norm.num_groups >= 1,
               "normalization.num_groups", norm.num_groups, "must be a whole number >= 1 that divides every layer width")
     if "std" in init:
-        check(_is_number(init.std) and init.std > 0, "initialization.std", init.std, "must be a number > 0")
+        check(is_number(init.std) and init.std > 0, "initialization.std", init.std, "must be a number > 0")
     if "value" in init:
-        check(_is_number(init.value), "initialization.value", init.value, "must be a number")
+        check(is_number(init.value), "initialization.value", init.value, "must be a number")
     aug = cfg.augmentation
     for key, value in aug.items():  # inf passed the range checks below, then gave NaN losses or an OverflowError
         check(not isinstance(value, float) or math.isfinite(value), f"augmentation.{key}", value,
@@ -651,7 +652,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
     for key in ("brightness", "contrast", "saturation", "noise_std", "mixup_alpha", "cutmix_alpha"):
         check(aug[key] >= 0, f"augmentation.{key}", aug[key], "must be >= 0 (0 = off)")
     check(aug.cutout_size >= 0, "augmentation.cutout_size", aug.cutout_size, "must be >= 0 pixels (0 = off)")
-    check(_is_number(aug.coarse_salt_p) and 0.0 <= aug.coarse_salt_p <= 1.0, "augmentation.coarse_salt_p",
+    check(is_number(aug.coarse_salt_p) and 0.0 <= aug.coarse_salt_p <= 1.0, "augmentation.coarse_salt_p",
           aug.coarse_salt_p, "is the probability that a cell is replaced, in [0, 1] (0 = off), e.g. 0.1")
     salt_size = aug.coarse_salt_size
     check(isinstance(salt_size, int) and not isinstance(salt_size, bool) and salt_size >= 1,

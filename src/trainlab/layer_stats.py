@@ -145,7 +145,7 @@ class LayerRecorder:
         scalars, histograms = dict(self._acts), dict(self._act_hists)
         for (name, p), before in zip(self.weights, self._before or []):
             if p.grad is not None:
-                scalars[f"grad_norm/{name}"] = torch.linalg.vector_norm(p.grad, dtype=torch.float64).float()  # as global_norm
+                scalars[f"grad_norm/{name}"] = global_norm([p.grad])
             scalars[f"update_ratio/{name}"] = (p - before).norm() / before.norm().clamp_min(1e-12)
             if self.histograms:
                 histograms[f"weights/{name}"] = (histogram(p), p.numel())

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from trainlab.config import ConfigError
+from trainlab.config import ConfigError, is_number
 
 ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
     "relu": lambda slope: nn.ReLU(),
@@ -25,8 +25,7 @@ def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
     """The activation module named `name`; `negative_slope` is read by leaky_relu only."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"model.activation={name!r} is not an activation; choose one of {', '.join(ACTIVATIONS)}")
-    if name == "leaky_relu" and not (isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
-                                     and math.isfinite(negative_slope)):
+    if name == "leaky_relu" and not (is_number(negative_slope) and math.isfinite(negative_slope)):
         raise ConfigError(f"model.negative_slope={negative_slope!r}: leaky_relu's slope for x < 0 must be a number, "
                           "e.g. 0.01")
     return ACTIVATIONS[name](negative_slope)

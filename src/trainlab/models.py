@@ -13,8 +13,7 @@ from torch import nn
 
 from trainlab.config import ConfigError
 from trainlab.initialization import check_initialization
-from trainlab.layers import ACTIVATIONS, NORMS, make_activation, make_norm  # noqa: F401  (part of this API)
-from trainlab.layers import norm_groups
+from trainlab.layers import ACTIVATIONS, NORMS, make_activation, make_norm, norm_groups  # noqa: F401  (this API)
 
 log = logging.getLogger("trainlab")
 

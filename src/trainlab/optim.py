@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from trainlab.adam import UncorrectedAdam, UncorrectedAdamW
-from trainlab.config import ConfigError
+from trainlab.config import ConfigError, is_number
 from trainlab.schedules import steps_until
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -136,7 +136,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
         raise ConfigError(f"optimizer.decay_norm_and_bias={decay_norm_and_bias!r}: must be true or false")
     ramp = {key: options.pop(key) for key in ("momentum_start", "momentum_warmup_epochs") if key in options}
     for key, value in ramp.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not is_number(value):
             raise ConfigError(f"optimizer.{key}={value!r}: must be a number")
     bias_correction = options.pop("bias_correction", None)
     for key in DECAY_KEYS:
@@ -190,10 +190,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, steps_per_epoch: int = 1,
     return optimizer
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
     """What torch accepts but cannot train with: lr 0 (nothing moves), SGD's or RMSprop's momentum of 1 or more
     (the velocity never decays: 1.5 grows it 1.5x a step), RMSprop's alpha or Adadelta's rho of 1 or more (the
@@ -201,16 +197,16 @@ def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
     dampening of 1 or more with momentum (no gradient enters the velocity after the first step, or with its sign
     flipped); and Nesterov without momentum, which torch refuses without naming the values."""
     lr = options.get("lr")
-    if _number(lr) and lr == 0:
+    if is_number(lr) and lr == 0:
         raise ConfigError("optimizer.lr=0: the weights would never move; give a learning rate > 0")
     if not isinstance(cls, type):
         return
     rho = options.get("rho")
-    if issubclass(cls, torch.optim.Adadelta) and _number(rho) and rho >= 1:
+    if issubclass(cls, torch.optim.Adadelta) and is_number(rho) and rho >= 1:
         raise ConfigError(f"optimizer.rho={rho}: must be in [0, 1) for optimizer={target}; at 1 its running "
                           "averages stay 0 and every step is plain SGD, w -= lr * g (0.9 is usual)")
     momentum, dampening = options.get("momentum", 0), options.get("dampening", 0)
-    if issubclass(cls, torch.optim.SGD) and _number(momentum) and _number(dampening):
+    if issubclass(cls, torch.optim.SGD) and is_number(momentum) and is_number(dampening):
         if options.get("nesterov") is True and not (momentum > 0 and dampening == 0):
             raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 and optimizer.dampening=0 (here "
                               f"{momentum} and {dampening}); set them (optimizer=nesterov: 0.9 and 0), or "
@@ -227,7 +223,7 @@ def _check_rates(cls: Any, options: dict[str, Any], target: Any) -> None:
         bounded.append(("alpha", "the running mean of squared gradients would never follow them (0.99 is usual)"))
     for key, why in bounded:
         value = options.get(key)
-        if _number(value) and value >= 1:
+        if is_number(value) and value >= 1:
             raise ConfigError(f"optimizer.{key}={value}: must be in [0, 1) for optimizer={target}; at 1 or more {why}")
 
 

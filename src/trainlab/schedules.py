@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab.config import CYCLE_SCHEDULES, ConfigError
+from trainlab.config import CYCLE_SCHEDULES, ConfigError, is_number
 
 # Each schedule returns the multiplier of optimizer.lr. Its first argument is its clock, which starts
 # when warmup ends: `progress` runs from 0 to 1 over the rest of the run; `epochs` is the time since
@@ -273,31 +273,27 @@ class Scheduler:
         self._apply()
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 KNOB_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "min_lr_fraction": (lambda v: _number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
-    "step_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
-    "gamma": (lambda v: _number(v) and v > 0, "> 0"),
-    "milestones": (lambda v: isinstance(v, list) and all(_number(m) and m > 0 for m in v) and v == sorted(v),
+    "min_lr_fraction": (lambda v: is_number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
+    "step_epochs": (lambda v: is_number(v) and v > 0, "> 0 epochs"),
+    "gamma": (lambda v: is_number(v) and v > 0, "> 0"),
+    "milestones": (lambda v: isinstance(v, list) and all(is_number(m) and m > 0 for m in v) and v == sorted(v),
                    "a list of increasing epochs > 0, e.g. [10, 20]"),
-    "k": (lambda v: _number(v) and v >= 0, ">= 0 (per epoch)"),
-    "timescale_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
-    "power": (lambda v: _number(v) and v > 0, "> 0"),
-    "period_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
-    "period_mult": (lambda v: _number(v) and v >= 1, ">= 1"),
-    "half_cycle_epochs": (lambda v: _number(v) and v > 0, "> 0 epochs"),
-    "base_lr_fraction": (lambda v: _number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
+    "k": (lambda v: is_number(v) and v >= 0, ">= 0 (per epoch)"),
+    "timescale_epochs": (lambda v: is_number(v) and v > 0, "> 0 epochs"),
+    "power": (lambda v: is_number(v) and v > 0, "> 0"),
+    "period_epochs": (lambda v: is_number(v) and v > 0, "> 0 epochs"),
+    "period_mult": (lambda v: is_number(v) and v >= 1, ">= 1"),
+    "half_cycle_epochs": (lambda v: is_number(v) and v > 0, "> 0 epochs"),
+    "base_lr_fraction": (lambda v: is_number(v) and 0 <= v <= 1, "a fraction of optimizer.lr in [0, 1]"),
     "mode": (lambda v: v in CYCLIC_MODES, "one of " + ", ".join(CYCLIC_MODES)),
-    "pct_start": (lambda v: _number(v) and 0 < v < 1, "a fraction of the run in (0, 1)"),
-    "div_factor": (lambda v: _number(v) and v >= 1, ">= 1"),
-    "final_div_factor": (lambda v: _number(v) and v >= 1, ">= 1"),
+    "pct_start": (lambda v: is_number(v) and 0 < v < 1, "a fraction of the run in (0, 1)"),
+    "div_factor": (lambda v: is_number(v) and v >= 1, ">= 1"),
+    "final_div_factor": (lambda v: is_number(v) and v >= 1, ">= 1"),
     "anneal_strategy": (lambda v: v in ANNEAL_STRATEGIES, "one of " + ", ".join(ANNEAL_STRATEGIES)),
-    "factor": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    "factor": (lambda v: is_number(v) and 0 < v < 1, "in (0, 1)"),
     "patience": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of epochs >= 1"),
-    "min_delta": (lambda v: _number(v) and v >= 0, ">= 0"),
+    "min_delta": (lambda v: is_number(v) and v >= 0, ">= 0"),
 }
 
 
@@ -317,15 +313,15 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
     problems = [f"scheduler={name}: unexpected keyword scheduler.{key}; {name} takes warmup_epochs"
                 f"{''.join(', ' + k for k in valid)} (a key an experiment set for its own schedule goes with "
                 f"~scheduler.{key})" for key in options if key not in valid]
-    if not _number(warmup_epochs):
+    if not is_number(warmup_epochs):
         problems.append(f"scheduler.warmup_epochs={warmup_epochs!r}: must be a number of epochs")
     problems += [f"scheduler.{key}={value!r}: must be {KNOB_RULES[key][1]}"
                  for key, value in options.items() if key in valid and not KNOB_RULES[key][0](value)]
     gamma, mode = options.get("gamma", 1.0), options.get("mode", _default("cyclic", "mode"))
-    if name == "cyclic" and mode == "exp_range" and _number(gamma) and gamma > 1:
+    if name == "cyclic" and mode == "exp_range" and is_number(gamma) and gamma > 1:
         problems.append(f"scheduler.gamma={gamma}: exp_range scales each cycle's amplitude by gamma**epochs, so above "
                         "1 the peaks grow past optimizer.lr, the cycle's highest lr; give gamma <= 1 (e.g. 0.99)")
-    if name == "cyclic" and mode in CYCLIC_MODES and mode != "exp_range" and _number(gamma) and gamma != 1:
+    if name == "cyclic" and mode in CYCLIC_MODES and mode != "exp_range" and is_number(gamma) and gamma != 1:
         problems.append(f"scheduler.gamma={gamma}: only scheduler.mode=exp_range reads it, and mode={mode} would "
                         "train without it; add scheduler.mode=exp_range, or leave gamma at 1")
     if problems:
