@@ -70,8 +70,8 @@ def test_each_rank_serves_its_equal_part_of_every_batch_and_its_own_augmentation
         assert torch.equal(torch.cat([parts[0][i][1], parts[1][i][1]]), y)  # rank 0 the first half, rank 1 the rest
         assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]).floor(), x.floor())  # the same images
     assert torch.equal(parts[0][0][0], whole[0][0][:8])  # rank 0 draws the stream one process would
-    noise = [part[0][0] - part[0][0].floor() for part in parts]  # the draws, up to float rounding
-    assert not torch.allclose(noise[0], noise[1], atol=1e-3)  # rank 1 draws its own
+    draws = [part[0][0] - part[0][0].floor() for part in parts]  # the draws, up to float rounding
+    assert not torch.allclose(draws[0], draws[1], atol=1e-3)  # rank 1 draws its own
 
 
 def test_folded_totals_are_the_whole_batchs_when_the_ranks_sum_them():

@@ -653,11 +653,11 @@ def test_a_checkpoint_of_another_optimizer_is_refused_before_its_state_loads(tmp
     state = torch.load(interrupted_run, weights_only=False)
     assert state.pop("optimizer_class") == "SGD"
     torch.save(state, old_format)
-    for checkpoint, options, built in ((interrupted_run, ["optimizer=rmsprop"], "RMSprop"),
-                                       (interrupted_run, ["optimizer=adam", "optimizer.bias_correction=false"],
-                                        "UncorrectedAdam"),
-                                       (old_format, ["optimizer=adam"], "Adam")):
-        status, code, run = train(tmp_path, ["trainer.max_epochs=2", *options, f"checkpoint.resume={checkpoint}"])
+    for saved, options, built in ((interrupted_run, ["optimizer=rmsprop"], "RMSprop"),
+                                  (interrupted_run, ["optimizer=adam", "optimizer.bias_correction=false"],
+                                   "UncorrectedAdam"),
+                                  (old_format, ["optimizer=adam"], "Adam")):
+        status, code, run = train(tmp_path, ["trainer.max_epochs=2", *options, f"checkpoint.resume={saved}"])
         assert (status, code) == ("failed", 2)
         error = run.summary["error"]
         assert f"was trained with SGD, and this config builds {built}" in error, error

@@ -156,7 +156,8 @@ def _tuples(value: Any) -> Any:
 
 
 def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """checkpoint.resume as (path, loaded state); auto: the newest loadable last.pt of `ckpt_dir`, None to start fresh."""
+    """checkpoint.resume as (path, loaded state); auto: the newest loadable last.pt of `ckpt_dir`, None to start
+    fresh."""
     if resume is None:
         return None
     if resume != "auto":

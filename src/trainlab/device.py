@@ -28,9 +28,11 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
-            raise ConfigError(f"trainer.device={name}: no CUDA device is available here; use trainer.device=cpu or auto")
+            raise ConfigError(f"trainer.device={name}: no CUDA device is available here; use trainer.device=cpu "
+                              "or auto")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"trainer.device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            raise ConfigError(f"trainer.device={name}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"trainer.device={name}: MPS is not available here; use trainer.device=cpu or auto")
     return device

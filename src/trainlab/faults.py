@@ -206,5 +206,6 @@ def out_of_memory_message(batch_size: int, device: torch.device) -> str:
         gib = torch.cuda.max_memory_allocated(device) / 2**30
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         peak = f", peak {gib:.2f} GiB allocated of {total:.1f} GiB"
-    return (f"out of memory on {device} at data.batch_size={batch_size}{peak}; try data.batch_size={max(1, batch_size // 2)}"
+    return (f"out of memory on {device} at data.batch_size={batch_size}{peak}; "
+            f"try data.batch_size={max(1, batch_size // 2)}"
             " (or trainer.precision=bf16, a smaller model, or data.eval_batch_size lower if it failed in evaluation)")

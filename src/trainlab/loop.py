@@ -42,7 +42,8 @@ class StepParts:
     # on_step(step, totals) after every step: mid-epoch checkpoints and stop signals (may raise to end the run)
     on_step: Callable[[int, EpochTotals], None] | None = None
     grad_norm: Callable[[], torch.Tensor] | None = None  # the global gradient L2 norm (train/grad_norm)
-    weight_norm: Callable[[], torch.Tensor] | None = None  # the weights' L2 norm: non-finite once a bad step reached them
+    # the weights' L2 norm: non-finite once a bad step reached them
+    weight_norm: Callable[[], torch.Tensor] | None = None
     # the model's outputs live in CUDA-graph memory that the next step overwrites (compile mode reduce-overhead)
     copy_outputs: bool = False
     # torchrun: the element-wise sum over the processes (each trains an equal part of every batch), and their number

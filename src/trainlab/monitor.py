@@ -228,7 +228,8 @@ class RunMonitor:
             self._hand_over()
 
     def _hand_over(self) -> None:
-        """Give the waiting events to the writer thread at once; before any other event, so the file keeps their order."""
+        """Give the waiting events to the writer thread at once; before any other event, so the file keeps their
+        order."""
         file_writer = self.writer.file_writer
         for summary, step in self._pending:
             file_writer.add_summary(summary, step)

@@ -368,7 +368,8 @@ def publish(report: Report, console: Console | None = None) -> None:
     _write_csv(sweep_dir / "sweep_summary.csv", rows)
     md_columns = ["rank", "job", "overrides", "status", "best_epoch", *dict.fromkeys((report.metric, *COLUMNS)),
                   "wall_time_s"]
-    markdown = f"# Sweep {sweep_dir.name}\n\n{len(report.jobs)} jobs ranked by best {report.metric} ({report.mode}).\n\n"
+    markdown = (f"# Sweep {sweep_dir.name}\n\n"
+                f"{len(report.jobs)} jobs ranked by best {report.metric} ({report.mode}).\n\n")
     markdown += _markdown(rows, md_columns)
     if report.groups is not None:
         grows = group_rows(report)

@@ -99,9 +99,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str],
     """One job of a sweep. Returns its status, or its objective value when `sweep.objective` is set.
 
     With sweep.resume=true a job that completed in an earlier sweep into the same directory is skipped,
-    and one that did not continues from its own checkpoints/last.pt (checkpoint.resume=auto). A job that fails returns "failed"
-    (the report at the end lists it and the sweep exits 1); only a search (sweep.objective set) raises
-    JobFailed, so that its sweeper records the trial as failed instead of a value.
+    and one that did not continues from its own checkpoints/last.pt (checkpoint.resume=auto). A job that fails
+    returns "failed" (the report at the end lists it and the sweep exits 1); only a search (sweep.objective set)
+    raises JobFailed, so that its sweeper records the trial as failed instead of a value.
     """
     check_objective(cfg)  # also checked when the sweep starts (ReportCallback); here for jobs started elsewhere
     previous = read_summary(run_dir) if cfg.sweep.resume else None
