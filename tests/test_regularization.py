@@ -204,12 +204,33 @@ def test_decoupled_decay_at_lr_times_weight_decay_of_1_erases_the_weights_every_
         assert torch.allclose(layer.weight, -0.1 * layer.weight.grad)
 
 
+def test_coupled_l2_at_lr_times_l2_of_1_erases_the_weights_under_sgd_and_is_refused_there_only(train_inprocess):
+    """The coupled penalty's gradient l2 * w under SGD: the first step (whatever the momentum, whose buffer starts at
+    the gradient) takes w to w - lr * (g + l2 * w), zero weights plus -lr * g at lr * l2 = 1. Adam divides the
+    penalty's gradient by its own scale, so the same l2 is a legitimate (if strong) penalty there: not refused."""
+    model, cfg = _model(), _cfg("SGD", 0.1)
+    cfg.optimizer.momentum = 0.9
+    optimizer = build_optimizer(cfg, model)
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    data_loss = nn.functional.cross_entropy(model(x), y)
+    data_grads = torch.autograd.grad(data_loss, [model[0].weight, model[2].weight], retain_graph=True)
+    penalty(decayed_parameters(optimizer), 0.0, 10.0)().add(data_loss).backward()
+    optimizer.step()
+    for layer, grad in zip((model[0], model[2]), data_grads):
+        assert torch.allclose(layer.weight, -0.1 * grad, atol=1e-6)
+    train_inprocess(["optimizer=adam", "regularization.l2=1000", "trainer.max_epochs=1", "logger.tensorboard=false"])
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["regularization.weight_decay=10"], r"regularization.weight_decay=10\.0: decoupled decay multiplies the weights "
      r"by 1 - lr \* weight_decay every step, and with optimizer.lr=0.1 that is 0: .* give regularization.weight_decay "
      r"below 1 / optimizer.lr = 10"),
     (["optimizer=adam", "regularization=swa", "regularization.weight_decay=20"],
      r"with regularization.swa_lr=0.05 that is 0: .* below 1 / regularization.swa_lr = 20"),
+    (["regularization.l2=10"], r"regularization.l2=10\.0: under SGD the penalty's gradient l2 \* w multiplies the "
+     r"weights by 1 - lr \* l2 every step, and with optimizer.lr=0.1 that is 0: .* give regularization.l2 below "
+     r"1 / optimizer.lr = 10"),
+    (["optimizer=nesterov", "regularization.l2=200"], r"regularization.l2=200\.0: under SGD .* that is -1"),
     (["regularization.l2=inf"], r"regularization.l2=inf: must be a finite number >= 0"),
     (["regularization.l1=inf"], r"regularization.l1=inf: must be a finite number >= 0"),
     (["regularization.weight_decay=inf"], r"regularization.weight_decay=inf: must be a finite number >= 0"),

@@ -44,7 +44,8 @@ def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = F
                                Path(resume).expanduser().resolve().parent == (run_dir / "checkpoints").resolve())
     if resume is not None and not dry_run and own:
         return None
-    found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt") if (run_dir / name).is_file()]
+    found = [name for name in ("metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt")
+             if (run_dir / name).is_file()]
     if not found:
         return None
     if resume is not None and not dry_run:
@@ -119,10 +120,10 @@ class FileDataConfig(DataConfig):
 @dataclass
 class ImageFolderConfig(DataConfig):
     name: str = "image_folder"
-    path: str = "???"  # a folder of class subfolders, or one with train/ and test/ folders of class subfolders
+    path: str = "???"  # a folder of class subfolders, or one with train/, test/ (and val/) folders of them
     image_size: int = 32  # pixels: every image is resized (bilinear) to image_size x image_size once, when decoded
     channels: int = 3  # 3 = RGB, 1 = greyscale
-    test_fraction: float = 0.2  # share held out as the test split when there is no test/ folder (fixed, not seeded)
+    test_fraction: float = 0.2  # share held out as the test split without a test/ folder (fixed, not seeded)
     root: str = "${oc.env:TRAINLAB_DATA,data}"
     cache_dir: Optional[str] = "${.root}/cache"  # decoded uint8 images, keyed by the folder's contents; null = off
 
@@ -204,7 +205,8 @@ class AugmentationConfig:
     contrast: float = 0.0  # likewise, blending with the image's mean grey level
     saturation: float = 0.0  # likewise, blending with the image's grey version (3-channel images only)
     sharpness: float = 0.0  # jitter strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 smoothed, 2 sharpened
-    gamma: float = 0.0  # strength g < 1: out = W (x / W)^gamma, gamma uniform in [1 - g, 1 + g]; W the white, 255 (digits 16)
+    # strength g < 1: out = W (x / W)^gamma, gamma uniform in [1 - g, 1 + g]; W the white, 255 (digits 16)
+    gamma: float = 0.0
     invert: float = 0.0  # probability of inverting each training image: W - x (W: 255; the digits' 16)
     blur_sigma: float = 0.0  # largest gaussian blur std in pixels: sigma uniform in [0.1, blur_sigma]; 0 = off
     cutout_size: int = 0  # side in pixels of the one square zeroed per image (wholly inside it)
@@ -585,12 +587,17 @@ def _check_values(cfg: DictConfig) -> list[str]:
     rates = {"optimizer.lr": cfg.optimizer.get("lr")}
     if reg.swa_start is not None:
         rates["regularization.swa_lr"] = reg.swa_lr
+    # so does the coupled l2 penalty under SGD, whose gradient l2 * w enters the update as w -= lr * l2 * w (at the
+    # first step whatever the momentum); adaptive optimizers rescale it per weight, so no such bound holds for them
+    shrinks = {"weight_decay": "decoupled decay multiplies the weights by 1 - lr * weight_decay every step"}
+    if str(cfg.optimizer.get("_target_")) == "torch.optim.SGD":
+        shrinks["l2"] = "under SGD the penalty's gradient l2 * w multiplies the weights by 1 - lr * l2 every step"
     for name, rate in rates.items():
-        if is_number(rate) and 0 < rate < math.inf and math.isfinite(reg.weight_decay):
-            check(rate * reg.weight_decay < 1, "regularization.weight_decay", reg.weight_decay,
-                  "decoupled decay multiplies the weights by 1 - lr * weight_decay every step, and with "
-                  f"{name}={rate:g} that is {1 - rate * reg.weight_decay:g}: each step would erase them or flip their sign; give "
-                  f"regularization.weight_decay below 1 / {name} = {1 / rate:g} (5e-4 is usual)")
+        for key, why in shrinks.items():
+            if is_number(rate) and 0 < rate < math.inf and math.isfinite(reg[key]):
+                check(rate * reg[key] < 1, f"regularization.{key}", reg[key],
+                      f"{why}, and with {name}={rate:g} that is {1 - rate * reg[key]:g}: each step would erase them "
+                      f"or flip their sign; give regularization.{key} below 1 / {name} = {1 / rate:g} (5e-4 is usual)")
     check(0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", reg.label_smoothing,
           "must be in [0, 1)")
     for key in ("grad_clip_norm", "grad_clip_value"):
