@@ -222,3 +222,42 @@ def test_the_small_image_stem_of_a_torchvision_resnet_starts_with_torchvisions_i
     assert stem.shape == (64, 1, 3, 3)
     assert stem.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.1)  # PyTorch's default: 1/sqrt(3 * 9) = 0.19
     assert second.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.1)  # as the layer after it
+
+
+class _Wrapped(torch.nn.Module):
+    """A tiny torchvision ViT held as TorchvisionModel holds its network (`net`)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        from torchvision.models import VisionTransformer
+
+        torch.manual_seed(image_size)
+        self.net = VisionTransformer(image_size=image_size, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
+                                     mlp_dim=16, num_classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_vit_weights_of_another_image_size_load_with_their_position_embedding_resampled(monkeypatch, caplog):
+    """ImageNet's ViT weights hold a 14x14 grid of position embeddings (224-px images): they were refused on any
+    other image size ('other shapes: net.encoder.pos_embedding'). Now the grid is resampled to the model's (bicubic,
+    as torchvision's interpolate_embeddings), the class token's embedding kept, and every tensor is loaded."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    trained, model = _Wrapped(16), _Wrapped(32)  # 4x4 patches of 4 px -> 8x8
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    monkeypatch.setattr(finetune, "_source", lambda weights, name: (dict(state), "the weights", ""))
+    caplog.set_level(logging.INFO, logger="trainlab")
+    loaded = finetune.load_weights(model, "the weights", "vit_tiny", head=set())
+    assert loaded == set(model.state_dict())
+    position = model.net.encoder.pos_embedding
+    expected = interpolate_embeddings(32, 4, {"encoder.pos_embedding": state["net.encoder.pos_embedding"]})
+    assert position.shape == (1, 65, 8) and torch.equal(position, expected["encoder.pos_embedding"])
+    assert torch.equal(position[:, 0], state["net.encoder.pos_embedding"][:, 0])  # the class token's
+    assert torch.equal(model.net.conv_proj.weight, trained.net.conv_proj.weight)
+    assert "resampled the position embedding from 4x4 patches (16-px images) to 8x8 (32-px)" in caplog.text
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    state["net.encoder.pos_embedding"] = torch.zeros(1, 17, 6)  # another width: another architecture, refused
+    with pytest.raises(ConfigError, match=r"other shapes: net.encoder.pos_embedding \(\[1, 17, 6\] in the weights"):
+        finetune.load_weights(model, "the weights", "vit_tiny", head=set())

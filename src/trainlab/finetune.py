@@ -115,6 +115,7 @@ def load_weights(model: nn.Module, weights: str, model_name: str | None, head: s
     own = model.state_dict()
     prefix = "net." if model_name is not None and not any(k.startswith("net.") for k in source) else ""
     source = {prefix + k: v for k, v in source.items()}
+    resampled = _fit_position_embedding(model, source)
     counters = {k for k in (*own, *source) if k.endswith("num_batches_tracked")}
     absent = [k for k in own if k not in source and k not in counters]
     extra = [k for k in source if k not in own and k not in counters]
@@ -148,9 +149,35 @@ def load_weights(model: nn.Module, weights: str, model_name: str | None, head: s
                     loaded.add(name)
             else:
                 kept.append(f"{name} ({list(value.shape)} in the weights, {list(tensor.shape)} here)")
+    notes = [resampled] if resampled else []
+    notes += [f"kept the initialization of {', '.join(kept)}"] if kept else []
     log.info(f"finetune: loaded {len(loaded)} of {len(own) - len(counters & set(own))} tensors from {where}"
-             + (f"; kept the initialization of {', '.join(kept)}" if kept else ""))
+             + "".join(f"; {note}" for note in notes))
     return loaded
+
+
+def _fit_position_embedding(model: nn.Module, source: dict[str, torch.Tensor]) -> str | None:
+    """A torchvision ViT's position embedding in `source` made for another image size, resampled in place to this
+    model's grid of patches: bicubic over the grid, the class token's kept (torchvision's interpolate_embeddings, as
+    timm does when it loads weights at another resolution). Returns what was done, for the log, or None.
+
+    ImageNet's ViT weights are for 224-px images (14x14 patches of 16 px); without this, a run on 32-px images
+    (2x2 patches) could not load them at all."""
+    from torchvision.models import VisionTransformer
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    net, key = getattr(model, "net", None), "net.encoder.pos_embedding"
+    if not isinstance(net, VisionTransformer) or key not in source:
+        return None
+    old, new = source[key].shape, net.encoder.pos_embedding.shape
+    grid = math.isqrt(old[1] - 1) if len(old) == 3 and old[1] > 1 else 0
+    if old == new or len(old) != 3 or old[0] != 1 or old[2] != new[2] or grid * grid != old[1] - 1:
+        return None  # the same grid, or another architecture (reported as such)
+    state = interpolate_embeddings(net.image_size, net.patch_size, {"encoder.pos_embedding": source[key].float()})
+    source[key] = state["encoder.pos_embedding"].to(source[key].dtype)
+    side = net.image_size // net.patch_size
+    return (f"resampled the position embedding from {grid}x{grid} patches ({grid * net.patch_size}-px images) to "
+            f"{side}x{side} ({net.image_size}-px)")
 
 
 def _first_layer(model: nn.Module) -> set[str]:
