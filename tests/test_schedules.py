@@ -18,7 +18,7 @@ from torch import nn
 import trainlab
 from trainlab import schedules
 from trainlab.config import ConfigError, register_configs
-from trainlab.dry_run import dry_run, lr_curve
+from trainlab.dry_run import dry_run, lr_curve, sparkline
 
 CONF_DIR = Path(trainlab.__file__).parent / "conf"
 SCHEDULER_OPTIONS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
@@ -475,6 +475,36 @@ def test_a_first_cycle_longer_than_the_run_is_warned_of(caplog):
     assert "does not end within" not in caplog.text
 
 
+@pytest.mark.parametrize(("cfg", "max_epochs", "decays", "warning"), [
+    ({"name": "step", "step_epochs": 5}, 5, 0,
+     "scheduler=step: scheduler.step_epochs=5 is not reached within trainer.max_epochs=5 (epochs from the start), so "
+     "the lr never decays"),
+    ({"name": "step", "step_epochs": 5}, 6, 1, None),
+    ({"name": "step", "step_epochs": 2.5, "warmup_epochs": 1}, 3, 0,
+     "scheduler=step: scheduler.step_epochs=2.5 is not reached within trainer.max_epochs=3 (epochs, counted from the "
+     "end of scheduler.warmup_epochs=1), so the lr never decays"),
+    ({"name": "multistep", "milestones": [2, 4, 6], "warmup_epochs": 1}, 5, 1,
+     "scheduler=multistep: scheduler.milestones [4, 6] are not reached within trainer.max_epochs=5 (milestone m decays "
+     "the lr after m epochs, counted from the end of scheduler.warmup_epochs=1), so the lr decays 1 of 3 times"),
+    ({"name": "multistep", "milestones": [2, 4]}, 4, 1,
+     "scheduler=multistep: scheduler.milestones [4] are not reached within trainer.max_epochs=4"),
+    ({"name": "multistep", "milestones": [2, 4]}, 5, 2, None),
+])
+def test_step_decays_the_run_never_reaches_are_warned_of(cfg, max_epochs, decays, warning, caplog):
+    """A decay at epoch e applies from the step that starts epoch e + 1 (after e epochs, since warmup): milestone 20 of
+    a 20-epoch run, like torch's MultiStepLR stepped per epoch, never trains a step."""
+    caplog.set_level("WARNING", logger="trainlab")
+    lrs = lrs_of(cfg, 3, max_epochs)
+    after_warmup = lrs[3 * int(cfg.get("warmup_epochs", 0)):]
+    assert len(set(after_warmup)) == decays + 1 and after_warmup[-1] == pytest.approx(0.5 ** decays if
+                                                                                      cfg["name"] == "step" else
+                                                                                      0.1 ** decays)
+    if warning is None:
+        assert "not reached" not in caplog.text
+    else:
+        assert warning in caplog.text and "raise trainer.max_epochs" in caplog.text
+
+
 @pytest.mark.parametrize(("overrides", "refused"), [
     (["scheduler.patience=10"], True),  # early_stopping.patience is 10: the run stopped as plateau first reduced
     (["scheduler.patience=12"], True),
@@ -512,3 +542,225 @@ def test_plateau_never_reduces_before_early_stopping_with_the_same_patience():
         if stopper.should_stop:
             break
     assert epoch == 11 and scheduler.plateau.reductions == 1  # the one reduction came at the stop: no lower-lr step
+
+
+# --- the momentum cycle (onecycle, cyclic: scheduler.cycle_momentum) ---------------------------------------------
+
+
+def momentum_of(group: dict) -> float:
+    """SGD's and RMSprop's momentum, the Adam family's beta1: the setting a cycle moves."""
+    return group["betas"][0] if "betas" in group else group["momentum"]
+
+
+OPTIMIZERS = {  # one of each kind torch's OneCycleLR and CyclicLR cycle: `momentum`, and beta1 of `betas`
+    "sgd_momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99)),
+}
+
+
+def cycled(cfg: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int,
+           stop: int | None = None) -> tuple[list[float], list[float], schedules.Scheduler]:
+    """(lr, momentum) of every step as the loop reads them, the first `stop` steps (all of the run by default)."""
+    scheduler = schedules.build_scheduler(OmegaConf.create(cfg), optimizer, steps_per_epoch, max_epochs)
+    lrs, momenta = [], []
+    for _ in range(steps_per_epoch * max_epochs if stop is None else stop):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        momenta.append(momentum_of(optimizer.param_groups[0]))
+        optimizer.step()
+        scheduler.step()
+    return lrs, momenta, scheduler
+
+
+@pytest.mark.parametrize("strategy", ["cos", "linear"])
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_onecycle_momentum_is_torchs_onecyclelr_step_by_step(kind, strategy):
+    """trainlab's peak sits at pct_start * (T - 1), torch's at pct_start * T - 1 (see test_onecycle_start_peak_end):
+    torch given pct' = (pct_start * (T - 1) + 1) / T has trainlab's phases, and then every step's lr and momentum
+    (SGD's momentum, Adam's beta1) agree with torch's own scheduler."""
+    total, pct = 100, 0.3
+    params = [nn.Parameter(torch.zeros(2))]
+    ours = OPTIMIZERS[kind](params, 0.5)
+    cfg = {"name": "onecycle", "pct_start": pct, "anneal_strategy": strategy, "base_momentum": 0.8,
+           "max_momentum": 0.97}
+    lrs, momenta, _ = cycled(cfg, ours, 10, 10)
+    theirs = OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 0.5)
+    ocl = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.5, total_steps=total,
+                                              pct_start=(pct * (total - 1) + 1) / total, anneal_strategy=strategy,
+                                              base_momentum=0.8, max_momentum=0.97)
+    torch_lrs, torch_momenta = [], []
+    for step in range(total):
+        torch_lrs.append(theirs.param_groups[0]["lr"])
+        torch_momenta.append(momentum_of(theirs.param_groups[0]))
+        theirs.step()
+        if step < total - 1:
+            ocl.step()
+    assert max(abs(a - b) for a, b in zip(momenta, torch_momenta)) < 1e-9
+    assert max(abs(a - b) for a, b in zip(lrs, torch_lrs)) < 1e-9
+    assert momenta[0] == momenta[-1] == pytest.approx(0.97) and min(momenta) == pytest.approx(0.8, abs=1e-3)
+    assert momenta.index(min(momenta)) == lrs.index(max(lrs)) == 30  # inverse to the lr: lowest at its peak
+    if kind == "adam":
+        assert ours.param_groups[0]["betas"][1] == 0.99  # beta2 is left alone
+
+
+@pytest.mark.parametrize("mode", ["triangular", "triangular2", "exp_range"])
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_cyclic_momentum_is_torchs_cycliclr_step_by_step(kind, mode):
+    """torch's CyclicLR with step_size_up = half_cycle_epochs * steps_per_epoch; its exp_range gamma is per step,
+    trainlab's per epoch. triangular2 and exp_range scale the momentum's amplitude as the lr's."""
+    spe, epochs, half_cycle, gamma = 4, 9, 1.5, 0.8
+    ours = OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 1.0)
+    cfg = {"name": "cyclic", "half_cycle_epochs": half_cycle, "base_lr_fraction": 0.1, "mode": mode,
+           **({"gamma": gamma} if mode == "exp_range" else {})}
+    lrs, momenta, _ = cycled(cfg, ours, spe, epochs)
+    theirs = OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 1.0)
+    clr = torch.optim.lr_scheduler.CyclicLR(theirs, base_lr=0.1, max_lr=1.0, step_size_up=round(half_cycle * spe),
+                                            mode=mode, gamma=gamma ** (1 / spe), cycle_momentum=True,
+                                            base_momentum=0.85, max_momentum=0.95)
+    torch_lrs, torch_momenta = [], []
+    for _ in range(spe * epochs):
+        torch_lrs.append(theirs.param_groups[0]["lr"])
+        torch_momenta.append(momentum_of(theirs.param_groups[0]))
+        theirs.step()
+        clr.step()
+    assert max(abs(a - b) for a, b in zip(momenta, torch_momenta)) < 1e-9
+    assert max(abs(a - b) for a, b in zip(lrs, torch_lrs)) < 1e-9
+    assert [momenta[0], momenta[12], momenta[24]] == pytest.approx([0.95] * 3)  # the troughs of the lr
+    peaks = {"triangular": [0.85] * 3, "triangular2": [0.85, 0.9, 0.925],
+             "exp_range": [0.95 - 0.1 * gamma ** 1.5, 0.95 - 0.1 * gamma ** 4.5, 0.95 - 0.1 * gamma ** 7.5]}[mode]
+    assert [momenta[6], momenta[18], momenta[30]] == pytest.approx(peaks)
+
+
+def test_the_momentum_holds_max_momentum_through_warmup_then_follows_the_lrs_clock():
+    """During scheduler.warmup_epochs the lr rises to the cycle's start, its lowest: the momentum stays at the cycle's
+    start, max_momentum (a ramp like the lr's would start it near 0); then the cycle runs on the lr's own clock."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0, momentum=0.9)
+    lrs, momenta, _ = cycled({"name": "onecycle", "warmup_epochs": 1, "pct_start": 0.6}, optimizer, 4, 5)
+    assert lrs[:4] == pytest.approx(ramp(1 / 25, 4)) and momenta[:4] == [0.95] * 4
+    assert momenta[4:] == pytest.approx([schedules.onecycle_momentum(j / 15, 0.6) for j in range(16)])
+    assert momenta.index(min(momenta)) == lrs.index(max(lrs)) == 4 + 9  # progress 0.6 of the 16 steps after warmup
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=1.0)
+    lrs, momenta, _ = cycled({"name": "cyclic", "warmup_epochs": 1, "half_cycle_epochs": 1}, optimizer, 4, 3)
+    assert momenta[:5] == [0.95] * 5 and momenta[8] == pytest.approx(0.85) and lrs[8] == pytest.approx(1.0)
+
+
+def test_cycle_momentum_false_leaves_the_momentum_and_the_lr_as_they_were():
+    cfg = {"name": "onecycle", "cycle_momentum": False}
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0, momentum=0.9)
+    lrs, momenta, scheduler = cycled(cfg, optimizer, 10, 3)
+    assert momenta == [0.9] * 30 and scheduler.momentum is None and len(scheduler._momenta) == 0
+    assert scheduler.get_last_momentum() is None
+    cycled_lrs, cycled_momenta, _ = cycled({"name": "onecycle"}, torch.optim.SGD(
+        [nn.Parameter(torch.zeros(2))], lr=1.0, momentum=0.9), 10, 3)
+    assert cycled_lrs == lrs and min(cycled_momenta) < 0.86  # the lr is the same either way
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cyclic"])
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_a_resumed_scheduler_restores_the_cycled_momentum(name, kind):
+    """The momentum comes from the scheduler's step count: a fresh optimizer (at its own momentum, which the cycle's
+    start then overwrites) under a loaded scheduler gets the checkpoint's step's momentum, and continues as the
+    uninterrupted run."""
+    cfg, spe, epochs = {"name": name, "half_cycle_epochs": 1} if name == "cyclic" else {"name": name}, 3, 8
+    _, uninterrupted, _ = cycled(cfg, OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 1.0), spe, epochs)
+    _, first, scheduler = cycled(cfg, OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 1.0), spe, epochs, stop=13)
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    optimizer = OPTIMIZERS[kind]([nn.Parameter(torch.zeros(2))], 1.0)
+    resumed = schedules.build_scheduler(OmegaConf.create(cfg), optimizer, spe, epochs)
+    assert momentum_of(optimizer.param_groups[0]) == 0.95 != pytest.approx(uninterrupted[13])  # the cycle's start
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert momentum_of(optimizer.param_groups[0]) == pytest.approx(uninterrupted[13])
+    rest = []
+    for _ in range(13, spe * epochs):
+        rest.append(momentum_of(optimizer.param_groups[0]))
+        resumed.step()
+    assert first + rest == pytest.approx(uninterrupted)
+
+
+@pytest.mark.parametrize(("optimizer", "has"), [
+    (lambda params: torch.optim.SGD(params, lr=0.1), "SGD has momentum 0 (optimizer.momentum); pick optimizer=momentum"),
+    (lambda params: torch.optim.RMSprop(params, lr=0.1), "RMSprop has momentum 0 (optimizer.momentum)"),
+    (lambda params: torch.optim.Adagrad(params, lr=0.1), "Adagrad has no momentum; pick optimizer=momentum"),
+    (lambda params: torch.optim.LBFGS(params, lr=0.1), "LBFGS has no momentum"),
+])
+def test_momentum_knobs_with_an_optimizer_without_momentum_are_refused(optimizer, has):
+    cfg = {"name": "onecycle", "base_momentum": 0.8}
+    with pytest.raises(ConfigError, match=re.escape(
+            f"scheduler.cycle_momentum=true with scheduler.base_momentum=0.8 needs an optimizer with momentum, and "
+            f"{has}")) as info:
+        schedules.build_scheduler(OmegaConf.create(cfg), optimizer([nn.Parameter(torch.zeros(2))]), 4, 3)
+    assert "or set scheduler.cycle_momentum=false and drop the momentum knobs to cycle the lr alone" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cyclic"])
+def test_at_the_default_knobs_an_optimizer_without_momentum_cycles_the_lr_alone_and_says_so(name, caplog):
+    """`train scheduler=onecycle` with the default optimizer=sgd (momentum 0) trains as before: torch's OneCycleLR
+    would cycle a momentum of 0.85-0.95 into it, turning on a heavy ball the config never asked for."""
+    caplog.set_level("WARNING", logger="trainlab")
+    cfg = compose_train([f"scheduler={name}", "trainer.max_epochs=3"])
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and "momentum" not in cfg.optimizer
+    curve = lr_curve(cfg)
+    assert (f"scheduler={name}: SGD has momentum 0 (optimizer.momentum), so only the lr cycles (scheduler."
+            "cycle_momentum cycles a momentum, and never turns one on)") in caplog.text
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    lrs, momenta, _ = cycled(OmegaConf.to_container(cfg.scheduler), optimizer, len(curve) // 3, 3)
+    assert lrs == pytest.approx(curve) and momenta == [0] * len(curve)
+    caplog.clear()
+    lr_curve(compose_train([f"scheduler={name}", "scheduler.cycle_momentum=false", "trainer.max_epochs=3"]))
+    assert "only the lr cycles" not in caplog.text
+
+
+def test_a_cycled_momentum_with_the_optimizers_momentum_ramp_is_refused():
+    cfg = compose_train(["optimizer=momentum_schedule", "scheduler=onecycle", "trainer.max_epochs=2"])
+    with pytest.raises(ConfigError, match=re.escape(
+            "scheduler.cycle_momentum=true: scheduler=onecycle cycles the momentum inversely to the lr, and "
+            "optimizer.momentum_start and momentum_warmup_epochs ramp it (optimizer=momentum_schedule); both would set "
+            "it every step. Set scheduler.cycle_momentum=false to keep the ramp, or pick optimizer=momentum")):
+        lr_curve(cfg)
+    lr_curve(compose_train(["optimizer=momentum_schedule", "scheduler=onecycle", "scheduler.cycle_momentum=false",
+                            "trainer.max_epochs=2"]))
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"name": "onecycle", "base_momentum": 0.96}, "scheduler.base_momentum=0.96 is above scheduler.max_momentum=0.95"),
+    ({"name": "cyclic", "max_momentum": 1.0}, "scheduler.max_momentum=1.0: must be in [0, 1)"),
+    ({"name": "cyclic", "cycle_momentum": "yes"}, "scheduler.cycle_momentum='yes': must be true or false"),
+    ({"name": "onecycle", "cycle_momentum": False, "max_momentum": 0.99},
+     "scheduler.max_momentum=0.99: only scheduler.cycle_momentum=true reads it, and cycle_momentum=false would train "
+     "without"),
+    ({"name": "cosine", "cycle_momentum": True}, "unexpected keyword scheduler.cycle_momentum"),
+])
+def test_bad_momentum_knobs_are_refused_before_any_data_is_loaded(cfg, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        schedules.parse(OmegaConf.create(cfg))
+
+
+def test_the_dry_run_writes_the_cycled_momentum_beside_the_lr(tmp_path, capsys):
+    cfg = compose_train(["optimizer=adam", "scheduler=onecycle", "trainer.max_epochs=3", "data.batch_size=256"])
+    path = dry_run(cfg, tmp_path / "out")
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    lrs, momenta = [float(r["lr"]) for r in rows], [float(r["momentum"]) for r in rows]
+    total = len(rows)
+    assert momenta == pytest.approx([schedules.onecycle_momentum(s / (total - 1)) for s in range(total)])
+    assert momenta.index(min(momenta)) == lrs.index(max(lrs))
+    assert f"momentum {sparkline(momenta)}  0.851 .. 0.95" in capsys.readouterr().out
+    dry_run(compose_train(["scheduler=onecycle", "trainer.max_epochs=3"]), tmp_path / "plain")  # sgd: no momentum
+    with (tmp_path / "plain" / "lr_curve.csv").open() as f:
+        assert next(csv.reader(f)) == ["step", "epoch", "lr"]
+
+
+def test_a_onecycle_run_with_momentum_trains_and_logs_the_cycled_momentum(train_inprocess, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    status, code, run = train_inprocess(["trainer.max_epochs=2", "logger.every_n_steps=5", "scheduler=onecycle",
+                                         "optimizer=momentum"])
+    assert (status, code) == ("completed", 0)
+    assert run.summary["test"]["test/acc"] > 0.5
+    assert run.optimizer.param_groups[0]["momentum"] == pytest.approx(0.95)  # the cycle's end (SGD's own is 0.9)
+    events = EventAccumulator(str(run.run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("momentum/all")]
+    assert len(logged) == 2 * 20 // 5 and all(0.85 - 1e-6 <= m <= 0.95 + 1e-6 for m in logged)
+    assert min(logged) < 0.87 and logged[-1] == pytest.approx(0.95)

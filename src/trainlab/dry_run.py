@@ -23,9 +23,9 @@ SPARK = "▁▂▃▄▅▆▇█"
 TABLE_ROWS = 20  # epoch boundaries shown at most, evenly spaced
 
 
-def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int]]:
-    """(lr at every step, the step's position in epochs from 0, the epochs checkpoint.snapshots=cycles saves at) from
-    the real data, model, optimizer, scheduler.
+def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int], list[float]]:
+    """(lr at every step, the step's position in epochs from 0, the epochs checkpoint.snapshots=cycles saves at, the
+    momentum at every step where the schedule cycles it, else []) from the real data, model, optimizer, scheduler.
 
     1) steps per epoch from the training split; 2) the real optimizer and scheduler; 3) step the scheduler
     through every epoch (no optimizer step: weights never change), feeding plateau a constant metric;
@@ -51,16 +51,21 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int]]:
         first_swa = first_swa_epoch(swa_start, max_epochs)
     lrs: list[float] = []
     positions: list[float] = []
+    momenta: list[float] = []
+    cycled = scheduler.get_last_momentum() is not None
     for epoch, count in enumerate(steps, start=1):  # counts change only under data.batch_size_schedule
         positions += [epoch - 1 + i / count for i in range(count)]
         if epoch >= first_swa:
             lrs += [float(cfg.regularization.swa_lr)] * count
+            momenta += [scheduler.get_last_momentum()] * count if cycled else []  # no more steps: it stays
             continue
         for _ in range(count):
             lrs.append(optimizer.param_groups[0]["lr"])
+            if cycled:
+                momenta.append(scheduler.get_last_momentum())
             scheduler.step()
         scheduler.epoch_end(PLATEAU_METRIC)
-    return lrs, positions, snapshots
+    return lrs, positions, snapshots, momenta
 
 
 def lr_curve(cfg: DictConfig) -> list[float]:
@@ -89,27 +94,32 @@ def table_steps(positions: list[float], rows: int = TABLE_ROWS) -> list[int]:
 
 def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     """Write out_dir/lr_curve.csv (and .png when matplotlib is there), print a table and a sparkline."""
-    lrs, positions, snapshots = _curve(cfg)
+    lrs, positions, snapshots, momenta = _curve(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "lr_curve.csv"
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="") as f:  # a momentum column where the schedule cycles it
         writer = csv.writer(f)
-        writer.writerow(["step", "epoch", "lr"])
-        writer.writerows([step, int(positions[step]) + 1, repr(lr)] for step, lr in enumerate(lrs))
+        writer.writerow(["step", "epoch", "lr"] + (["momentum"] if momenta else []))
+        writer.writerows([step, int(positions[step]) + 1, repr(lr)] + ([repr(momenta[step])] if momenta else [])
+                         for step, lr in enumerate(lrs))
 
     knobs = OmegaConf.to_container(cfg.scheduler, resolve=True)
     base = float(cfg.optimizer.lr)
     console = Console()
     table = Table(title=f"learning rate: scheduler={knobs.pop('name')} "
                         + " ".join(f"{k}={v}" for k, v in knobs.items()))
-    for column in ("step", "epochs done", "lr", "lr / optimizer.lr"):  # lr_curve.csv's epoch: the step's, from 1
+    columns = ("step", "epochs done", "lr", "lr / optimizer.lr") + (("momentum",) if momenta else ())
+    for column in columns:  # lr_curve.csv's epoch: the step's, from 1
         table.add_column(column, justify="right")
     for step in table_steps(positions):
         label = "end" if step == len(lrs) - 1 else f"{positions[step]:g}"
-        table.add_row(str(step), label, f"{lrs[step]:.6g}", f"{lrs[step] / base:.4g}")
+        table.add_row(str(step), label, f"{lrs[step]:.6g}", f"{lrs[step] / base:.4g}",
+                      *([f"{momenta[step]:.4g}"] if momenta else []))
     console.print(table)
     console.print(f"lr {sparkline(lrs)}  {min(lrs):.3g} .. {max(lrs):.3g}  "
                   f"({len(lrs)} steps over {cfg.trainer.max_epochs} epochs)")
+    if momenta:
+        console.print(f"momentum {sparkline(momenta)}  {min(momenta):.3g} .. {max(momenta):.3g}")
     if cfg.scheduler.name == "plateau":
         console.print(f"plateau: the dry run holds the monitored metric constant, so the lr drops every "
                       f"{cfg.scheduler.patience} epochs after the first; a real run drops only when "
@@ -121,15 +131,16 @@ def dry_run(cfg: DictConfig, out_dir: Path) -> Path:
     if cfg.early_stopping.enabled:
         console.print(f"the curve covers all trainer.max_epochs={cfg.trainer.max_epochs}; early stopping "
                       f"(patience {cfg.early_stopping.patience}) may end a real run sooner")
-    plotted = _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots)
+    plotted = _plot(lrs, positions, out_dir / "lr_curve.png", f"scheduler={cfg.scheduler.name}", snapshots, momenta)
     for written in [path] + ([out_dir / "lr_curve.png"] if plotted else []):
         console.print(f"wrote {written}", markup=False, soft_wrap=True)  # a path cut over lines cannot be pasted
     return path
 
 
-def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snapshots: list[int]) -> bool:
-    """lr against epoch as a PNG, the snapshot epochs' ends as dotted lines; only when matplotlib can be imported
-    (whether it wrote the file)."""
+def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snapshots: list[int],
+          momenta: list[float]) -> bool:
+    """lr against epoch as a PNG, the snapshot epochs' ends as dotted lines, a cycled momentum on a right-hand axis;
+    only when matplotlib can be imported (whether it wrote the file)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -141,6 +152,10 @@ def _plot(lrs: list[float], positions: list[float], path: Path, title: str, snap
         ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
+    if momenta:
+        right = ax.twinx()
+        right.plot(positions, momenta, color="tab:orange", linewidth=1)
+        right.set_ylabel("momentum", color="tab:orange")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -26,6 +26,7 @@ PRECOMPUTED_STEPS = 2_000_000  # a run's lr factors computed up front (16 MB at 
 RESTART_TOLERANCE = 1e-9  # epochs; absorbs float rounding so a restart lands exactly on its boundary step
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 ANNEAL_STRATEGIES = ("cos", "linear")
+BASE_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95  # the momentum at the lr's peak, and at its start and end (torch's OneCycleLR)
 
 
 def constant(progress: float) -> float:
@@ -91,18 +92,29 @@ def cosine_restarts(epochs: float, period_epochs: float = 10.0, period_mult: flo
     return cosine(max(0.0, epochs - start) / length, min_lr_fraction)
 
 
-def cyclic(epochs: float, half_cycle_epochs: float = 2.0, base_lr_fraction: float = 0.1,
-           mode: str = "triangular", gamma: float = 1.0) -> float:
-    """Smith's cyclical lr: a triangle between base_lr_fraction and 1, starting at the base.
+def triangle(epochs: float, half_cycle_epochs: float = 2.0, mode: str = "triangular", gamma: float = 1.0) -> float:
+    """The height of Smith's cyclical triangle: 0 at the troughs (start and end of each cycle), its scale at a peak.
 
-    1) cycle = 1, 2, ...; x = 1 at the troughs (start and end of a cycle), 0 at the peak
+    1) cycle = 1, 2, ...; x = 1 at the troughs, 0 at the peak
     2) the amplitude's scale: 1 (triangular), halved each cycle (triangular2), gamma**t (exp_range)
-    3) base + (1 - base) * (1 - x) * scale
     """
     cycle = math.floor(1.0 + epochs / (2.0 * half_cycle_epochs))
     x = abs(epochs / half_cycle_epochs - 2.0 * cycle + 1.0)
     scale = {"triangular": 1.0, "triangular2": 0.5 ** (cycle - 1), "exp_range": gamma ** epochs}[mode]
-    return base_lr_fraction + (1.0 - base_lr_fraction) * max(0.0, 1.0 - x) * scale
+    return max(0.0, 1.0 - x) * scale
+
+
+def cyclic(epochs: float, half_cycle_epochs: float = 2.0, base_lr_fraction: float = 0.1,
+           mode: str = "triangular", gamma: float = 1.0) -> float:
+    """Smith's cyclical lr: base_lr_fraction + (1 - base_lr_fraction) * triangle, starting at the base."""
+    return base_lr_fraction + (1.0 - base_lr_fraction) * triangle(epochs, half_cycle_epochs, mode, gamma)
+
+
+def cyclic_momentum(epochs: float, half_cycle_epochs: float = 2.0, mode: str = "triangular", gamma: float = 1.0,
+                    base_momentum: float = BASE_MOMENTUM, max_momentum: float = MAX_MOMENTUM) -> float:
+    """cyclic's momentum, the lr's triangle upside down: max_momentum at the troughs, base_momentum at a full peak
+    (triangular2 and exp_range scale its amplitude as the lr's, as torch's CyclicLR does)."""
+    return max_momentum - (max_momentum - base_momentum) * triangle(epochs, half_cycle_epochs, mode, gamma)
 
 
 def anneal(start: float, end: float, pct: float, strategy: str) -> float:
@@ -127,6 +139,16 @@ def onecycle(progress: float, pct_start: float = 0.3, div_factor: float = 25.0, 
                   anneal_strategy)
 
 
+def onecycle_momentum(progress: float, pct_start: float = 0.3, anneal_strategy: str = "cos",
+                      base_momentum: float = BASE_MOMENTUM, max_momentum: float = MAX_MOMENTUM) -> float:
+    """onecycle's momentum, inverse to its lr (Smith & Topin 2018; torch's OneCycleLR): from max_momentum down to
+    base_momentum over progress [0, pct_start] while the lr rises, back up to max_momentum at progress 1."""
+    progress = min(progress, 1.0)
+    if progress < pct_start:
+        return anneal(max_momentum, base_momentum, progress / pct_start, anneal_strategy)
+    return anneal(base_momentum, max_momentum, (progress - pct_start) / (1.0 - pct_start), anneal_strategy)
+
+
 def plateau(reductions: int, factor: float = 0.1, min_lr_fraction: float = 0.0) -> float:
     """factor ** reductions, never below min_lr_fraction."""
     return max(min_lr_fraction, factor ** reductions)
@@ -140,7 +162,12 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 }
 EPOCH_CLOCK = frozenset({"step", "multistep", "exponential", "inverse_time", "inverse_sqrt", "cosine_restarts",
                          "cyclic"})
-EXTRA_KNOBS = {"plateau": ("patience", "min_delta")}  # read by the Plateau tracker, not by plateau()
+# The momentum cycled inversely to the lr (Smith & Topin 2018; torch's OneCycleLR and CyclicLR): each schedule's
+# momentum as a function of the same clock, taking the lr schedule's knobs that shape it.
+MOMENTUM_CYCLES: dict[str, Callable[..., float]] = {"onecycle": onecycle_momentum, "cyclic": cyclic_momentum}
+MOMENTUM_KNOBS = ("cycle_momentum", "base_momentum", "max_momentum")
+# Knobs read elsewhere than by the lr function: by the Plateau tracker; by the momentum cycle
+EXTRA_KNOBS = {"plateau": ("patience", "min_delta"), **{name: MOMENTUM_KNOBS for name in MOMENTUM_CYCLES}}
 # Schedules whose progress reaches 1 at the run's last optimizer step, so that the step uses the end value (onecycle's
 # lr / (div_factor * final_div_factor), as torch's OneCycleLR). The others reach 1 one step after the run (torch's
 # CosineAnnealingLR stepped per step does the same), which their min_lr_fraction (0 by default) makes visible only
@@ -168,6 +195,12 @@ def lr_factor_epochs(step: int, steps_per_epoch: int, warmup_steps: int, schedul
     if step < warmup_steps:
         return (step + 1) / warmup_steps * schedule(0.0)
     return schedule((step - warmup_steps) / steps_per_epoch)
+
+
+def after_warmup(step: int, warmup_steps: int, factor: Callable[[int], float]) -> float:
+    """factor(step), held at its value at the warmup's end during warmup: a cycled momentum stays at its cycle's start
+    (max_momentum) while the lr warms up to the cycle's start, the lowest lr of the cycle."""
+    return factor(max(step, warmup_steps))
 
 
 def steps_until(epochs: float, epoch_steps: Sequence[int]) -> int:
@@ -218,17 +251,21 @@ class Plateau:
 
 
 class Scheduler:
-    """Sets every param group's lr to base lr * factor(step) (* the plateau scale) after each optimizer step.
+    """Sets every param group's lr to base lr * factor(step) (* the plateau scale) after each optimizer step, and with a
+    `momentum` cycle its momentum too: the group's `momentum_key`, "momentum" (SGD, RMSprop) or "betas" (beta1).
 
-    The factors of the first `precompute` steps are computed once, at construction: a step then costs a list
-    lookup instead of three nested calls, which measured 5 µs a step inside a small MLP's loop on a CPU.
+    The factors (and momenta) of the first `precompute` steps are computed once, at construction: a step then costs a
+    list lookup instead of three nested calls, which measured 5 µs a step inside a small MLP's loop on a CPU.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float],
-                 plateau: Plateau | None = None, warmup_steps: int = 0, precompute: int = 0):
+                 plateau: Plateau | None = None, warmup_steps: int = 0, precompute: int = 0,
+                 momentum: Callable[[int], float] | None = None, momentum_key: str = "momentum"):
         self.optimizer, self.factor, self.plateau, self.warmup_steps = optimizer, factor, plateau, warmup_steps
+        self.momentum, self.momentum_key = momentum, momentum_key
         self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
         self._factors = array("d", map(factor, range(precompute)))  # 8 bytes a step
+        self._momenta = array("d", map(momentum, range(precompute)) if momentum is not None else ())
         self.steps = 0  # optimizer steps taken
         self._apply()
 
@@ -240,6 +277,16 @@ class Scheduler:
         self._scale = scale
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * scale
+        if self.momentum is not None:
+            self._apply_momentum(steps)
+
+    def _apply_momentum(self, steps: int) -> None:
+        value = self._momenta[steps] if steps < len(self._momenta) else self.momentum(steps)
+        for group in self.optimizer.param_groups:
+            if self.momentum_key == "betas":
+                group["betas"] = (value, *group["betas"][1:])
+            else:
+                group["momentum"] = value
 
     def step(self) -> None:
         """Advance one optimizer step."""
@@ -255,6 +302,13 @@ class Scheduler:
 
     def get_last_lr(self) -> list[float]:
         return [base * self._scale for base in self.base_lrs]
+
+    def get_last_momentum(self) -> float | None:
+        """The momentum (or beta1) the cycle set for the next step; None when it cycles none."""
+        if self.momentum is None:
+            return None
+        group = self.optimizer.param_groups[0]
+        return group["betas"][0] if self.momentum_key == "betas" else group["momentum"]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self.steps, "base_lrs": list(self.base_lrs)}
@@ -294,6 +348,9 @@ KNOB_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "factor": (lambda v: is_number(v) and 0 < v < 1, "in (0, 1)"),
     "patience": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number of epochs >= 1"),
     "min_delta": (lambda v: is_number(v) and v >= 0, ">= 0"),
+    "cycle_momentum": (lambda v: isinstance(v, bool), "true or false"),
+    "base_momentum": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "max_momentum": (lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -324,9 +381,73 @@ def parse(cfg: DictConfig | dict[str, Any]) -> tuple[str, float, dict[str, Any]]
     if name == "cyclic" and mode in CYCLIC_MODES and mode != "exp_range" and is_number(gamma) and gamma != 1:
         problems.append(f"scheduler.gamma={gamma}: only scheduler.mode=exp_range reads it, and mode={mode} would "
                         "train without it; add scheduler.mode=exp_range, or leave gamma at 1")
+    if name in MOMENTUM_CYCLES:
+        problems += _momentum_knob_problems(options)
     if problems:
         raise ConfigError("; ".join(problems))
     return name, float(warmup_epochs), options
+
+
+def _momentum_knob_problems(options: dict[str, Any]) -> list[str]:
+    """A momentum that would rise with the lr (base above max), and momentum knobs that cycle_momentum=false leaves
+    unread."""
+    base, top = options.get("base_momentum", BASE_MOMENTUM), options.get("max_momentum", MAX_MOMENTUM)
+    problems = []
+    if is_number(base) and is_number(top) and base > top:
+        problems.append(f"scheduler.base_momentum={base} is above scheduler.max_momentum={top}: the momentum falls to "
+                        "base_momentum while the lr rises to its peak, and is back at max_momentum where the lr is "
+                        "lowest (Smith); give base_momentum <= max_momentum")
+    unread = _momentum_knobs_set(options)
+    if options.get("cycle_momentum", True) is False and unread:
+        problems.append(f"{', '.join(unread)}: only scheduler.cycle_momentum=true reads "
+                        f"{'it' if len(unread) == 1 else 'them'}, and cycle_momentum=false would train without; set "
+                        f"scheduler.cycle_momentum=true, or leave base_momentum and max_momentum at {BASE_MOMENTUM} "
+                        f"and {MAX_MOMENTUM}")
+    return problems
+
+
+def _momentum_knobs_set(options: dict[str, Any]) -> list[str]:
+    """`scheduler.key=value` for base_momentum and max_momentum where they differ from their defaults."""
+    defaults = {"base_momentum": BASE_MOMENTUM, "max_momentum": MAX_MOMENTUM}
+    return [f"scheduler.{key}={options[key]}" for key, default in defaults.items()
+            if key in options and options[key] != default]
+
+
+def momentum_key(optimizer: torch.optim.Optimizer, name: str, knobs: dict[str, Any]) -> str | None:
+    """The optimizer setting scheduler.cycle_momentum cycles, as torch's OneCycleLR and CyclicLR pick it: "betas"
+    (beta1 of Adam, AdamW, NAdam, RAdam, Adamax) or "momentum" (SGD, RMSprop); None: the lr cycles alone.
+
+    An optimizer without momentum (Adagrad, Adadelta, LBFGS, FTRL) or at momentum 0 (optimizer=sgd, rmsprop) gets
+    none turned on (torch cycles one into a momentum of 0): at the default momentum knobs only the lr cycles, and the
+    log says so; with base_momentum or max_momentum set it is refused, as is optimizer's momentum ramp, which sets the
+    momentum every step too.
+    """
+    if knobs.get("cycle_momentum", True) is False:
+        return None
+    if any("momentum_step" in group for group in optimizer.param_groups):  # optim.momentum_ramp's counter
+        raise ConfigError(f"scheduler.cycle_momentum=true: scheduler={name} cycles the momentum inversely to the lr, "
+                          "and optimizer.momentum_start and momentum_warmup_epochs ramp it "
+                          "(optimizer=momentum_schedule); both would set it every step. Set "
+                          "scheduler.cycle_momentum=false to keep the ramp, or pick optimizer=momentum (or nesterov) "
+                          "to cycle it")
+    if "betas" in optimizer.defaults:
+        return "betas"
+    momentum = optimizer.defaults.get("momentum")
+    if is_number(momentum) and momentum > 0:
+        return "momentum"
+    has = "momentum 0 (optimizer.momentum)" if momentum is not None else "no momentum"
+    fix = ("pick optimizer=momentum (or nesterov, adam, adamw, nadam, radam, adamax)" if momentum is None else
+           "pick optimizer=momentum (or nesterov), or give optimizer.momentum above 0 (e.g. 0.9; optimizer=sgd: "
+           "+optimizer.momentum=0.9)")
+    chosen = _momentum_knobs_set(knobs)
+    if chosen:
+        raise ConfigError(f"scheduler.cycle_momentum=true with {', '.join(chosen)} needs an optimizer with momentum, "
+                          f"and {type(optimizer).__name__} has {has}; {fix}, or set scheduler.cycle_momentum=false "
+                          "and drop the momentum knobs to cycle the lr alone")
+    log.warning(f"scheduler={name}: {type(optimizer).__name__} has {has}, so only the lr cycles "
+                "(scheduler.cycle_momentum cycles a momentum, and never turns one on); to cycle it too, "
+                f"{fix}; scheduler.cycle_momentum=false says so and silences this")
+    return None
 
 
 def cycle_boundaries(name: str, knobs: dict[str, Any], horizon: float) -> list[float]:
@@ -350,6 +471,28 @@ def cycle_boundaries(name: str, knobs: dict[str, Any], horizon: float) -> list[f
         cycle = 2.0 * knobs["half_cycle_epochs"]
         ends = [k * cycle for k in range(1, math.floor(horizon / cycle + RESTART_TOLERANCE) + 1)]
     return ends
+
+
+def _warn_unreached_decays(name: str, knobs: dict[str, Any], last_epoch: int, max_epochs: int,
+                           warmup_epochs: float) -> None:
+    """Warn of a step decay whose first period, or multistep milestones, the run never reaches: `last_epoch` is the
+    whole epochs since warmup at the run's last step (a decay at epoch e applies from the step that begins epoch e)."""
+    counted = f", counted from the end of scheduler.warmup_epochs={warmup_epochs:g}" if warmup_epochs else ""
+    if name == "step":
+        period = knobs.get("step_epochs", _default(name, "step_epochs"))
+        if math.floor(last_epoch / period + RESTART_TOLERANCE) == 0:
+            log.warning(f"scheduler=step: scheduler.step_epochs={period} is not reached within "
+                        f"trainer.max_epochs={max_epochs} (epochs{counted or ' from the start'}), so the lr never "
+                        "decays; shorten "
+                        "scheduler.step_epochs or raise trainer.max_epochs")
+        return
+    milestones = list(knobs.get("milestones", _default(name, "milestones")))
+    unreached = [m for m in milestones if last_epoch < m]
+    if unreached:
+        log.warning(f"scheduler=multistep: scheduler.milestones {unreached} are not reached within "
+                    f"trainer.max_epochs={max_epochs} (milestone m decays the lr after m epochs{counted}), so the lr "
+                    f"decays {len(milestones) - len(unreached)} of {len(milestones)} times; lower them or raise "
+                    "trainer.max_epochs")
 
 
 def _default(name: str, knob: str) -> Any:
@@ -410,14 +553,24 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
                     f"does not end within trainer.max_epochs={max_epochs}, so the lr never "
                     + ("restarts nor reaches its lowest value" if name == "cosine_restarts" else
                        "completes a cycle") + f"; shorten scheduler.{knob} or raise trainer.max_epochs")
+    if name in ("step", "multistep"):
+        _warn_unreached_decays(name, knobs, (total - 1 - warmup) // steps_per_epoch, max_epochs, warmup_epochs)
+    cycle = {key: knobs.pop(key) for key in MOMENTUM_KNOBS if key in knobs}  # the momentum's, not the lr's
     tracker = None
     if name == "plateau":
         tracker, schedule = Plateau(mode=mode, **knobs), constant
     else:
         schedule = partial(SCHEDULES[name], **knobs)
     if name in EPOCH_CLOCK:
-        factor = partial(lr_factor_epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, schedule=schedule)
+        clock = partial(lr_factor_epochs, steps_per_epoch=steps_per_epoch, warmup_steps=warmup)
     else:
-        factor = partial(lr_factor, total_steps=total, warmup_steps=warmup, schedule=schedule,
-                         last_step_ends=name in LAST_STEP_ENDS)
-    return Scheduler(optimizer, factor, tracker, warmup, precompute=min(total + 1, PRECOMPUTED_STEPS))
+        clock = partial(lr_factor, total_steps=total, warmup_steps=warmup, last_step_ends=name in LAST_STEP_ENDS)
+    key = momentum_key(optimizer, name, cycle) if name in MOMENTUM_CYCLES else None
+    momentum = None
+    if key is not None:  # the same clock as the lr's: same warmup, progress and last step
+        shape = MOMENTUM_CYCLES[name]
+        takes = list(inspect.signature(shape).parameters)[1:]
+        shape = partial(shape, **{k: v for k, v in {**knobs, **cycle}.items() if k in takes})
+        momentum = partial(after_warmup, warmup_steps=warmup, factor=partial(clock, schedule=shape))
+    return Scheduler(optimizer, partial(clock, schedule=schedule), tracker, warmup,
+                     precompute=min(total + 1, PRECOMPUTED_STEPS), momentum=momentum, momentum_key=key or "momentum")
