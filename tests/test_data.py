@@ -318,6 +318,137 @@ def test_image_folder_train_and_test_subfolders_and_greyscale(tmp_path):
     assert d.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def write_solid(folder: Path, colours: dict[str, tuple[int, int, int]], per_class: int, ext: str = "png") -> None:
+    """per_class images of one exact colour per class folder (PNG and the PNM formats keep it exactly)."""
+    from PIL import Image
+
+    for name, colour in colours.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (12, 12), colour)
+            (image.convert("L") if ext == "pgm" else image).save(folder / name / f"{i:03d}.{ext}")
+
+
+@pytest.mark.parametrize("spelling", ["val", "valid", "validation"])
+def test_image_folder_val_folder_is_the_validation_split_and_all_of_train_trains(tmp_path, spelling):
+    """A val/ beside train/ and test/ was ignored: validation was carved out of train/ (2 of its 18 images)."""
+    root = tmp_path / "imgs"
+    write_image_folder(root / "train", per_class=6)
+    write_image_folder(root / "test", per_class=2)
+    cfg = data_cfg("image_folder", path=root, image_size=8, cache_dir=tmp_path / "cache")
+    before = data.build_data(cfg)
+    assert (len(before.train), len(before.val), len(before.test)) == (16, 2, 6)
+    # blue 222 marks validation images: no train/ image has it (blues 0-185)
+    write_solid(root / spelling, {"cat": (40, 255, 222), "dog": (120, 195, 222), "eel": (200, 135, 222)}, per_class=3)
+    d = data.build_data(cfg)  # the cache of train/ and test/ alone is not taken for this layout
+    assert (len(d.train), len(d.val), len(d.test), d.train_available) == (18, 9, 6, 18)
+    assert d.val.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and bool((d.val.images[:, 2] == 222).all())
+    assert not bool((d.train.images[:, 2] == 222).any())
+    assert torch.equal(torch.sort(d.train.images.flatten(1).sum(1)).values,
+                       torch.sort(torch.cat([before.train.images, before.val.images]).flatten(1).sum(1)).values)
+    again = data.build_data(cfg)  # from the cache, which holds the validation split
+    assert torch.equal(again.val.images, d.val.images) and torch.equal(again.train.images, d.train.images)
+    with pytest.raises(ConfigError, match=r"data.train_size=19: the training split of image_folder holds 18 examples "
+                                          r"\(all of train/: the validation split is its own folder\)"):
+        data.build_data(data_cfg("image_folder", path=root, image_size=8, cache_dir="null", train_size=19))
+
+
+def test_image_folder_a_fraction_whose_split_has_its_folder_is_refused_when_set(tmp_path):
+    """With val/ (test/), data.val_fraction (data.test_fraction) does nothing: a value set away from the default
+    must not be accepted in silence (a sweep over it trains one run again and again)."""
+    root = tmp_path / "imgs"
+    write_image_folder(root / "train", per_class=4)
+    write_image_folder(root / "test", per_class=2)
+    with pytest.raises(ConfigError, match=r"data.test_fraction=0.3 does nothing here: data.path=.*imgs holds test/, "
+                                          r"which is the test split; drop data.test_fraction \(its default is 0.2\)"):
+        data.build_data(data_cfg("image_folder", path=root, cache_dir="null", test_fraction=0.3))
+    assert len(data.build_data(data_cfg("image_folder", path=root, cache_dir="null", val_fraction=0.25)).val) == 3
+    write_image_folder(root / "valid", per_class=1)
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.25 does nothing here: data.path=.*imgs holds valid/, "
+                                          r"which is the validation split, and all of train/ trains; drop "
+                                          r"data.val_fraction \(its default is 0.1\), or move valid/ out of data.path"):
+        data.build_data(data_cfg("image_folder", path=root, cache_dir="null", val_fraction=0.25))
+    assert len(data.build_data(data_cfg("image_folder", path=root, cache_dir="null")).val) == 3
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ({"val": ("cat", "dog", "fox")}, r"train/ and val/ have different class folders \(val/ lacks eel; train/ lacks "
+                                     r"fox\); give val/ the same class folders as train/ .*, or move val/ out of "
+                                     r"data.path to take the validation split from train/ by data.val_fraction"),
+    ({"validation": ("cat", "dog")}, r"train/ and validation/ have different class folders \(validation/ lacks eel\)"),
+    ({"val": ("cat", "dog", "eel"), "valid": ("cat", "dog", "eel")},
+     r"holds val/ and valid/ beside train/ and test/, and either could be the validation split; keep one of them"),
+])
+def test_image_folder_val_folders_that_cannot_be_the_validation_split_are_refused(tmp_path, layout, message):
+    root = tmp_path / "imgs"
+    write_image_folder(root / "train", per_class=4)
+    write_image_folder(root / "test", per_class=2)
+    for name, classes in layout.items():
+        write_image_folder(root / name, classes=classes, per_class=2)
+    with pytest.raises(ConfigError, match=message):
+        data.build_data(data_cfg("image_folder", path=root, cache_dir=tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # refused before anything is decoded or written
+
+
+def test_image_folder_reads_ppm_and_pgm_files(tmp_path):
+    """torchvision's ImageFolder takes .ppm and .pgm; here they were skipped (a folder of them "holds no images")."""
+    write_solid(tmp_path / "imgs", {"colour": (10, 20, 30)}, per_class=3, ext="ppm")
+    write_solid(tmp_path / "imgs", {"grey": (200, 200, 200)}, per_class=4, ext="pgm")
+    d = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", image_size=6, cache_dir="null",
+                                 test_fraction=0.3))
+    images = torch.cat([d.train.images, d.val.images, d.test.images])
+    labels = torch.cat([d.train.labels, d.val.labels, d.test.labels])
+    assert torch.bincount(labels).tolist() == [3, 4]
+    assert torch.equal(images[labels == 0][:, :, 0, 0], torch.tensor([[10, 20, 30]] * 3, dtype=torch.uint8))
+    assert bool((images[labels == 1] == 200).all())
+
+
+def test_image_folder_superseded_caches_of_the_folder_are_deleted_and_nothing_else(tmp_path, monkeypatch):
+    """A cache of a folder whose files changed can never be read again; it stayed forever."""
+    from PIL import Image
+
+    cache_dir = tmp_path / "cache"
+    for where in ("imgs", "elsewhere/imgs"):  # two folders of the same name
+        write_image_folder(tmp_path / where)
+        data.build_data(data_cfg("image_folder", path=tmp_path / where, cache_dir=cache_dir))
+    data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir, channels=1))
+    before = set(cache_dir.iterdir())
+    (cache_dir / "image_folder_notes.txt").write_text("not a cache")
+    (cache_dir / ".image_folder_x.pt.tmp").write_text("another run's cache being written")
+    Image.new("RGB", (12, 12), (0, 0, 0)).save(tmp_path / "imgs" / "dog" / "000.png")  # changed contents
+    decoded = []
+    real_decode = datasets.decode_images
+    monkeypatch.setattr(datasets, "decode_images", lambda *a: decoded.append(1) or real_decode(*a))
+    d = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir, image_size=16))
+    after = set(cache_dir.iterdir())
+    (new,) = after - before - {cache_dir / "image_folder_notes.txt", cache_dir / ".image_folder_x.pt.tmp"}
+    assert "_16px_3ch_" in new.name and decoded == [1]
+    gone = before - after  # the 32-px RGB and greyscale caches of imgs/ before the change; elsewhere/imgs's stays
+    assert len(gone) == 2 and all(p.name.startswith(datasets.cache_prefix(tmp_path / "imgs")) for p in gone)
+    assert len(after) == 4 and any(p.name.startswith(datasets.cache_prefix(tmp_path / "elsewhere/imgs")) for p in after)
+    # the new cache is the one used: a second run decodes nothing, and a cache of the current files at another
+    # size is not superseded by it
+    again = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir, image_size=16))
+    assert decoded == [1] and torch.equal(again.train.images, d.train.images)
+    data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir))
+    assert decoded == [1, 1] and set(cache_dir.iterdir()) > after
+
+
+def test_image_folder_a_cache_deleted_by_another_run_before_it_is_read_is_decoded_again(tmp_path, monkeypatch, caplog):
+    """Runs of a sweep share the cache folder: one may delete a cache another has just found."""
+    write_image_folder(tmp_path / "imgs")
+    cfg = data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=tmp_path / "cache")
+    first = data.build_data(cfg)
+
+    def deleted_first(path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", deleted_first)
+        again = data.build_data(cfg)
+    assert torch.equal(again.train.images, first.train.images) and "unreadable" not in caplog.text
+
+
 def test_image_folder_cache_is_written_once_reused_and_keyed_by_contents_and_size(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "imgs")
     cache_dir = tmp_path / "cache"
@@ -335,7 +466,8 @@ def test_image_folder_cache_is_written_once_reused_and_keyed_by_contents_and_siz
 
     Image.new("RGB", (12, 12), (0, 0, 0)).save(tmp_path / "imgs" / "dog" / "000.png")  # changed contents
     changed = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir))
-    assert decoded == [1, 1] and len(list(cache_dir.iterdir())) == 3
+    # both earlier caches are of the old contents: deleted when the new one is written
+    assert decoded == [1, 1] and len(list(cache_dir.iterdir())) == 1
     assert not torch.equal(torch.cat([changed.train.images, changed.val.images, changed.test.images]).sum(),
                            torch.cat([first.train.images, first.val.images, first.test.images]).sum())
 
@@ -387,7 +519,9 @@ def test_a_cache_written_by_an_older_decoder_is_not_reused(tmp_path, monkeypatch
     stored["train_images"].fill_(255)  # what the format-1 decoder made of a 16-bit image
     torch.save(stored, old)
     d = data.build_data(data_cfg("image_folder", path=tmp_path / "imgs", cache_dir=cache_dir))
-    assert int(d.train.images.min()) < 255 and len(list(cache_dir.iterdir())) == 2
+    assert int(d.train.images.min()) < 255
+    (new,) = cache_dir.iterdir()  # the old decoder's cache, superseded, is deleted
+    assert new.name != old.name
 
 
 def test_an_image_over_pils_pixel_limit_names_the_file(tmp_path, monkeypatch):
@@ -448,7 +582,8 @@ def test_a_stop_signal_while_the_cache_is_read_stops_the_run_not_the_cache(tmp_p
                    r"data.path=.*imgs/train"),
     # train/ and val/ became the two classes "train" and "val", silently
     ("train_val", r"holds train/ and val/ but no test/; rename val/ to test/ to test on it \(the validation split is "
-                  r"taken from train/ by data.val_fraction\), or add .*imgs/test"),
+                  r"then taken from train/ by data.val_fraction\), or add .*imgs/test with the same class folders "
+                  r"\(val/ is then the validation split\)"),
 ])
 def test_image_folder_bad_input_is_a_clear_error(tmp_path, damage, message):
     root = tmp_path / "imgs"
@@ -716,3 +851,23 @@ def test_a_data_path_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "one.jpg").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"data.path=.*one.jpg: is a file, not a directory"):
         data.build_data(data_cfg("image_folder", path=tmp_path / "one.jpg", cache_dir="null"))
+
+
+def test_digits_are_read_from_scikit_learns_file_without_importing_it_and_equal_its_load_digits(monkeypatch):
+    """The run's start skips scikit-learn's 2-s import: the same images and labels as its load_digits, and where its
+    data file is not found, load_digits itself."""
+    import importlib.util
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now raises ImportError
+        images, labels = data.load_digits()
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.shape == (1797, 1, 8, 8)
+    assert torch.equal(images[:, 0], torch.from_numpy(bunch.images).to(torch.uint8))
+    assert torch.equal(labels, torch.from_numpy(bunch.target).long())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no file to read: scikit-learn's loader
+    fallback_images, fallback_labels = data.load_digits()
+    assert torch.equal(fallback_images, images) and torch.equal(fallback_labels, labels)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -85,14 +88,16 @@ def stratified_order(labels: torch.Tensor, seed: int) -> torch.Tensor:
     return by_class[torch.sort(key, stable=True).indices]  # stable: ties stay in class order
 
 
-def train_subset(train: Split, size: int | None, seed: int, name: str) -> Split:
-    """The first `size` examples of the training split in its stratified_order (data.train_size; None: all)."""
+def train_subset(train: Split, size: int | None, seed: int, name: str,
+                 what: str = "what data.val_fraction leaves of it") -> Split:
+    """The first `size` examples of the training split in its stratified_order (data.train_size; None: all); `what`
+    says in the error where the split's examples come from."""
     if size is None:
         return train
     classes = int((torch.bincount(train.labels) > 0).sum())
     if size > len(train):
-        raise ConfigError(f"data.train_size={size}: the training split of {name} holds {len(train)} examples (what "
-                          f"data.val_fraction leaves of it); give at most {len(train)}, or null for all of them")
+        raise ConfigError(f"data.train_size={size}: the training split of {name} holds {len(train)} examples ({what}); "
+                          f"give at most {len(train)}, or null for all of them")
     if size < classes:
         raise ConfigError(f"data.train_size={size}: the subset is stratified by class and holds at least one "
                           f"example of each of the {classes} classes of {name}; give at least {classes}")
@@ -106,12 +111,23 @@ DIGITS_WHITE = 16.0  # scikit-learn's digits have 17 grey levels, 0 to 16
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits as uint8 images [1797, 1, 8, 8] (levels 0-16) and int64 labels."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    """scikit-learn's 8x8 digits as uint8 images [1797, 1, 8, 8] (levels 0-16) and int64 labels.
 
-    bunch = sklearn_digits()
-    images = torch.from_numpy(bunch.images).to(torch.uint8).unsqueeze(1)
-    return images, torch.from_numpy(bunch.target).long()
+    Read from scikit-learn's own file, datasets/data/digits.csv.gz (64 pixels and the label a row), as its
+    load_digits does, but without importing scikit-learn, which takes 2 s of a run's start on a small CPU; through
+    load_digits where the file is not there (another layout of scikit-learn)."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as f:
+            rows = torch.from_numpy(np.loadtxt(f, delimiter=","))
+        images, labels = rows[:, :-1].reshape(-1, 1, 8, 8), rows[:, -1]
+    else:
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        bunch = sklearn_digits()
+        images, labels = torch.from_numpy(bunch.images).unsqueeze(1), torch.from_numpy(bunch.target)
+    return images.to(torch.uint8), labels.long()
 
 
 def make_synthetic(num_samples: int, shape: list[int], num_classes: int, noise: float, seed: int):
@@ -132,19 +148,20 @@ def make_synthetic(num_samples: int, shape: list[int], num_classes: int, noise: 
 DATASET_NAMES = ("digits", "synthetic", *SOURCES, "image_folder")
 
 
-def load_images(cfg: DictConfig) -> tuple[Split, Split | None, int]:
-    """(training images, the dataset's own test split or None, number of classes) of data.name."""
+def load_images(cfg: DictConfig) -> tuple[Split, Split | None, Split | None, int]:
+    """(training images, the dataset's own validation and test splits or None, number of classes) of data.name."""
     if cfg.name == "digits":
-        return Split(*load_digits()), None, 10
+        return Split(*load_digits()), None, None, 10
     if cfg.name == "synthetic":
         images, labels = make_synthetic(cfg.num_samples, list(cfg.shape), cfg.num_classes, cfg.noise, cfg.seed)
-        return Split(images, labels), None, cfg.num_classes
+        return Split(images, labels), None, None, cfg.num_classes
     if cfg.name in SOURCES:
         train, test, num_classes = load_source(cfg.name, Path(cfg.root).expanduser(), cfg.download)
-        return Split(*train), Split(*test), num_classes
+        return Split(*train), None, Split(*test), num_classes
     if cfg.name == "image_folder":
-        train, test, num_classes = load_image_folder(cfg)
-        return Split(*train), (Split(*test) if test is not None else None), num_classes
+        train, val, test, num_classes = load_image_folder(cfg)
+        val, test = (Split(*split) if split is not None else None for split in (val, test))
+        return Split(*train), val, test, num_classes
     raise ConfigError(f"data.name={cfg.name!r} is not a dataset; choose one of {', '.join(DATASET_NAMES)}")
 
 
@@ -165,16 +182,20 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
 def build_data(cfg: DictConfig) -> Dataset:
     """The dataset named by data.name, split into train / val / test (data.train_size of the training split), with
     the training examples' statistics."""
-    train_all, test, num_classes = load_images(cfg)
+    train_all, val, test, num_classes = load_images(cfg)
     if test is None:
         # The test split depends on nothing but the data, so every run of a study tests on the same images.
         train_idx, test_idx = split_index(len(train_all), cfg.test_fraction, 0, "data.test_fraction")
         train_all, test = train_all.subset(train_idx), train_all.subset(test_idx)
-    fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, cfg.split_seed, "data.val_fraction")
-    available, val = train_all.subset(fit_idx), train_all.subset(val_idx)
+    if val is None:  # data.val_fraction of the training split; an image folder's val/ is the validation split itself
+        fit_idx, val_idx = split_index(len(train_all), cfg.val_fraction, cfg.split_seed, "data.val_fraction")
+        available, val = train_all.subset(fit_idx), train_all.subset(val_idx)
+        what = "what data.val_fraction leaves of it"
+    else:
+        available, what = train_all, "all of train/: the validation split is its own folder"
     # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
-    train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name)
+    train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name, what)
     mean, std = channel_stats(train.images)
     white = DIGITS_WHITE if cfg.name == "digits" else PIXEL_MAX
     return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)

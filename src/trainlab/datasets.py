@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -27,7 +28,10 @@ from trainlab.config import ConfigError
 log = logging.getLogger("trainlab")
 
 DOWNLOAD_TIMEOUT_S = 10.0  # per blocking socket operation: an unreachable network fails in seconds, not minutes
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# torchvision's ImageFolder's (IMG_EXTENSIONS: .ppm and .pgm included) and .gif; .pbm and .pnm, which PIL reads but
+# ImageFolder skips, are skipped here too
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+VAL_FOLDERS = ("val", "valid", "validation")  # ImageNet's, Kaggle's and Hugging Face's names for the validation tree
 CACHE_FORMAT = 2  # part of every cache's key: raise it when decoding changes (2: 16-bit images scaled, not clipped)
 
 Images = tuple[torch.Tensor, torch.Tensor]  # uint8 [N, C, H, W], int64 [N]
@@ -307,26 +311,56 @@ def _eight_bit(image: Any, path: Path) -> Any:
     return Image.fromarray((levels >> 8).astype(np.uint8), mode="L")
 
 
-def cache_key(root: Path, files: list[tuple[Path, int]], size: int, channels: int) -> str:
-    """A digest of the folder's contents (relative paths, byte sizes, modification times, labels) and the size."""
+def folder_entries(root: Path, files: list[tuple[Path, int]]) -> list[list]:
+    """[relative path, byte size, modification time, label] of every file: what a cache key is made of."""
     entries = []
     for path, label in files:
         stat = path.stat()
         entries.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns, label])
+    return entries
+
+
+def cache_key(entries: list[list], size: int, channels: int) -> str:
+    """A digest of the folder's contents (folder_entries), the image size and channels, and the decoder's format."""
     text = json.dumps([CACHE_FORMAT, size, channels, entries])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
-    """(train, test or None, classes) of data.path: train/ and test/ trees, or one tree split by test_fraction."""
-    from trainlab.checkpoint import save_atomic
+def cache_prefix(root: Path) -> str:
+    """image_folder_<name>_<digest of the absolute path>_: the start of the names of one folder's caches and of no
+    other folder's (two folders called imgs/ elsewhere share the name, not the digest)."""
+    where = root.resolve()
+    return f"image_folder_{where.name}_{hashlib.sha256(str(where).encode()).hexdigest()[:12]}_"
 
-    root = Path(cfg.path).expanduser()
-    if not root.is_dir():
-        what = "is a file, not a directory" if root.exists() else "no such directory"
-        raise ConfigError(f"data.path={cfg.path}: {what} ({root.resolve()}); give a folder of class "
-                          "subfolders, or one with train/ and test/ subfolders of class subfolders")
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else None
+
+def remove_superseded(cache: Path, prefix: str, entries: list[list]) -> list[Path]:
+    """Delete the caches beside `cache` of the same folder (`prefix`) whose key is not the folder's current one at
+    their size and channels: written before its files changed, or by an older decoder, they can never be read again.
+    A cache of the current files at another size stays. Only names that trainlab writes match (save_atomic's
+    temporary files start with a dot); a file that another run deleted first, or that cannot be deleted, is skipped.
+
+    Safe when runs race: caches are only ever read by their exact name, which holds the key, so deleting one can only
+    cost a run that wanted it a fresh decode (one that has the file open reads on, where the system allows deleting
+    it; where it does not, the deletion fails and is skipped)."""
+    pattern = re.compile(re.escape(prefix) + r"([1-9][0-9]*)px_([13])ch_([0-9a-f]{20})\.pt")
+    removed = []
+    for path in sorted(cache.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or path.name == cache.name or path.is_symlink() or not path.is_file():
+            continue
+        if match[3] == cache_key(entries, int(match[1]), int(match[2])):
+            continue
+        try:
+            path.unlink()
+        except OSError:  # FileNotFoundError: another run was first; PermissionError: open elsewhere (Windows)
+            continue
+        removed.append(path)
+    return removed
+
+
+def _split_trees(cfg: DictConfig, root: Path, cache_dir: Path | None) -> dict[str, Path]:
+    """{"train": root} for one tree of class folders; {"train", "test"} and, with a val/ (valid/, validation/) folder,
+    "val": the trees of a split layout. A layout that is neither is refused, naming the fix."""
     trees = {"train": root / "train", "test": root / "test"}
     if not all(t.is_dir() for t in trees.values()):
         one = next((split for split, tree in trees.items() if tree.is_dir()), None)
@@ -335,28 +369,91 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
             missing = "test" if one == "train" else "train"
             besides = f" and {', '.join(o + '/' for o in others)}" if others else ""
             rename = (f"rename {others[0]}/ to {missing}/ to {'test on it' if missing == 'test' else 'train on it'} "
-                      "(the validation split is taken from train/ by data.val_fraction), or "
+                      "(the validation split is then taken from train/ by data.val_fraction), or "
                       if len(others) == 1 else "")
+            val = next((o for o in others if o in VAL_FOLDERS), None)
+            stays = f" ({val}/ is then the validation split)" if missing == "test" and val is not None else ""
             raise ConfigError(f"data.path={cfg.path}: holds {one}/{besides} but no {missing}/; {rename}add "
-                              f"{root / missing} with the same class folders, or give data.path={root / one} (its "
-                              "class folders are then split by data.test_fraction)")
-        trees = {"train": root}
+                              f"{root / missing} with the same class folders{stays}, or give data.path={root / one} "
+                              "(its class folders are then split by data.test_fraction)")
+        return {"train": root}
+    vals = [name for name in VAL_FOLDERS if (root / name).is_dir()]
+    if len(vals) > 1:
+        raise ConfigError(f"data.path={cfg.path}: holds {' and '.join(v + '/' for v in vals)} beside train/ and "
+                          "test/, and either could be the validation split; keep one of them (merge the others into "
+                          "it, or move them out of data.path)")
+    if len(vals) == 1:
+        trees = {"train": trees["train"], "val": root / vals[0], "test": trees["test"]}
+    _refuse_idle_fractions(cfg, root, trees)
+    return trees
+
+
+def _refuse_idle_fractions(cfg: DictConfig, root: Path, trees: dict[str, Path]) -> None:
+    """A split read from its own folder leaves its fraction nothing to do: set away from its default, the fraction is
+    refused rather than ignored (a sweep over it would train the same run again and again). Set to its default, it
+    cannot be told from the default and changes nothing."""
+    from trainlab.config import ImageFolderConfig
+
+    for split, key in (("test", "test_fraction"), ("val", "val_fraction")):
+        default = getattr(ImageFolderConfig, key)
+        if split not in trees or cfg.get(key, default) == default:
+            continue
+        folder = trees[split].name
+        role, fix = (("validation split, and all of train/ trains", f"move {folder}/ out of data.path (the validation "
+                      "split is then data.val_fraction of train/)") if split == "val" else
+                     ("test split", f"give data.path={root / 'train'} (its class folders are then split by "
+                      "data.test_fraction)"))
+        raise ConfigError(f"data.{key}={cfg.get(key)} does nothing here: data.path={cfg.path} holds {folder}/, "
+                          f"which is the {role}; drop data.{key} (its default is {default}), or {fix}")
+
+
+def _same_classes(cfg: DictConfig, classes: list[str], split: str, tree: Path, theirs: list[str]) -> None:
+    """Refuse a val/ or test/ tree whose class folders are not train/'s, naming those missing on either side."""
+    if theirs == classes:
+        return
+    missing, extra = [c for c in classes if c not in theirs], [c for c in theirs if c not in classes]
+    lacks = ([f"{tree.name}/ lacks {', '.join(missing)}"] if missing else []) + (
+        [f"train/ lacks {', '.join(extra)}"] if extra else [])
+    other = (f", or move {tree.name}/ out of data.path to take the validation split from train/ by "
+             "data.val_fraction" if split == "val" else "")
+    raise ConfigError(f"data.path={cfg.path}: train/ and {tree.name}/ have different class folders "
+                      f"({'; '.join(lacks)}); give {tree.name}/ the same class folders as "
+                      f"train/ (a label is its folder's place among the sorted names){other}")
+
+
+def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, Images | None, int]:
+    """(train, val or None, test or None, classes) of data.path: train/ and test/ trees, with val/ (valid/,
+    validation/) as the validation split when there is one, or one tree split by test_fraction."""
+    from trainlab.checkpoint import save_atomic
+
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise ConfigError(f"data.path={cfg.path}: {what} ({root.resolve()}); give a folder of class "
+                          "subfolders, or one with train/ and test/ subfolders of class subfolders")
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else None
+    trees = _split_trees(cfg, root, cache_dir)
     scanned = {split: scan_tree(tree, cache_dir) for split, tree in trees.items()}
     classes = scanned["train"][0]
-    if "test" in scanned and scanned["test"][0] != classes:
-        raise ConfigError(f"data.path={cfg.path}: train/ and test/ have different class folders "
-                          f"({', '.join(classes)} vs {', '.join(scanned['test'][0])}); give both the same classes")
+    for split in ("val", "test"):
+        if split in scanned:
+            _same_classes(cfg, classes, split, trees[split], scanned[split][0])
+    if "val" in scanned:
+        log.info(f"image_folder: the validation split is {trees['val']} ({len(scanned['val'][1])} images); all of "
+                 "train/ trains")
     size, channels = int(cfg.image_size), int(cfg.channels)
     all_files = [f for _, files in scanned.values() for f in files]
-    cache = None
+    cache = entries = None
     if cache_dir is not None:
-        key = cache_key(root, all_files, size, channels)
-        cache = cache_dir / f"image_folder_{root.resolve().name}_{size}px_{channels}ch_{key}.pt"
+        entries = folder_entries(root, all_files)
+        cache = cache_dir / f"{cache_prefix(root)}{size}px_{channels}ch_{cache_key(entries, size, channels)}.pt"
         if cache.is_file():
             try:
                 stored = torch.load(cache, weights_only=True)
                 log.info(f"image_folder: {len(all_files)} images from the cache {cache}")
                 return _cached_splits(stored, len(classes))
+            except FileNotFoundError:  # another run deleted it just now as superseded (its view of the files is
+                pass  # newer, or older): decode
             except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
                 log.warning(f"image_folder: ignoring the unreadable cache {cache} ({error}); decoding again")
     tic = time.perf_counter()
@@ -372,10 +469,17 @@ def load_image_folder(cfg: DictConfig) -> tuple[Images, Images | None, int]:
         except OSError as error:
             log.warning(f"image_folder: cannot write the cache {cache} ({error.__cause__ or error}); training on "
                         "without it (each run decodes again): set data.cache_dir to a writable folder, or null")
+        else:
+            try:
+                for old in remove_superseded(cache, cache_prefix(root), entries):
+                    log.info(f"image_folder: deleted the superseded cache {old} (the folder's files changed)")
+            except OSError as error:  # the listing itself failed: the old caches stay, nothing else changes
+                log.warning(f"image_folder: cannot look for superseded caches in {cache_dir} ({error})")
     return _cached_splits(stored, len(classes))
 
 
-def _cached_splits(stored: dict, num_classes: int) -> tuple[Images, Images | None, int]:
+def _cached_splits(stored: dict, num_classes: int) -> tuple[Images, Images | None, Images | None, int]:
     train = stored["train_images"], stored["train_labels"]
-    test = (stored["test_images"], stored["test_labels"]) if "test_images" in stored else None
-    return train, test, num_classes
+    val, test = ((stored[f"{split}_images"], stored[f"{split}_labels"]) if f"{split}_images" in stored else None
+                 for split in ("val", "test"))
+    return train, val, test, num_classes

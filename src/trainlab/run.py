@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -55,11 +56,12 @@ def seed_everything(seed: int) -> None:
 
 
 def versions() -> dict[str, str]:
+    """The versions summary.json records; torchvision's from its installed metadata, since importing it (which a run
+    on an MLP or trainlab's CNN never does otherwise) costs 3 s, most of it torchvision.ops importing torch._dynamo."""
     import hydra
-    import torchvision
 
     return {"trainlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__}
+            "torchvision": importlib.metadata.version("torchvision"), "hydra": hydra.__version__}
 
 
 def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig, data: Any,
@@ -307,8 +309,9 @@ class Run:
                          else f"the last training batch ({last} of {n} examples)")
                 raise ConfigError(f"{which} in epoch {epoch} give batch norm one value per channel"
                                   f"{' on a process' if world > 1 else ''} (this model's batch norms see "
-                                  f"{per_example} per example), which it cannot normalise; raise data.batch_size (or its "
-                                  "batch_size_schedule factors), set data.drop_last=true, or use another normalization")
+                                  f"{per_example} per example), which it cannot normalise; raise data.batch_size "
+                                  "(or its batch_size_schedule factors), set data.drop_last=true, or use another "
+                                  "normalization")
 
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
@@ -395,7 +398,8 @@ class Run:
         self.write(lambda: checkpoint.save_atomic(state, self.ckpt_dir / name))
 
     def resume(self, path: Path, state: dict[str, Any]) -> None:
-        """Continue the run `state` (loaded from `path`) saved: weights, optimizer, schedule, random states, position."""
+        """Continue the run `state` (loaded from `path`) saved: weights, optimizer, schedule, random states,
+        position."""
         if state["format_version"] > checkpoint.FORMAT_VERSION:
             raise ConfigError(f"checkpoint.resume={path}: written by a newer trainlab (format "
                               f"{state['format_version']}, this one reads up to {checkpoint.FORMAT_VERSION}); upgrade")
@@ -859,7 +863,8 @@ def _execute(run: Run, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     except faults.Interrupted as stop:
         name = faults.signal_name(stop.signum)
         command = resume_command(overrides, run_dir, run.ranks.world)
-        saved = f"{run.ckpt_dir / 'last.pt'} saved. Continue with" if run.started else "nothing to save. Start again with"
+        saved = (f"{run.ckpt_dir / 'last.pt'} saved. Continue with" if run.started
+                 else "nothing to save. Start again with")
         log.warning(f"interrupted by {name} at {stop.where}: {saved}:\n  {command}")
         run.summary.update(status="interrupted", stop_reason=f"{name} at {stop.where}", resume_command=command)
         code = stop.exit_code
