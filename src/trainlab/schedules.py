@@ -266,6 +266,7 @@ class Scheduler:
         self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
         self._factors = array("d", map(factor, range(precompute)))  # 8 bytes a step
         self._momenta = array("d", map(momentum, range(precompute)) if momentum is not None else ())
+        self._momentum: float | None = None  # the value the cycle last set, as _scale is the lr's
         self.steps = 0  # optimizer steps taken
         self._apply()
 
@@ -282,6 +283,7 @@ class Scheduler:
 
     def _apply_momentum(self, steps: int) -> None:
         value = self._momenta[steps] if steps < len(self._momenta) else self.momentum(steps)
+        self._momentum = value
         for group in self.optimizer.param_groups:
             if self.momentum_key == "betas":
                 group["betas"] = (value, *group["betas"][1:])
@@ -305,10 +307,7 @@ class Scheduler:
 
     def get_last_momentum(self) -> float | None:
         """The momentum (or beta1) the cycle set for the next step; None when it cycles none."""
-        if self.momentum is None:
-            return None
-        group = self.optimizer.param_groups[0]
-        return group["betas"][0] if self.momentum_key == "betas" else group["momentum"]
+        return self._momentum
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self.steps, "base_lrs": list(self.base_lrs)}
@@ -483,8 +482,7 @@ def _warn_unreached_decays(name: str, knobs: dict[str, Any], last_epoch: int, ma
         if math.floor(last_epoch / period + RESTART_TOLERANCE) == 0:
             log.warning(f"scheduler=step: scheduler.step_epochs={period} is not reached within "
                         f"trainer.max_epochs={max_epochs} (epochs{counted or ' from the start'}), so the lr never "
-                        "decays; shorten "
-                        "scheduler.step_epochs or raise trainer.max_epochs")
+                        "decays; shorten scheduler.step_epochs or raise trainer.max_epochs")
         return
     milestones = list(knobs.get("milestones", _default(name, "milestones")))
     unreached = [m for m in milestones if last_epoch < m]
