@@ -234,6 +234,15 @@ def test_batch_size_at_multiplies_from_each_milestone():
     assert batch_size_at(9, 32, None) == 32
 
 
+def test_epoch_batch_sizes_apply_the_configs_schedule_to_every_epoch():
+    from trainlab.data import epoch_batch_sizes
+
+    data = compose_cfg(["data.batch_size=32", "data.batch_size_schedule=[[3,2],[5,2.5]]"]).data
+    assert epoch_batch_sizes(data, 6) == [32, 32, 64, 64, 160, 160]
+    plain = compose_cfg(["data.batch_size=48"]).data
+    assert epoch_batch_sizes(plain, 100_000) == [48] * 100_000  # the config read once, not per epoch (that took 30 s)
+
+
 def test_batch_size_schedule_changes_the_steps_per_epoch(train_inprocess, tmp_path):
     status, _, run = train_inprocess(["trainer.max_epochs=3", "data.batch_size=64", "data.batch_size_schedule=[[2,2],[3,2]]"])
     assert status == "completed"

@@ -28,7 +28,7 @@ from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, shell_override, validate
-from trainlab.data import batch_size_at, build_data, epoch_steps, eval_loader, train_loader
+from trainlab.data import batch_size_at, build_data, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -290,9 +290,9 @@ class Run:
 
     def train_batch_sizes(self) -> dict[int, int]:
         """The training batch size of every epoch (data.batch_size_schedule applied, at most the training split)."""
-        cfg, n = self.cfg, len(self.data.train)
-        return {epoch: min(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule), n)
-                for epoch in range(1, cfg.trainer.max_epochs + 1)}
+        n = len(self.data.train)
+        return {epoch: min(size, n)
+                for epoch, size in enumerate(epoch_batch_sizes(self.cfg.data, self.cfg.trainer.max_epochs), start=1)}
 
     def check_batch_norm_batches(self) -> None:
         """Batch norm fails in training on one value per channel (no variance): a batch of one example where a
@@ -301,9 +301,12 @@ class Run:
         per_example = min(batch_norm_values_per_example(self.model, self.data.input_shape, self.device), default=2)
         if per_example > 1:
             return
-        cfg, n, world = self.cfg, len(self.data.train), self.ranks.world
+        n, world, drop_last = len(self.data.train), self.ranks.world, bool(self.cfg.data.drop_last)
+        first_epoch_of = {}
         for epoch, size in self.train_batch_sizes().items():
-            last = n % size if not cfg.data.drop_last or size == n else 0
+            first_epoch_of.setdefault(size, epoch)
+        for size, epoch in first_epoch_of.items():
+            last = n % size if not drop_last or size == n else 0
             if size // world == 1 or last // world == 1:
                 which = (f"the training batches of {size}" if size // world == 1
                          else f"the last training batch ({last} of {n} examples)")
