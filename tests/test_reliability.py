@@ -393,6 +393,24 @@ def test_a_run_that_stopped_early_continues_only_with_more_patience(tmp_path):
     assert (status, code) == ("stopped_early", 0) and more.summary["epochs_run"] == 3  # one more bad epoch
 
 
+def test_a_resume_whose_lower_patience_the_record_meets_stops_at_once(tmp_path):
+    """Early stopping with the lower patience would have ended the run at the epoch last.pt holds: it ends there,
+    instead of training one more epoch first."""
+    stalls = ["early_stopping.min_delta=10", "trainer.max_epochs=4"]  # epoch 1 is the best; none after improves by 10
+    status, _, run = train(tmp_path, stalls, name="stalled")
+    assert status == "completed"
+    before = tmp_path / "stalled" / "checkpoints" / "last.prev.pt"  # epoch 3 of 4, unfinished: 2 bad epochs
+    assert torch.load(before, weights_only=False)["epoch"] == 3
+    status, code, resumed = train(tmp_path, [*stalls, "early_stopping.patience=2", f"checkpoint.resume={before}"],
+                                  name="resumed")
+    assert (status, code) == ("stopped_early", 0) and resumed.summary["epochs_run"] == 3
+    assert "for 2 epochs (best" in resumed.summary["stop_reason"]
+    assert len(metrics_rows(resumed.run_dir)) == 3  # no epoch trained after the resume
+    last = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert last["epoch"] == 3 and last["finished"]  # a resume of it is refused like any early-stopped run's
+    assert resumed.summary["test"] is not None
+
+
 def test_resume_refuses_weights_only_a_directory_and_a_file_that_is_no_checkpoint(tmp_path, interrupted_run):
     best = interrupted_run.parent / "best.pt"
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")

@@ -598,10 +598,20 @@ class Run:
         if self.ranks.main:
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
         status, reason = "completed", f"reached trainer.max_epochs={max_epochs}"
-        try:  # a stop signal (see execute) ends the run after the current step, with last.pt saved
+        epochs = range(self.start_epoch, max_epochs + 1)
+        if self.start_epoch > 1 and self.resume_in_epoch is None and self.stopper.should_stop:
+            # a resume at an epoch's end whose lower early_stopping.patience the record already meets: early stopping
+            # would have ended the run at that epoch, so it ends there instead of after one more
+            status, reason, epochs = "stopped_early", self.stopper.reason(), range(0)
+            log.warning(f"early_stopping.patience={self.stopper.patience}: the resumed run's last "
+                        f"{self.stopper.bad_epochs} epochs did not improve, so it stops at epoch "
+                        f"{self.start_epoch - 1} without training")
+            self.save_last(self.start_epoch - 1, True)
+        else:
             log.info(f"training started: epochs {self.start_epoch} to {max_epochs}, "
                      f"{len(self.train_batches)} steps per epoch, from step {self.step}")
-            for epoch in range(self.start_epoch, max_epochs + 1):
+        try:  # a stop signal (see execute) ends the run after the current step, with last.pt saved
+            for epoch in epochs:
                 if self.train_epoch(epoch):
                     status, reason = "stopped_early", self.stopper.reason()
                     break
