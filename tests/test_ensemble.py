@@ -98,6 +98,28 @@ def test_the_command_prints_the_table_and_writes_the_csv(seeds, tmp_path, capsys
     assert [r["weights"] for r in rows[:2]] == ["last.pt", "last.pt"]
 
 
+def test_runs_tested_on_the_same_images_in_another_order_are_refused(seeds, monkeypatch):
+    """The test split was told apart by its images' sum and sum of squares: two images of one class swapped (the
+    labels alike) passed, and the mean then averaged each example's probabilities with another image's."""
+    from trainlab import data
+
+    build, built = data.build_data, []
+
+    def swapped_in_the_second_run(cfg):
+        dataset = build(cfg)
+        built.append(dataset)
+        if len(built) == 2:
+            labels = dataset.test.labels
+            i, j = [k for k in range(len(labels)) if labels[k] == labels[0]][:2]
+            assert not torch.equal(dataset.test.images[i], dataset.test.images[j])
+            dataset.test.images[[i, j]] = dataset.test.images[[j, i]]
+        return dataset
+
+    monkeypatch.setattr(data, "build_data", swapped_in_the_second_run)
+    with pytest.raises(ConfigError, match="was tested on other images than"):
+        ensemble.ensemble([seeds / "0_seed=0", seeds / "1_seed=1"])
+
+
 def test_runs_that_cannot_be_ensembled_are_refused_with_exit_2(seeds, tmp_path, capsys):
     other = trained(tmp_path / "synthetic", ["trainer.max_epochs=1", "data=synthetic", "data.num_samples=300",
                                              "data.shape=[1,8,8]"])
