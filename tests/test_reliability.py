@@ -424,6 +424,10 @@ def test_resume_refuses_weights_only_a_directory_and_a_file_that_is_no_checkpoin
                             (tmp_path / "metrics.csv", "is corrupted or not a checkpoint")):
         status, code, run = train(tmp_path, ["trainer.max_epochs=3", f"checkpoint.resume={target}"], name="again")
         assert (status, code) == ("failed", 2) and message in run.summary["error"], run.summary["error"]
+    status, code, run = train(tmp_path, ["trainer.max_epochs=3", f"checkpoint.resume={tmp_path / 'gone.pt'}"],
+                              name="again")  # it said "a last.pt or best.pt", and best.pt is then refused
+    assert (status, code) == ("failed", 2)
+    assert f"{tmp_path / 'gone.pt'} does not exist; pass the path of a run's last.pt, e.g." in run.summary["error"]
 
 
 def test_same_seed_is_bitwise_equal_and_another_seed_differs(tmp_path, uninterrupted):

@@ -105,9 +105,7 @@ def load(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"checkpoint {path} {what}; pass the path of a last.pt or best.pt, e.g. "
-                          "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt, or checkpoint.resume=auto "
-                          "with hydra.run.dir=<run directory>")
+        raise ConfigError(f"checkpoint {path} {what}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -162,6 +160,11 @@ def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any
         return None
     if resume != "auto":
         path = Path(resume).expanduser()
+        if not path.is_file():  # best.pt holds weights only: a run continues from its last.pt
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"checkpoint.resume={resume}: {path} {what}; pass the path of a run's last.pt, e.g. "
+                              "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt, or checkpoint.resume=auto "
+                              "with hydra.run.dir=<run directory>")
         return path, load(path)
     last = ckpt_dir / "last.pt"
     damaged = []
