@@ -458,6 +458,32 @@ def test_torchvision_other_families_read_the_data_channels_and_set_their_dropout
     assert [m.p for m in plain.modules() if isinstance(m, nn.Dropout)] == [0.0]  # not torchvision's default 0.2
 
 
+@pytest.mark.parametrize("name, expected_std", [
+    ("densenet121", math.sqrt(2 / 49)),  # Kaiming normal by fan-in: 7x7 of one channel (PyTorch's default: 0.082)
+    ("squeezenet1_1", math.sqrt(2 / 9)),  # Kaiming uniform by fan-in: 3x3 of one channel (the default: 0.19)
+    ("mobilenet_v3_small", math.sqrt(2 / (16 * 9))),  # Kaiming normal by fan-out, as with three channels
+])
+def test_torchvision_stems_for_other_channels_get_their_architectures_own_initialization(name, expected_std):
+    """The first conv was rebuilt for the data's channels after the architecture's initialization had run, so it got
+    PyTorch's default (uniform, 1/sqrt(3 fan_in)) instead of its family's; it is now built for them, and initialized
+    with the rest."""
+    torch.manual_seed(0)
+    model = TorchvisionModel(name, input_shape=(1, 64, 64), num_classes=4, norm=BATCH)
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert stem.in_channels == 1
+    assert stem.weight.std().item() == pytest.approx(expected_std, rel=0.15)
+
+
+def test_a_torchvision_stem_that_is_not_the_first_conv_built_for_rgb_is_refused(monkeypatch):
+    import trainlab.models
+
+    monkeypatch.setattr(trainlab.models, "_build_torchvision",
+                        lambda *args: nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.LazyLinear(4)))
+    with pytest.raises(ConfigError, match=r"model.name=resnet18: its first conv is not the one built for three "
+                                          r"input channels, so it cannot be fitted to 1-channel images"):
+        TorchvisionModel("resnet18", input_shape=(1, 96, 96), num_classes=4, norm=BATCH)
+
+
 def test_torchvision_refusals_say_why():
     with pytest.raises(ConfigError, match=r"model.name='resnet19' is not a torchvision classifier.*resnet18"):
         TorchvisionModel("resnet19", input_shape=(3, 32, 32), num_classes=10, norm=BATCH)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -203,17 +204,22 @@ class TorchvisionModel(nn.Module):
             raise ConfigError(f"model=torchvision needs images [channels, height, width]; the data gives "
                               f"{list(input_shape)}")
         self.name = name
+        channels, height, width = input_shape
         try:
-            self.net = _build_torchvision(name, num_classes, dropout, input_shape)
+            with _stem_reads(channels) as stem:
+                self.net = _build_torchvision(name, num_classes, dropout, input_shape)
         except AssertionError as error:  # e.g. a ViT whose patch size does not divide the image
             raise ConfigError(f"model.name={name} cannot take {list(input_shape)} images: {error}") from None
-        channels, height, width = input_shape
         if isinstance(self.net, torchvision.models.ResNet) and max(height, width) <= small_input_max:
             self.net.conv1 = nn.Conv2d(channels, self.net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet's own
             self.net.maxpool = nn.Identity()
         else:
-            _set_input_channels(self.net, channels)
+            first = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d))
+            if first is not stem.get("conv") or first.in_channels != channels:  # no architecture of torchvision's
+                raise ConfigError(f"model.name={name}: its first conv is not the one built for three input channels, "
+                                  f"so it cannot be fitted to {channels}-channel images; use images of 3 channels "
+                                  "(data.channels=3 for an image folder) or another model")
         for module in self.net.modules():  # the architecture's own batch norms take normalization.momentum and eps
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum, module.eps = norm.get("momentum", module.momentum), norm.get("eps", module.eps)
@@ -265,15 +271,24 @@ def _build_torchvision(name: str, num_classes: int, dropout: float, input_shape:
     return builder(**kwargs)
 
 
-def _set_input_channels(net: nn.Module, channels: int) -> None:
-    """Replace the first conv by one like it that reads `channels` input channels (when they differ)."""
-    name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-    if conv.in_channels == channels:
-        return
-    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
-    setattr(parent, name.rpartition(".")[2],
-            nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                      bias=conv.bias is not None, padding_mode=conv.padding_mode))
+@contextlib.contextmanager
+def _stem_reads(channels: int) -> Iterator[dict[str, nn.Conv2d]]:
+    """Inside, the first nn.Conv2d built with three input channels (the stem of every torchvision classifier, which
+    hard-codes RGB) is built with `channels` instead, so that the architecture's own initialization draws its weights
+    for the fan-in it has: ViT's, DenseNet's and SqueezeNet's scale with it. Yields {"conv": that conv} once built."""
+    built: dict[str, nn.Conv2d] = {}
+    original = nn.Conv2d.__init__
+
+    def init(conv: nn.Conv2d, in_channels: int, *args: Any, **kwargs: Any) -> None:
+        if in_channels == 3 and not built:
+            built["conv"], in_channels = conv, channels
+        original(conv, in_channels, *args, **kwargs)
+
+    nn.Conv2d.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield built
+    finally:
+        nn.Conv2d.__init__ = original  # type: ignore[method-assign]
 
 
 def count_weighted_layers(model: nn.Module) -> int:
