@@ -191,6 +191,37 @@ def test_an_swa_lr_far_from_the_optimizers_is_warned_of(train_inprocess, caplog)
     assert "swa_lr" not in caplog.text  # 0.05 against SGD's 0.1
 
 
+def test_an_swa_run_continues_only_where_its_average_does(train_inprocess, tmp_path):
+    """An unfinished run whose SWA had begun, resumed with a longer trainer.max_epochs, went back to the schedule's
+    lr for an epoch and then averaged again: swa.pt mixed two schedules. A finished run whose SWA averaged nothing
+    (it stopped early first) was refused as if it had an average, after the refusal for its patience had said that
+    raising it would do."""
+    swa = ["regularization=swa", "regularization.swa_start=0.5", "logger.tensorboard=false"]
+    status, _, _ = train_inprocess([*swa, "trainer.max_epochs=4"], name="four")
+    assert status == "completed"
+    epoch_3 = tmp_path / "four" / "checkpoints" / "last.prev.pt"  # epoch 3 of 4, unfinished: SWA averaged epoch 3
+    status, code, run = train_inprocess([*swa, "trainer.max_epochs=8", f"checkpoint.resume={epoch_3}"], name="eight")
+    assert (status, code) == ("failed", 2)
+    assert "SWA has averaged epochs 3 to 3, and this config averages from epoch 5 (regularization.swa_start=0.5 of " \
+           "trainer.max_epochs=8): one average cannot span two schedules" in run.summary["error"]
+    status, _, run = train_inprocess([*swa, "trainer.max_epochs=5", f"checkpoint.resume={epoch_3}"], name="five")
+    assert status == "completed" and run.summary["swa"]["epochs_averaged"] == 3  # from epoch 3 still: 3, 4, 5
+    last = tmp_path / "four" / "checkpoints" / "last.pt"
+    status, code, run = train_inprocess([*swa, "trainer.max_epochs=6", f"checkpoint.resume={last}"], name="six")
+    assert (status, code) == ("failed", 2)
+    assert "that run finished with SWA over 2 epoch(s)" in run.summary["error"]
+
+    stalls = [*swa, "early_stopping.min_delta=10", "early_stopping.patience=1", "trainer.max_epochs=6"]
+    status, _, run = train_inprocess(stalls, name="stalled")  # stops at epoch 2, before SWA's epoch 4
+    assert status == "stopped_early" and "swa" not in run.summary
+    stopped = tmp_path / "stalled" / "checkpoints" / "last.pt"
+    status, code, run = train_inprocess([*stalls, f"checkpoint.resume={stopped}"], name="again")
+    assert (status, code) == ("failed", 2) and "raise early_stopping.patience above 1" in run.summary["error"]
+    status, _, run = train_inprocess([*stalls, "early_stopping.enabled=false", f"checkpoint.resume={stopped}"],
+                                     name="on")
+    assert status == "completed" and run.summary["swa"]["epochs_averaged"] == 3  # epochs 4 to 6
+
+
 def test_decoupled_decay_at_lr_times_weight_decay_of_1_erases_the_weights_every_step():
     """Why lr * weight_decay >= 1 is refused: w *= 1 - lr * wd before each update, so at 0.1 x 10 every step starts
     from zero weights and leaves only -lr * g (above 1 it flips their sign); such a run completed at chance accuracy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from trainlab.augment import PIXEL_MAX, Augment, build_augment, build_batch_mix,
 from trainlab.config import ConfigError
 from trainlab.datasets import SOURCES, load_image_folder, load_source
 from trainlab.distributed import Ranks
+
+log = logging.getLogger("trainlab")
 
 
 @dataclass
@@ -221,6 +224,10 @@ def epoch_batch_sizes(data: DictConfig, max_epochs: int) -> list[int]:
 def epoch_steps(loader: "DeviceLoader", cfg: DictConfig) -> list[int]:
     """The optimizer steps of each epoch 1 .. trainer.max_epochs: len(loader) at that epoch's batch size, which only
     data.batch_size_schedule changes. The loader is left at the batch size it had."""
+    late = [int(start) for start, _ in cfg.data.get("batch_size_schedule") or [] if int(start) > cfg.trainer.max_epochs]
+    if late:  # as the step decays a run never reaches (schedules.build_scheduler)
+        log.warning(f"data.batch_size_schedule: epoch(s) {late} come after trainer.max_epochs="
+                    f"{cfg.trainer.max_epochs}, so their factors never apply; lower them or raise trainer.max_epochs")
     sizes, kept, steps_at = epoch_batch_sizes(cfg.data, cfg.trainer.max_epochs), loader.batch_size, {}
     for size in set(sizes):
         loader.set_batch_size(size)

@@ -547,7 +547,8 @@ class Run:
     def check_continuable(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse to resume a run that has nothing left to do under this config: it reached trainer.max_epochs, or
         it stopped early and early stopping would stop it again. A finished run continues when those allow more
-        epochs (training on past the old end, with the schedule stretched to the new trainer.max_epochs)."""
+        epochs (training on past the old end, with the schedule stretched to the new trainer.max_epochs), unless SWA
+        averaged any of them; a run whose SWA has begun continues only where its average does."""
         epoch, max_epochs = state["epoch"], self.cfg.trainer.max_epochs
         saved_stopper = state.get("early_stopping", {})
         changed = [f"early_stopping.{key}={saved_stopper[key]} (here: {getattr(self.stopper, key)})"
@@ -562,6 +563,18 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path}: that run already finished {epoch} epochs "
                               f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to train further, or drop "
                               "checkpoint.resume to start fresh")
+        averaged = int(state["swa"]["n_averaged"]) if state.get("swa") is not None else 0
+        if averaged and state.get("finished"):
+            raise ConfigError(f"checkpoint.resume={path}: that run finished with SWA over {averaged} epoch(s), whose "
+                              "average belongs to the end of its schedule; a finished SWA run cannot be extended. "
+                              "Start a new run (finetune.weights= takes its weights)")
+        if averaged and self.swa is not None and self.swa_first_epoch != epoch - averaged + 1:
+            # the schedule would resume before the new first SWA epoch, or average from elsewhere than the average did
+            raise ConfigError(f"checkpoint.resume={path}: SWA has averaged epochs {epoch - averaged + 1} to {epoch}, "
+                              f"and this config averages from epoch {self.swa_first_epoch} (regularization.swa_start="
+                              f"{self.cfg.regularization.swa_start} of trainer.max_epochs={max_epochs}): one average "
+                              "cannot span two schedules. Resume with the trainer.max_epochs and "
+                              "regularization.swa_start it was trained with, or start a new run")
         if not state.get("finished"):
             return
         stopper = dataclasses.replace(self.stopper)  # this run's rule, the saved run's record
@@ -575,9 +588,6 @@ class Run:
             raise ConfigError(f"checkpoint.resume={path}: {what}; raise early_stopping.patience above "
                               f"{stopper.bad_epochs} (or set early_stopping.enabled=false) to train further, or "
                               "drop checkpoint.resume to start fresh")
-        if self.swa is not None:
-            raise ConfigError(f"checkpoint.resume={path}: that run finished with SWA, whose average belongs to the "
-                              "end of its schedule; a finished SWA run cannot be extended. Start a new run")
 
     # --- the loop -------------------------------------------------------------------------------------
     def fit(self) -> None:
