@@ -310,8 +310,11 @@ def test_the_advice_for_batches_the_processes_cannot_split_names_what_to_change(
     from trainlab.distributed import Ranks
     from trainlab.run import Run
 
-    run = Run.__new__(Run)  # check_ranks reads the config, the processes and the training split's size only
+    from trainlab.data import epoch_batch_sizes
+
+    run = Run.__new__(Run)  # check_ranks reads the config, the processes, the split's size and the batch sizes only
     run.cfg = compose_cfg([f"data.batch_size={batch}", "trainer.max_epochs=2"])
+    run.batch_sizes = epoch_batch_sizes(run.cfg.data, 2)
     run.ranks, run.data = Ranks(rank=0, world=world), SimpleNamespace(train=range(train_examples))
     if fix is None:
         run.check_ranks()

@@ -429,11 +429,13 @@ def test_warmup_and_momentum_ramp_count_the_epochs_own_steps_under_a_batch_size_
     assert curve[warmup - 1] == pytest.approx(lr) and curve[warmup - 2] == pytest.approx(lr * (warmup - 1) / warmup)
     assert curve[warmup:] == pytest.approx([lr] * (len(curve) - warmup))
     assert schedules.steps_until(2.5, steps) == warmup and schedules.steps_until(7, steps) == 30  # all there are
-    from trainlab.data import build_data, epoch_steps, train_loader
+    from trainlab.data import build_data, epoch_batch_sizes, epoch_steps, train_loader
     from trainlab.optim import build_optimizer
 
     loader = train_loader(cfg, build_data(cfg.data), torch.device("cpu"))
-    assert epoch_steps(loader, cfg) == steps and (loader.batch_size, len(loader)) == (128, 10)  # left as it was
+    assert epoch_batch_sizes(cfg.data, 5) == [128, 256, 256, 256, 256]
+    assert epoch_steps(loader, epoch_batch_sizes(cfg.data, 5)) == steps
+    assert (loader.batch_size, len(loader)) == (128, 10)  # left as it was
     optimizer = build_optimizer(cfg, nn.Linear(2, 2), steps_per_epoch=10, epoch_steps=steps)
     assert optimizer.param_groups[0]["momentum_warmup_steps"] == 10 + 5 + 5  # 3 epochs
 

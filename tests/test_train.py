@@ -252,16 +252,15 @@ def test_batch_size_schedule_changes_the_steps_per_epoch(train_inprocess, tmp_pa
 
 def test_batch_size_schedule_epochs_after_the_run_are_warned_of(caplog):
     """They were ignored silently, where the step decays a run never reaches are warned of."""
-    from trainlab.data import build_data, epoch_steps, train_loader
+    from trainlab.data import epoch_batch_sizes
 
-    cfg = compose_cfg(["trainer.max_epochs=3", "data.batch_size_schedule=[[2,2],[5,2],[9,2]]"])
+    data = compose_cfg(["data.batch_size_schedule=[[2,2],[5,2],[9,2]]"]).data
     caplog.set_level("WARNING", logger="trainlab")
-    epoch_steps(train_loader(cfg, build_data(cfg.data), torch.device("cpu")), cfg)
+    assert epoch_batch_sizes(data, 3) == [64, 128, 128]
     assert "data.batch_size_schedule: epoch(s) [5, 9] come after trainer.max_epochs=3, so their factors never " \
            "apply" in caplog.text
     caplog.clear()
-    epoch_steps(train_loader(cfg, build_data(cfg.data), torch.device("cpu")),
-                compose_cfg(["trainer.max_epochs=9", "data.batch_size_schedule=[[2,2],[5,2],[9,2]]"]))
+    epoch_batch_sizes(data, 9)
     assert "batch_size_schedule" not in caplog.text
 
 

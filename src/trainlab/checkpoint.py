@@ -100,12 +100,13 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     return stale
 
 
-def load(path: str | Path) -> dict:
-    """A trainlab checkpoint, loaded with weights_only=True; clear errors for missing or damaged files."""
+def load(path: str | Path, absent_fix: str = "") -> dict:
+    """A trainlab checkpoint, loaded with weights_only=True; clear errors for missing or damaged files (`absent_fix`
+    ends the message for a path that is no file)."""
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"checkpoint {path} {what}")
+        raise ConfigError(f"checkpoint {path} {what}{absent_fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -159,13 +160,9 @@ def find_resume(resume: str | None, ckpt_dir: Path) -> tuple[Path, dict[str, Any
     if resume is None:
         return None
     if resume != "auto":
-        path = Path(resume).expanduser()
-        if not path.is_file():  # best.pt holds weights only: a run continues from its last.pt
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise ConfigError(f"checkpoint.resume={resume}: {path} {what}; pass the path of a run's last.pt, e.g. "
-                              "checkpoint.resume=outputs/runs/<run>/checkpoints/last.pt, or checkpoint.resume=auto "
-                              "with hydra.run.dir=<run directory>")
-        return path, load(path)
+        path = Path(resume).expanduser()  # best.pt holds weights only: a run continues from its last.pt
+        return path, load(path, "; pass the path of a run's last.pt, e.g. checkpoint.resume=outputs/runs/<run>/"
+                                "checkpoints/last.pt, or checkpoint.resume=auto with hydra.run.dir=<run directory>")
     last = ckpt_dir / "last.pt"
     damaged = []
     for path in (last, previous_path(last)):  # newest first: last.prev.pt is the one before

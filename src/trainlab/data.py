@@ -214,21 +214,22 @@ def batch_size_at(epoch: int, batch_size: int, schedule: Sequence[Sequence[float
 
 
 def epoch_batch_sizes(data: DictConfig, max_epochs: int) -> list[int]:
-    """The training batch size of each epoch 1 .. max_epochs (data.batch_size_schedule applied). The config is read
-    once: an OmegaConf lookup costs tens of microseconds, which 100,000 epochs made 30 s of start-up."""
+    """The training batch size of each epoch 1 .. max_epochs (data.batch_size_schedule applied), with a warning for
+    the schedule's epochs after max_epochs. The config is read once: an OmegaConf lookup costs tens of microseconds,
+    which 100,000 epochs made 30 s of start-up."""
     batch_size = int(data.batch_size)
     schedule = [(int(start), float(factor)) for start, factor in data.get("batch_size_schedule") or []]
+    late = [start for start, _ in schedule if start > max_epochs]
+    if late:  # as the step decays a run never reaches (schedules.build_scheduler)
+        log.warning(f"data.batch_size_schedule: epoch(s) {late} come after trainer.max_epochs={max_epochs}, so their "
+                    "factors never apply; lower them or raise trainer.max_epochs")
     return [batch_size_at(epoch, batch_size, schedule) for epoch in range(1, max_epochs + 1)]
 
 
-def epoch_steps(loader: "DeviceLoader", cfg: DictConfig) -> list[int]:
-    """The optimizer steps of each epoch 1 .. trainer.max_epochs: len(loader) at that epoch's batch size, which only
-    data.batch_size_schedule changes. The loader is left at the batch size it had."""
-    late = [int(start) for start, _ in cfg.data.get("batch_size_schedule") or [] if int(start) > cfg.trainer.max_epochs]
-    if late:  # as the step decays a run never reaches (schedules.build_scheduler)
-        log.warning(f"data.batch_size_schedule: epoch(s) {late} come after trainer.max_epochs="
-                    f"{cfg.trainer.max_epochs}, so their factors never apply; lower them or raise trainer.max_epochs")
-    sizes, kept, steps_at = epoch_batch_sizes(cfg.data, cfg.trainer.max_epochs), loader.batch_size, {}
+def epoch_steps(loader: "DeviceLoader", sizes: list[int]) -> list[int]:
+    """The optimizer steps of each epoch: len(loader) at that epoch's batch size (`sizes`, from epoch_batch_sizes).
+    The loader is left at the batch size it had."""
+    kept, steps_at = loader.batch_size, {}
     for size in set(sizes):
         loader.set_batch_size(size)
         steps_at[size] = len(loader)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from trainlab import finetune
 from trainlab.config import monitor_mode
-from trainlab.data import build_data, epoch_steps, train_loader
+from trainlab.data import build_data, epoch_batch_sizes, epoch_steps, train_loader
 from trainlab.models import TorchvisionModel, build_model
 from trainlab.optim import build_optimizer
 from trainlab.schedules import build_scheduler, snapshot_epochs
@@ -33,7 +33,7 @@ def _curve(cfg: DictConfig) -> tuple[list[float], list[float], list[int], list[f
     """
     data = build_data(cfg.data)
     loader = train_loader(cfg, data, torch.device("cpu"))  # counts batches only; no batch is drawn
-    spe, steps = len(loader), epoch_steps(loader, cfg)
+    spe, steps = len(loader), epoch_steps(loader, epoch_batch_sizes(cfg.data, cfg.trainer.max_epochs))
     model = build_model(cfg, data.input_shape, data.num_classes)
     # the run's parameter groups: finetune's features at their own lr (and what it refuses, refused here too)
     transfer = finetune.prepare(model, cfg.finetune, model.name if isinstance(model, TorchvisionModel) else None)

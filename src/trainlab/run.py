@@ -28,7 +28,7 @@ from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, shell_override, validate
-from trainlab.data import batch_size_at, build_data, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
+from trainlab.data import build_data, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -157,7 +157,9 @@ class Run:
         self.val_batches = eval_loader(cfg, d, d.val, self.device, self.ranks)
         self.test_batches = eval_loader(cfg, d, d.test, self.device, self.ranks)
         steps_per_epoch = len(self.train_batches)
-        steps = epoch_steps(self.train_batches, cfg)  # each epoch's: data.batch_size_schedule changes them
+        # each epoch's batch size and steps: data.batch_size_schedule changes them
+        self.batch_sizes = epoch_batch_sizes(cfg.data, cfg.trainer.max_epochs)
+        steps = epoch_steps(self.train_batches, self.batch_sizes)
         self.optimizer = build_optimizer(cfg, self.model, steps_per_epoch=steps_per_epoch,
                                          features=self.transfer.scaled,
                                          feature_lr_scale=float(cfg.finetune.feature_lr_scale), epoch_steps=steps)
@@ -291,8 +293,7 @@ class Run:
     def train_batch_sizes(self) -> dict[int, int]:
         """The training batch size of every epoch (data.batch_size_schedule applied, at most the training split)."""
         n = len(self.data.train)
-        return {epoch: min(size, n)
-                for epoch, size in enumerate(epoch_batch_sizes(self.cfg.data, self.cfg.trainer.max_epochs), start=1)}
+        return {epoch: min(size, n) for epoch, size in enumerate(self.batch_sizes, start=1)}
 
     def check_batch_norm_batches(self) -> None:
         """Batch norm fails in training on one value per channel (no variance): a batch of one example where a
@@ -641,7 +642,7 @@ class Run:
         tic = time.perf_counter()
         self.epoch = self.guard.epoch = epoch
         self.train_batches.set_epoch(epoch)
-        self.train_batches.set_batch_size(batch_size_at(epoch, cfg.data.batch_size, cfg.data.batch_size_schedule))
+        self.train_batches.set_batch_size(self.batch_sizes[epoch - 1])
         averaging = self.swa is not None and epoch >= self.swa_first_epoch
         if averaging:  # SWA epochs run at their own constant rate instead of the schedule
             for group in self.optimizer.param_groups:
