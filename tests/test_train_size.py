@@ -177,7 +177,8 @@ def test_a_run_on_50_digits_announces_and_records_its_size(tmp_path):
     assert "data: digits  train 50 of 1294 / val 144 / test 359" in (run_dir / "train.log").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and "data.train_size=50" in summary["overrides"]
-    assert summary["examples"] == {"train": 50, "train_available": 1294, "val": 144, "test": 359}
+    assert summary["examples"] == {"train": 50, "train_available": 1294, "val": 144, "test": 359,
+                                   "train_per_class": [5, 5, 4, 5, 5, 5, 5, 5, 5, 6]}  # classes of 112-138
     with open(run_dir / "metrics.csv") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [3, 4]
 

@@ -58,6 +58,9 @@ def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = F
             "name another)")
 
 
+BALANCES = ("none", "oversample", "reweight")
+
+
 def monitor_mode(monitor: str, mode: str) -> str:
     """min or max: the direction in which `monitor` improves (early_stopping.mode=auto: max for an accuracy)."""
     if mode != "auto":
@@ -80,6 +83,13 @@ class DataConfig:
     # null: the whole training split; N: train on N of its examples, stratified by class, drawn by split_seed,
     # nested (N's examples lie inside a larger N's); validation and test unchanged. A count, never a share.
     train_size: Any = None
+    # a long-tailed training split: class c of C keeps ratio ** (-c / (C - 1)) of its examples (class 0 all, the
+    # last 1 / ratio), drawn by split_seed; 1 = as the data comes; validation and test unchanged
+    imbalance: float = 1.0
+    # none | oversample: every epoch draws as many examples of each class (small classes repeat, each time with
+    # its own augmentation; as many steps as an epoch of none) | reweight: the training loss weighs class c by
+    # n / (classes * n_c)
+    balance: str = "none"
     drop_last: bool = True  # drop the last, smaller training batch of each epoch
     # [[epoch, factor], ...]: from that (1-based) epoch on, the training batch size is multiplied by factor,
     # cumulatively; [] = off. "Don't decay the learning rate, increase the batch size" (Smith et al. 2018)
@@ -508,6 +518,12 @@ def _check_values(cfg: DictConfig) -> list[str]:
                               if isinstance(size, float) and size.is_integer() else
                               "; a share is not taken: multiply it by the training split's size (the `train` count "
                               "of a run's `data:` line)" if isinstance(size, float) else ""))
+    imbalance = data.get("imbalance", 1.0)
+    check(is_number(imbalance) and math.isfinite(imbalance) and imbalance >= 1, "data.imbalance", imbalance,
+          "the largest class's size over the smallest's, a finite number of at least 1 (e.g. 10 or 100; 1 = the data "
+          "as it comes)")
+    check(data.get("balance", "none") in BALANCES, "data.balance", data.get("balance"),
+          f"choose one of {', '.join(BALANCES)}")
     if "test_fraction" in data:
         check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "must be between 0 and 1")
     check(data.loader in ("auto", "device", "dataloader"), "data.loader", data.loader,

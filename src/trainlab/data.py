@@ -46,6 +46,11 @@ class Dataset:
     white: float = PIXEL_MAX  # the brightest pixel level: 255, the digits' 16 (augmentation's colour steps)
 
     @property
+    def train_per_class(self) -> list[int]:
+        """Training examples of each class, in label order."""
+        return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
@@ -54,6 +59,12 @@ class Dataset:
         """'train 200 of 1294 / val 144 / test 359' (data.train_size=200), else 'train 1294 / val 144 / test 359'."""
         of = f" of {self.train_available}" if len(self.train) < self.train_available else ""
         return f"train {len(self.train)}{of} / val {len(self.val)} / test {len(self.test)}"
+
+    def class_counts(self) -> str:
+        """'train per class 129, 100, ..., 13': shown where a run makes or evens out an imbalance."""
+        counts = self.train_per_class
+        shown = counts if len(counts) <= 12 else [*counts[:6], "...", *counts[-3:]]
+        return "train per class " + ", ".join(map(str, shown))
 
 
 def split_index(n: int, fraction: float, seed: int, key: str = "the fraction") -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +119,69 @@ def train_subset(train: Split, size: int | None, seed: int, name: str,
     # below 2**64, which any data.split_seed stays within
     order = stratified_order(train.labels, (seed * 2 + 1) % 2**64)
     return train.subset(order[:size].sort().values)
+
+
+def long_tail(train: Split, ratio: float, num_classes: int, seed: int) -> Split:
+    """data.imbalance=ratio: a long-tailed training split (Cui et al. 2019, Cao et al. 2019). Class c of C keeps
+    max(1, round(n_c * ratio ** (-c / (C - 1)))) of its n_c examples: class 0 all of them, the last one 1 / ratio,
+    the shares between falling geometrically, so on balanced data the largest class is `ratio` times the smallest.
+    Each class keeps a prefix of its examples in a seeded random order: a larger ratio only takes examples away."""
+    if ratio == 1 or num_classes < 2:
+        return train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed((seed * 2 + 2) % 2**64))
+    labels = train.labels[order]
+    kept = []
+    for c in range(num_classes):
+        members = order[labels == c]  # the class's examples, in the seeded order
+        keep = max(1, round(len(members) * ratio ** (-c / (num_classes - 1))))
+        kept.append(members[:keep])
+    return train.subset(torch.cat(kept).sort().values)
+
+
+def balanced_order(groups: list[torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
+    """data.balance=oversample: an epoch of `n` indices (the training split's size, so an epoch keeps its steps) with
+    as many of each class as of any other (the n % k left over go to classes drawn at random). A class's draws run
+    through its examples in a random order, again and again as often as they need: a small class's examples come
+    several times (each time with its own augmentation), a large class's a different part each epoch. `groups`
+    holds each class's example indices (the classes with none left out)."""
+    k = len(groups)
+    draws = torch.full((k,), n // k, dtype=torch.long)
+    draws[torch.randperm(k, generator=generator)[:n % k]] += 1
+    parts = []
+    for members, d in zip(groups, draws.tolist()):
+        rounds = -(-d // len(members))
+        parts.append(torch.cat([members[torch.randperm(len(members), generator=generator)]
+                                for _ in range(rounds)])[:d])
+    order = torch.cat(parts)
+    return order[torch.randperm(n, generator=generator)]
+
+
+def class_groups(labels: torch.Tensor) -> list[torch.Tensor]:
+    """The example indices of each class present in `labels` (CPU), in label order."""
+    by_class = torch.sort(labels.cpu(), stable=True).indices
+    return [group for group in torch.split(by_class, torch.bincount(labels.cpu()).tolist()) if len(group) > 0]
+
+
+def occurrences(order: torch.Tensor) -> torch.Tensor:
+    """For each position of `order`, how many earlier positions hold the same index (0 for its first)."""
+    values, where = torch.sort(order, stable=True)
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    starts = torch.cummax(torch.where(first, torch.arange(len(order)), 0), dim=0).values
+    counts = torch.empty_like(order)
+    counts[where] = torch.arange(len(order)) - starts
+    return counts
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """data.balance=reweight: class c's weight in the training loss, n / (k * n_c) for the k classes present
+    (scikit-learn's class_weight='balanced': every class weighs as much in an epoch's loss as on balanced data);
+    1 for a class with no training example."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    weights[present] = len(labels) / (int(present.sum()) * counts[present])
+    return weights.float()
 
 
 DIGITS_WHITE = 16.0  # scikit-learn's digits have 17 grey levels, 0 to 16
@@ -199,6 +273,7 @@ def build_data(cfg: DictConfig) -> Dataset:
     # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
     train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name, what)
+    train = long_tail(train, float(cfg.get("imbalance", 1.0)), num_classes, cfg.split_seed)
     mean, std = channel_stats(train.images)
     white = DIGITS_WHITE if cfg.name == "digits" else PIXEL_MAX
     return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)
@@ -241,7 +316,8 @@ class DeviceLoader:
     """Batches of one split, held on the device as uint8 and served as shuffled index slices.
 
     The epoch's order and its augmentation draw from generators seeded by (seed, epoch), so an
-    epoch's batches are a pure function of the seed and the epoch number.
+    epoch's batches are a pure function of the seed and the epoch number. `oversample` (data.balance=oversample)
+    draws each epoch's order from balanced_order: as many examples of every class, the epoch as long as the split.
     """
 
     def __init__(
@@ -257,6 +333,7 @@ class DeviceLoader:
         seed: int = 0,
         augment: Augment | None = None,
         shard: tuple[int, int] = (0, 1),
+        oversample: bool = False,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -274,6 +351,7 @@ class DeviceLoader:
         self.position = 0  # batches of the current epoch served so far
         self._augment_rng: torch.Generator | None = None
         self._resume_at: dict | None = None
+        self._groups = class_groups(split.labels) if oversample else None
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -302,11 +380,11 @@ class DeviceLoader:
         self.set_batch_size(int(state["batch_size"]))
         self._resume_at = state
 
-    def _generator(self, stream: int, rank: int = 0) -> torch.Generator:
+    def _generator(self, stream: int, rank: int = 0, device: torch.device | None = None) -> torch.Generator:
         """Stream 0 orders the epoch (the same on every rank), 1 augments (one stream per rank; rank 0's is the one
         a single process draws). The CPU generator keeps only a seed's low 32 bits: ranks differ there."""
         seed = (self.seed * 1_000_003 + self.epoch) * 4 + stream + rank * 0x9E3779B1
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=device or self.device).manual_seed(seed)
 
     def close(self) -> None:
         """Release what the loader holds beyond its tensors (DataLoader workers on the WorkerLoader path)."""
@@ -314,7 +392,9 @@ class DeviceLoader:
     def _start_epoch(self) -> tuple[torch.Tensor, torch.Generator | None]:
         """The epoch's order and augmentation generator, and its first batch: where a loaded state left off."""
         n = len(self.labels)
-        if self.shuffle:
+        if self._groups is not None:  # drawn on the CPU (a loop over the classes), the same on every device
+            order = balanced_order(self._groups, n, self._generator(0, device=torch.device("cpu"))).to(self.device)
+        elif self.shuffle:
             order = torch.randperm(n, generator=self._generator(0), device=self.device)
         else:
             order = torch.arange(n, device=self.device)
@@ -356,7 +436,8 @@ def fits_on_device(cfg: DictConfig, data: Dataset) -> bool:
 
 class _Samples(torch.utils.data.Dataset):
     """One image at a time for DataLoader workers; key (epoch, i): the v2 transform's randomness is seeded by
-    (seed, epoch, i), so an epoch is the same however many workers serve it."""
+    (seed, epoch, i), so an epoch is the same however many workers serve it. An example an oversampled epoch serves
+    again comes as i + k * n for its k-th repeat (n examples): the same image with a draw of its own."""
 
     def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None, seed: int):
         self.images, self.labels, self.transform, self.seed = split.images, split.labels, transform, seed
@@ -366,14 +447,14 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, i = key
-        image = self.images[i]
+        image = self.images[i % len(self.labels)]
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
                 # the CPU generator only: torch.manual_seed would also reseed the GPU's, which fork_rng(devices=[])
                 # does not restore (dropout there would restart from this seed every batch)
                 torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2**63)
                 image = self.transform(image)
-        return image, self.labels[i]
+        return image, self.labels[i % len(self.labels)]
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -401,10 +482,10 @@ class WorkerLoader(DeviceLoader):
     def __init__(self, split: Split, mean: torch.Tensor, std: torch.Tensor, batch_size: int, device: torch.device, *,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Augment | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, num_workers: int = 0,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), oversample: bool = False):
         # DeviceLoader's bookkeeping (order, batch size, epoch, resume position) without its device copy of the images
         super().__init__(Split(split.images[:0], split.labels), mean, std, batch_size, device, shuffle=shuffle,
-                         drop_last=drop_last, seed=seed, augment=augment, shard=shard)
+                         drop_last=drop_last, seed=seed, augment=augment, shard=shard, oversample=oversample)
         self.sampler = _EpochBatches()
         self.loader = torch.utils.data.DataLoader(
             _Samples(split, transform, seed), batch_sampler=self.sampler, num_workers=num_workers,
@@ -421,6 +502,8 @@ class WorkerLoader(DeviceLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, aug_gen = self._start_epoch()
         order = order.cpu()
+        if self._groups is not None:  # an example's repeats within the epoch get transforms of their own
+            order = order + occurrences(order) * len(self.labels)
         self.sampler.epoch = self.epoch
         self.sampler.batches = [order[start : start + part].tolist() for start, part in self._parts()]
         for i, (images, labels) in enumerate(self.loader, start=self.position):
@@ -436,7 +519,8 @@ def train_loader(cfg: DictConfig, data: Dataset, device: torch.device, ranks: Ra
     """The shuffled training batches of cfg.data (batch size, drop_last) seeded by cfg.seed, with cfg.augmentation,
     on the path data.loader picks: batched augmentation on the device, or v2 transforms in DataLoader workers.
     Under torchrun each rank serves its part of every batch."""
-    common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed}
+    common = {"shuffle": True, "drop_last": cfg.data.drop_last, "seed": cfg.seed,
+              "oversample": cfg.data.get("balance", "none") == "oversample"}
     check_sizes(cfg.augmentation, data.input_shape)  # both paths refuse them here, before any batch is drawn
     if fits_on_device(cfg.data, data):
         augment = build_augment(cfg.augmentation, data.num_classes, data.input_shape, data.white)

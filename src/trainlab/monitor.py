@@ -46,7 +46,7 @@ HPARAM_GROUPS = ("model", "optimizer", "scheduler", "normalization", "regulariza
                  "initialization", "data", "trainer", "early_stopping")
 # The final metrics of the HPARAMS tab: scalar tags written once at the end of the run.
 HPARAM_METRICS = ("hparams/best_val_loss", "hparams/best_val_acc", "hparams/test_loss", "hparams/test_acc",
-                  "hparams/epochs_run")
+                  "hparams/test_balanced_acc", "hparams/epochs_run")
 
 
 def fast_event_checksums() -> bool:
@@ -313,7 +313,7 @@ class RunMonitor:
         best, test = summary.get("best") or {}, summary.get("test") or {}  # best: the epoch early_stopping chose
         metrics = {"hparams/best_val_loss": best.get("val/loss"), "hparams/best_val_acc": best.get("val/acc"),
                    "hparams/test_loss": test.get("test/loss"), "hparams/test_acc": test.get("test/acc"),
-                   "hparams/epochs_run": summary.get("epochs_run")}
+                   "hparams/test_balanced_acc": test.get("test/balanced_acc"), "hparams/epochs_run": summary.get("epochs_run")}
         self._scalars({tag: value for tag, value in metrics.items() if value is not None}, self.last_step)
         self._hand_over()
         status = {"status": summary.get("status"), "stop_reason": summary.get("stop_reason") or ""}
@@ -389,6 +389,14 @@ def confusion_matrix(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     if reduce is not None:
         counts = reduce(counts)
     return counts.cpu().reshape(num_classes, num_classes)
+
+
+def balanced_accuracy(counts: torch.Tensor) -> float:
+    """The mean over the classes present of each one's recall (its correct share): accuracy as if every class had
+    as many examples; counts[true, predicted] from confusion_matrix."""
+    totals = counts.sum(dim=1)
+    present = totals > 0
+    return float((counts.diagonal()[present].double() / totals[present]).mean())
 
 
 def write_confusion_csv(counts: torch.Tensor, path: Path) -> None:

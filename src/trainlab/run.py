@@ -28,7 +28,7 @@ from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, shell_override, validate
-from trainlab.data import build_data, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
+from trainlab.data import build_data, class_weights, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -37,8 +37,8 @@ from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import TorchvisionModel, build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
-from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
-                              where_to_look, write_confusion_csv)
+from trainlab.monitor import (RunMonitor, SilentMonitor, balanced_accuracy, config_tree, confusion_matrix, final_table,
+                              hyperparameters, where_to_look, write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler, snapshot_epochs
@@ -72,8 +72,10 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     normalized = any(isinstance(m, norms) for m in model.modules())
     absent = "" if normalized or cfg.normalization.name == "none" else " (no layer to normalize)"  # model.hidden=[]
-    log.info(f"data: {data.name}  {data.sizes}  "
-             f"input {list(data.input_shape)}  classes {data.num_classes}")
+    balance = f"  imbalance {cfg.data.imbalance:g}" if cfg.data.imbalance != 1 else ""
+    balance += f"  balance={cfg.data.balance}" if cfg.data.balance != "none" else ""
+    log.info(f"data: {data.name}  {data.sizes}  input {list(data.input_shape)}  classes {data.num_classes}"
+             + (f"{balance}  ({data.class_counts()})" if balance else ""))
     log.info(f"model: {type(model).__name__} {_knobs(cfg.model)}  {n_params:,} parameters  "
              f"normalization={cfg.normalization.name}{absent}  initialization={cfg.initialization.name}")
     scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in optimizer.param_groups)  # finetune: the groups' own rates
@@ -141,7 +143,7 @@ class Run:
         self.threads = configure_backends(cfg.trainer, self.device)
         self.data = d = build_data(cfg.data)
         self.summary["examples"] = {"train": len(d.train), "train_available": d.train_available,
-                                    "val": len(d.val), "test": len(d.test)}
+                                    "val": len(d.val), "test": len(d.test), "train_per_class": d.train_per_class}
         self.model = build_model(cfg, self.data.input_shape, self.data.num_classes)
         initialize(self.model, cfg.initialization, getattr(self.model, "activation", "relu"))
         # transfer learning: trained weights, frozen or slower features (on a resume, last.pt's weights and the
@@ -213,7 +215,10 @@ class Run:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
         reg, model = self.cfg.regularization, self.model
         # the function, not nn.CrossEntropyLoss: a module call's hook handling cost a small MLP 1 % of its step
-        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(reg.label_smoothing))
+        # data.balance=reweight: torch's weighted cross-entropy (a batch's mean divides by its targets' weights)
+        weight = (class_weights(self.data.train.labels, self.data.num_classes).to(self.device)
+                  if self.cfg.data.balance == "reweight" else None)
+        self.loss_fn = functools.partial(F.cross_entropy, weight=weight, label_smoothing=float(reg.label_smoothing))
         decayed = decayed_parameters(self.optimizer)  # l1/l2 skip biases and norm parameters, like decay
         closure_step = needs_closure(self.optimizer)
         if closure_step and self.precision == "fp16":
@@ -794,13 +799,14 @@ class Run:
         self.summary["best"] = {"epoch": self.stopper.best_epoch, self.stopper.monitor: self.stopper.best,
                                 **self.best_row}
         counts = confusion_matrix(self.model, self.test_batches, self.autocast, self.data.num_classes, self.reduce)
+        self.summary["test"]["test/balanced_acc"] = balanced_accuracy(counts)
         if self.ranks.main:
             write_confusion_csv(counts, self.run_dir / "confusion_matrix.csv")
         if self.monitor is not None:
             self.monitor.test_metrics(self.summary["test"], self.step)
             self.monitor.confusion(counts, self.step)
         log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
-                 f"acc {metrics['acc']:.4f}")
+                 f"acc {metrics['acc']:.4f}  balanced acc {self.summary['test']['test/balanced_acc']:.4f}")
 
 
 def batch_norm_values_per_example(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[int]:
