@@ -3,7 +3,9 @@ epoch, or a class-weighted loss); test/balanced_acc scores every class alike."""
 
 from __future__ import annotations
 
+import csv
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from conftest import compose_cfg, run_cli
 from trainlab import data
 from trainlab.config import ConfigError, validate
-from trainlab.monitor import balanced_accuracy
+from trainlab.loop import evaluate
+from trainlab.monitor import CSV_COLUMNS
 
 
 def counts(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -193,23 +196,76 @@ def test_reweight_trains_on_the_class_weighted_cross_entropy(train_inprocess):
 # --- the run ---------------------------------------------------------------------------------------
 
 
+class Logits(torch.nn.Module):
+    """A 'model' whose inputs are its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def test_balanced_accuracy_is_the_mean_recall_of_the_classes_present():
-    counts_ = torch.tensor([[8, 2, 0], [1, 1, 0], [0, 0, 0]])  # class 2 absent from the split
-    assert balanced_accuracy(counts_) == pytest.approx((0.8 + 0.5) / 2)
+    # class 0: 10 examples, 8 right; class 1: 2 examples, 1 right; class 2: none in the split
+    labels = torch.tensor([0] * 10 + [1] * 2)
+    predicted = torch.tensor([0] * 8 + [1] * 2 + [1, 0])
+    logits = F.one_hot(predicted, 3).float()
+    batches = [(logits[:5], labels[:5]), (logits[5:], labels[5:])]
+    result = evaluate(Logits(), batches, nullcontext())
+    assert result["acc"] == pytest.approx(9 / 12) and result["balanced_acc"] == pytest.approx((0.8 + 0.5) / 2)
+    # torchrun: a rank with no example of the split still adds its (empty) part when num_classes is given
+    other = evaluate(Logits(), batches, nullcontext(), num_classes=3)
+    assert other == result
+    empty = evaluate(Logits(), [], nullcontext(), reduce=lambda values: values * 0 + torch.tensor(
+        [float(F.cross_entropy(logits, labels, reduction="sum")), 2, 8, 1, 1, 0, 0]), num_classes=3)
+    assert empty["balanced_acc"] == pytest.approx(result["balanced_acc"])
 
 
-def test_an_imbalanced_run_names_its_classes_and_reports_balanced_accuracy(tmp_path):
-    result = run_cli(["data.imbalance=20", "data.balance=oversample", "trainer.max_epochs=2",
-                      "logger.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+def test_early_stopping_on_balanced_accuracy_keeps_the_epoch_it_ranks_best(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["data.imbalance=20", "data.balance=oversample", "trainer.max_epochs=4",
+                      "early_stopping.monitor=val/balanced_acc", "logger.tensorboard=false",
+                      f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    scores = [float(row["val/balanced_acc"]) for row in rows]
+    assert len(scores) == 4 and all(0 < score <= 1 for score in scores)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = scores.index(max(scores)) + 1  # the first epoch of the highest value
+    assert summary["best_epoch"] == best and summary["best"]["val/balanced_acc"] == pytest.approx(max(scores))
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best
     per_class = summary["examples"]["train_per_class"]
     assert per_class[0] / per_class[9] == pytest.approx(20, rel=0.1) and sum(per_class) == summary["examples"]["train"]
     assert "imbalance 20  balance=oversample  (train per class " + ", ".join(map(str, per_class)) in result.stdout
     confusion = torch.tensor([[int(v) for v in line.split(",")[1:]] for line in
-                              (tmp_path / "run" / "confusion_matrix.csv").read_text().splitlines()[1:]])
-    assert summary["test"]["test/balanced_acc"] == pytest.approx(balanced_accuracy(confusion))
+                              (run_dir / "confusion_matrix.csv").read_text().splitlines()[1:]])
+    recalls = confusion.diagonal() / confusion.sum(dim=1)
+    assert summary["test"]["test/balanced_acc"] == pytest.approx(float(recalls.mean()))
     assert f"balanced acc {summary['test']['test/balanced_acc']:.4f}" in result.stdout
+
+
+def test_a_resumed_run_from_before_the_balanced_accuracy_column_keeps_one_header(train_inprocess, tmp_path):
+    overrides = ["trainer.max_epochs=1", "logger.tensorboard=false"]
+    assert train_inprocess(overrides)[1] == 0
+    metrics = tmp_path / "run" / "metrics.csv"
+    with open(metrics, newline="") as handle:
+        old = [{k: v for k, v in row.items() if k != "val/balanced_acc"} for row in csv.DictReader(handle)]
+    with open(metrics, "w", newline="") as handle:  # as a run of the last release wrote it
+        writer = csv.DictWriter(handle, fieldnames=[c for c in CSV_COLUMNS if c != "val/balanced_acc"])
+        writer.writeheader()
+        writer.writerows(old)
+    status, code, _ = train_inprocess(["trainer.max_epochs=2", "logger.tensorboard=false", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0)
+    with open(metrics, newline="") as handle:
+        assert handle.readline().strip() == ",".join(CSV_COLUMNS)
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2"] and rows[0]["val/loss"] == old[0]["val/loss"]
+    assert rows[0]["val/balanced_acc"] == "" and 0 < float(rows[1]["val/balanced_acc"]) <= 1
+    assert None not in rows[1]  # no value beyond the header's columns
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -45,7 +45,8 @@ def test_a_search_whose_trials_all_fail_ends_with_the_report_and_exit_1(tmp_path
 
 @pytest.mark.parametrize("override, message", [
     ("sweep.objective=best/val/los", "sweep.objective=best/val/los: no summary.json holds it; choose one of "
-                                     "best/val/loss, best/val/acc, test/test/loss, test/test/acc"),
+                                     "best/val/loss, best/val/acc, best/val/balanced_acc, test/test/loss, "
+                                     "test/test/acc, test/test/balanced_acc"),
     ("sweep.objective=best/val/acc", "sweep.objective=best/val/acc improves when it gets higher, but "
                                      "hydra.sweeper.direction=minimize searches for its lowest value; set "
                                      "hydra.sweeper.direction=maximize"),
@@ -72,7 +73,7 @@ def test_objective_check_reads_the_monitor_and_the_direction():
     check_objective(cfg("sweep.objective=best/val/acc", "hydra.sweeper.direction=maximize"))
     check_objective(cfg("sweep.objective=test/test/loss"))
     check_objective(cfg("sweep.objective=best/train/loss", "early_stopping.monitor=train/loss"))
-    with pytest.raises(ConfigError, match="choose one of best/val/loss, best/val/acc, test/test/loss"):
+    with pytest.raises(ConfigError, match="choose one of best/val/loss, best/val/acc, best/val/balanced_acc, test/"):
         check_objective(cfg("sweep.objective=best/train/loss"))  # not in summary.json unless monitored
     with pytest.raises(ConfigError, match="set hydra.sweeper.direction=minimize"):
         check_objective(cfg("sweep.objective=test/test/loss", "hydra.sweeper.direction=maximize"))

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 ALLOWED_TARGET_PREFIXES = ("torch.", "torchvision.", "trainlab.")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("false", "default", "reduce-overhead", "max-autotune", "true")  # true: default
-MONITORS = ("val/loss", "val/acc", "train/loss", "train/acc")
+MONITORS = ("val/loss", "val/acc", "val/balanced_acc", "train/loss", "train/acc")
 CYCLE_SCHEDULES = ("cosine_restarts", "cyclic")  # schedules whose lr runs in cycles: checkpoint.snapshots=cycles
 AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -156,7 +156,7 @@ class TrainerConfig:
 @dataclass
 class EarlyStoppingConfig:
     enabled: bool = True
-    monitor: str = "val/loss"  # val/loss | val/acc | train/loss | train/acc
+    monitor: str = "val/loss"  # val/loss | val/acc | val/balanced_acc | train/loss | train/acc
     mode: str = "auto"  # auto: min for a loss, max for an accuracy | min: lower is better | max: higher is better
     patience: int = 10  # epochs without improvement before stopping
     min_delta: float = 0.0  # smallest change that counts as an improvement

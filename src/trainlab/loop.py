@@ -258,22 +258,29 @@ def _read_interval(step: int, totals: EpochTotals, lrs: list[float], parts: Step
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              autocast: AbstractContextManager,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of `model` in eval mode (running norm statistics, no dropout); under torchrun
-    `reduce` sums the ranks' parts of the split."""
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             num_classes: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and balanced accuracy (the mean of the classes' recalls, over the classes the
+    split holds) of `model` in eval mode (running norm statistics, no dropout); under torchrun `reduce` sums the
+    ranks' parts of the split, and `num_classes` must be given (a rank may hold no example). One read at the end."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    # outcomes[2c + 1]: class c's examples predicted right, outcomes[2c]: wrong (one bincount a batch)
+    outcomes = None if num_classes is None else torch.zeros(2 * num_classes, device=device, dtype=torch.long)
     for images, labels in batches:
         with autocast:
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += labels.shape[0]
-    if reduce is not None:
-        loss_sum, hits, seen = reduce(torch.stack([loss_sum.float(), correct.float(),
-                                                   torch.tensor(float(seen), device=device)])).tolist()
-        return {"loss": loss_sum / seen, "acc": hits / seen}
-    return {"loss": (loss_sum / seen).item(), "acc": (correct.float() / seen).item()}
+        if outcomes is None:
+            outcomes = torch.zeros(2 * logits.shape[1], device=device, dtype=torch.long)
+        right = logits.argmax(dim=1) == labels
+        outcomes += torch.bincount(labels * 2 + right, minlength=len(outcomes))
+    if outcomes is None:
+        raise ValueError("evaluate: no batch to evaluate")
+    values = torch.cat([loss_sum.float().view(1), outcomes.float()])  # counts exact below 2**24 a class
+    values = (reduce(values) if reduce is not None else values).tolist()
+    loss, hits, wrong = values[0], values[2::2], values[1::2]
+    seen = sum(hits) + sum(wrong)
+    recalls = [h / (h + w) for h, w in zip(hits, wrong) if h + w > 0]
+    return {"loss": loss / seen, "acc": sum(hits) / seen, "balanced_acc": sum(recalls) / len(recalls)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import shlex
@@ -24,12 +25,14 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
+from trainlab.files import write_text_atomic
 from trainlab.layer_stats import LayerStats, effective_lrs, global_norm
 from trainlab.loop import Interval
 
 log = logging.getLogger("trainlab")
 
-CSV_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s"]
+CSV_COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_acc", "lr",
+               "epoch_time_s"]
 # One chart for train and validation loss (and accuracy), so over- and under-fitting show at a glance.
 CUSTOM_SCALARS = {
     "train vs val": {
@@ -131,6 +134,7 @@ class RunMonitor:
         self._pending: list[tuple[Any, int]] = []  # (Summary, step) not yet handed to the writer
         self._handed_at = time.perf_counter()
         csv_path = run_dir / "metrics.csv"
+        upgrade_metrics_csv(csv_path)
         self._csv_file = csv_path.open("a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_COLUMNS)
         if csv_path.stat().st_size == 0:
@@ -242,7 +246,7 @@ class RunMonitor:
         self._csv_file.flush()
         self.last_step = row["step"]
         if self.writer is not None:
-            values = {key: row[key] for key in ("train/acc", "val/loss", "val/acc", "epoch")}
+            values = {key: row[key] for key in ("train/acc", "val/loss", "val/acc", "val/balanced_acc", "epoch")}
             values["perf/epoch_time_s"] = row["epoch_time_s"]
             step, norm = self._weight_norm
             if norm is not None and step == row["step"]:
@@ -391,12 +395,22 @@ def confusion_matrix(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     return counts.cpu().reshape(num_classes, num_classes)
 
 
-def balanced_accuracy(counts: torch.Tensor) -> float:
-    """The mean over the classes present of each one's recall (its correct share): accuracy as if every class had
-    as many examples; counts[true, predicted] from confusion_matrix."""
-    totals = counts.sum(dim=1)
-    present = totals > 0
-    return float((counts.diagonal()[present].double() / totals[present]).mean())
+def upgrade_metrics_csv(path: Path) -> None:
+    """A metrics.csv with other columns than CSV_COLUMNS (a resume of a run from before val/balanced_acc) is rewritten
+    whole (atomically) under today's header, a column it lacks left empty in its rows, so that the rows this run
+    appends line up under the header."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        if reader.fieldnames == CSV_COLUMNS:
+            return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue(), newline="")
 
 
 def write_confusion_csv(counts: torch.Tensor, path: Path) -> None:

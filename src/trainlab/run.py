@@ -37,8 +37,8 @@ from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import TorchvisionModel, build_model
 from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
-from trainlab.monitor import (RunMonitor, SilentMonitor, balanced_accuracy, config_tree, confusion_matrix, final_table,
-                              hyperparameters, where_to_look, write_confusion_csv)
+from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
+                              where_to_look, write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
 from trainlab.regularization import ema_model, first_swa_epoch, gradient_clipper, penalty, swa_model
 from trainlab.schedules import build_scheduler, snapshot_epochs
@@ -683,17 +683,18 @@ class Run:
             self.swa.update_parameters(self.model)
         if self.ranks.active:  # the weights every rank evaluates, and rank 0 saves as best.pt, are one model
             distributed.mean_norm_statistics(self.eval_model, self.ranks.world, finetune.frozen_norms(self.eval_model))
-        val = evaluate(self.eval_model, self.val_batches, self.autocast, self.reduce)
+        val = evaluate(self.eval_model, self.val_batches, self.autocast, self.reduce, self.data.num_classes)
         if not math.isfinite(val["loss"]):
             raise faults.DivergedInValidation(f"val/loss {val['loss']} at epoch {epoch} (train/loss "
                                               f"{result.loss:.4g}); try a lower optimizer.lr")
         row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
-               "val/loss": val["loss"], "val/acc": val["acc"], "lr": self.epoch_lr,
+               "val/loss": val["loss"], "val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"],
+               "lr": self.epoch_lr,
                "epoch_time_s": time.perf_counter() - tic}
         self.scheduler.epoch_end(row[self.stopper.monitor])
         row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)  # only a better, finite value
         if row["best"]:
-            self.best_row = {k: row[k] for k in ("val/loss", "val/acc")}
+            self.best_row = {k: row[k] for k in ("val/loss", "val/acc", "val/balanced_acc")}
             self.save_weights("best.pt", self.eval_model, epoch,
                               metric={self.stopper.monitor: row[self.stopper.monitor]})
         if epoch in self.snapshot_epochs:  # before last.pt: a run resumed from it never misses this snapshot
@@ -741,9 +742,9 @@ class Run:
             module.load_state_dict(state)
         if self.ranks.active:  # each rank's pass saw its part of every batch: keep the ranks' mean statistics
             distributed.mean_norm_statistics(self.swa.module, self.ranks.world, finetune.frozen_norms(self.swa))
-        val = evaluate(self.swa.module, self.val_batches, self.autocast, self.reduce)
+        val = evaluate(self.swa.module, self.val_batches, self.autocast, self.reduce, self.data.num_classes)
         self.summary["swa"] = {"epochs_averaged": int(self.swa.n_averaged), "val/loss": val["loss"],
-                               "val/acc": val["acc"]}
+                               "val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"]}
         self.save_weights("swa.pt", self.swa.module, self.summary["epochs_run"])
         log.info(f"SWA over {int(self.swa.n_averaged)} epochs: val/loss {val['loss']:.4f}  val/acc {val['acc']:.4f}")
 
@@ -792,14 +793,14 @@ class Run:
             log.warning("no best.pt (no epoch gave a finite monitored metric): nothing to test")
             return
         self.model.load_state_dict(checkpoint.load(weights)["model"])
-        metrics = evaluate(self.model, self.test_batches, self.autocast, self.reduce)
-        self.summary["test"] = {"test/loss": metrics["loss"], "test/acc": metrics["acc"]}
+        metrics = evaluate(self.model, self.test_batches, self.autocast, self.reduce, self.data.num_classes)
+        self.summary["test"] = {"test/loss": metrics["loss"], "test/acc": metrics["acc"],
+                                "test/balanced_acc": metrics["balanced_acc"]}
         self.summary["tested_weights"] = weights.name
         self.summary["best_epoch"] = self.stopper.best_epoch
         self.summary["best"] = {"epoch": self.stopper.best_epoch, self.stopper.monitor: self.stopper.best,
                                 **self.best_row}
         counts = confusion_matrix(self.model, self.test_batches, self.autocast, self.data.num_classes, self.reduce)
-        self.summary["test"]["test/balanced_acc"] = balanced_accuracy(counts)
         if self.ranks.main:
             write_confusion_csv(counts, self.run_dir / "confusion_matrix.csv")
         if self.monitor is not None:

@@ -57,8 +57,8 @@ def objective_value(summary: dict[str, Any], objective: str) -> float | None:
 
 def objective_names(monitor: str) -> list[str]:
     """The values of sweep.objective a summary.json holds: best/<val metric or the monitor>, test/test/<metric>."""
-    best = dict.fromkeys(("val/loss", "val/acc", monitor))
-    return [*(f"best/{m}" for m in best), "test/test/loss", "test/test/acc"]
+    best = dict.fromkeys(("val/loss", "val/acc", "val/balanced_acc", monitor))
+    return [*(f"best/{m}" for m in best), "test/test/loss", "test/test/acc", "test/test/balanced_acc"]
 
 
 def check_objective(cfg: DictConfig) -> None:
