@@ -42,6 +42,7 @@ def test_each_member_scores_as_its_own_test_and_the_mean_is_never_worse_in_loss(
     for member in result.members:
         tested = json.loads((member.run_dir / "summary.json").read_text())["test"]
         assert member.acc == pytest.approx(tested["test/acc"], abs=1e-7)  # the same weights, images and labels
+        assert member.balanced_acc == pytest.approx(tested["test/balanced_acc"], abs=1e-7)
         assert member.loss == pytest.approx(tested["test/loss"], rel=1e-5)
         assert member.weights.name == "best.pt"
     assert result.examples == 359  # digits' fixed test split
@@ -96,6 +97,8 @@ def test_the_command_prints_the_table_and_writes_the_csv(seeds, tmp_path, capsys
     rows = list(csv.DictReader((tmp_path / "e.csv").open()))
     assert [r["member"] for r in rows] == [str(seeds / "0_seed=0"), str(seeds / "2_seed=2"), "ensemble"]
     assert [r["weights"] for r in rows[:2]] == ["last.pt", "last.pt"]
+    assert set(rows[0]) == {"member", "weights", "test/loss", "test/acc", "test/balanced_acc"}
+    assert "test/balanced_acc" in out
 
 
 def test_runs_tested_on_the_same_images_in_another_order_are_refused(seeds, monkeypatch):

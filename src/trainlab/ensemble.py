@@ -40,6 +40,7 @@ class Member:
     weights: Path
     loss: float
     acc: float
+    balanced_acc: float  # the mean of the classes' recalls
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Ensemble:
     members: list[Member]
     loss: float  # cross-entropy of the averaged probabilities
     acc: float
+    balanced_acc: float
     examples: int
     snapshots: bool = False  # the members are snapshots (--checkpoint snapshots)
 
@@ -300,20 +302,24 @@ def sums(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([-picked.log().sum(), hits, torch.tensor(float(len(labels)), dtype=torch.float64)])
 
 
-def _scores(probabilities: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(cross-entropy, accuracy) of class probabilities."""
+def _scores(probabilities: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """(cross-entropy, accuracy, balanced accuracy) of class probabilities; the balanced accuracy is the mean over
+    the classes the split holds of each one's recall, as a run's test/balanced_acc."""
     loss, hits, n = sums(probabilities, labels).tolist()
-    return loss / n, hits / n
+    right = probabilities.argmax(dim=1) == labels
+    per_class = torch.bincount(labels, minlength=probabilities.shape[1])
+    recalls = torch.bincount(labels[right], minlength=probabilities.shape[1])[per_class > 0] / per_class[per_class > 0]
+    return loss / n, hits / n, float(recalls.double().mean())
 
 
 def write_csv(result: Ensemble, path: Path) -> None:
     """The table as CSV, written whole or not at all (a full disk or a kill mid-write keeps the file that was there)."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["member", "weights", "test/loss", "test/acc"])
+    writer.writerow(["member", "weights", "test/loss", "test/acc", "test/balanced_acc"])
     for m in result.members:
-        writer.writerow([str(m.run_dir), m.weights.name, f"{m.loss:.6f}", f"{m.acc:.6f}"])
-    writer.writerow(["ensemble", "", f"{result.loss:.6f}", f"{result.acc:.6f}"])
+        writer.writerow([str(m.run_dir), m.weights.name, f"{m.loss:.6f}", f"{m.acc:.6f}", f"{m.balanced_acc:.6f}"])
+    writer.writerow(["ensemble", "", f"{result.loss:.6f}", f"{result.acc:.6f}", f"{result.balanced_acc:.6f}"])
     write_text_atomic(path, text.getvalue(), newline="")
 
 
@@ -325,11 +331,12 @@ def table(result: Ensemble):
     what = f"{len(result.members)} snapshots of {runs} run{'s' if runs > 1 else ''}" if result.snapshots else \
         f"{len(result.members)} runs"
     out = Table(title=f"ensemble of {what} on {result.examples} test images (mean of probabilities)")
-    for column in ("member", "weights", "test/loss", "test/acc"):
+    for column in ("member", "weights", "test/loss", "test/acc", "test/balanced_acc"):
         out.add_column(column, justify="left" if column in ("member", "weights") else "right")
     for m in result.members:
-        out.add_row(Text(str(m.run_dir)), m.weights.name, f"{m.loss:.4f}", f"{m.acc:.4f}")
-    out.add_row(Text("ensemble", style="bold"), "", f"{result.loss:.4f}", f"{result.acc:.4f}")
+        out.add_row(Text(str(m.run_dir)), m.weights.name, f"{m.loss:.4f}", f"{m.acc:.4f}", f"{m.balanced_acc:.4f}")
+    out.add_row(Text("ensemble", style="bold"), "", f"{result.loss:.4f}", f"{result.acc:.4f}",
+                f"{result.balanced_acc:.4f}")
     best = max(m.acc for m in result.members)
     out.caption = f"accuracy {result.acc - best:+.4f} against the best member, {result.acc - mean_acc(result):+.4f} " \
                   "against the members' mean"
