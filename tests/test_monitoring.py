@@ -127,11 +127,13 @@ def test_hparams_hold_the_overrides_and_final_metrics(momentum_run):
     assert hparams["optimizer.lr"] == pytest.approx(0.01) and hparams["optimizer.momentum"] == pytest.approx(0.9)
     assert hparams["scheduler.step_epochs"] == 1 and hparams["model.hidden"] == "[256, 256]"
     assert hparams["seed"] == 0 and hparams["status"] == "completed"
-    assert set(metric_tags) == {"hparams/best_val_loss", "hparams/best_val_acc", "hparams/test_loss",
-                                "hparams/test_acc", "hparams/test_balanced_acc", "hparams/epochs_run"}
+    assert set(metric_tags) == {"hparams/best_val_loss", "hparams/best_val_acc", "hparams/best_val_balanced_acc",
+                                "hparams/test_loss", "hparams/test_acc", "hparams/test_balanced_acc",
+                                "hparams/epochs_run"}
     tags = scalars(acc)
     assert tags["hparams/test_acc"][0][1] == pytest.approx(summary["test"]["test/acc"])
     assert tags["hparams/test_balanced_acc"][0][1] == pytest.approx(summary["test"]["test/balanced_acc"])
+    assert tags["hparams/best_val_balanced_acc"][0][1] == pytest.approx(summary["best"]["val/balanced_acc"])
     assert tags["test/balanced_acc"][0][1] == pytest.approx(summary["test"]["test/balanced_acc"])
     assert tags["hparams/best_val_loss"][0][1] == pytest.approx(summary["best"]["val/loss"])
     assert tags["hparams/epochs_run"][0][1] == 4

@@ -48,8 +48,8 @@ FLUSH_SECONDS = 2
 HPARAM_GROUPS = ("model", "optimizer", "scheduler", "normalization", "regularization", "augmentation",
                  "initialization", "data", "trainer", "early_stopping")
 # The final metrics of the HPARAMS tab: scalar tags written once at the end of the run.
-HPARAM_METRICS = ("hparams/best_val_loss", "hparams/best_val_acc", "hparams/test_loss", "hparams/test_acc",
-                  "hparams/test_balanced_acc", "hparams/epochs_run")
+HPARAM_METRICS = ("hparams/best_val_loss", "hparams/best_val_acc", "hparams/best_val_balanced_acc", "hparams/test_loss",
+                  "hparams/test_acc", "hparams/test_balanced_acc", "hparams/epochs_run")
 
 
 def fast_event_checksums() -> bool:
@@ -316,6 +316,7 @@ class RunMonitor:
 
         best, test = summary.get("best") or {}, summary.get("test") or {}  # best: the epoch early_stopping chose
         metrics = {"hparams/best_val_loss": best.get("val/loss"), "hparams/best_val_acc": best.get("val/acc"),
+                   "hparams/best_val_balanced_acc": best.get("val/balanced_acc"),
                    "hparams/test_loss": test.get("test/loss"), "hparams/test_acc": test.get("test/acc"),
                    "hparams/test_balanced_acc": test.get("test/balanced_acc"), "hparams/epochs_run": summary.get("epochs_run")}
         self._scalars({tag: value for tag, value in metrics.items() if value is not None}, self.last_step)
