@@ -318,7 +318,8 @@ class RunMonitor:
         metrics = {"hparams/best_val_loss": best.get("val/loss"), "hparams/best_val_acc": best.get("val/acc"),
                    "hparams/best_val_balanced_acc": best.get("val/balanced_acc"),
                    "hparams/test_loss": test.get("test/loss"), "hparams/test_acc": test.get("test/acc"),
-                   "hparams/test_balanced_acc": test.get("test/balanced_acc"), "hparams/epochs_run": summary.get("epochs_run")}
+                   "hparams/test_balanced_acc": test.get("test/balanced_acc"),
+                   "hparams/epochs_run": summary.get("epochs_run")}
         self._scalars({tag: value for tag, value in metrics.items() if value is not None}, self.last_step)
         self._hand_over()
         status = {"status": summary.get("status"), "stop_reason": summary.get("stop_reason") or ""}

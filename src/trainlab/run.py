@@ -689,8 +689,7 @@ class Run:
                                               f"{result.loss:.4g}); try a lower optimizer.lr")
         row = {"epoch": epoch, "step": self.step, "train/loss": result.loss, "train/acc": result.acc,
                "val/loss": val["loss"], "val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"],
-               "lr": self.epoch_lr,
-               "epoch_time_s": time.perf_counter() - tic}
+               "lr": self.epoch_lr, "epoch_time_s": time.perf_counter() - tic}
         self.scheduler.epoch_end(row[self.stopper.monitor])
         row["best"] = self.stopper.update(row[self.stopper.monitor], epoch)  # only a better, finite value
         if row["best"]:
@@ -807,7 +806,7 @@ class Run:
             self.monitor.test_metrics(self.summary["test"], self.step)
             self.monitor.confusion(counts, self.step)
         log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
-                 f"acc {metrics['acc']:.4f}  balanced acc {self.summary['test']['test/balanced_acc']:.4f}")
+                 f"acc {metrics['acc']:.4f}  balanced acc {metrics['balanced_acc']:.4f}")
 
 
 def batch_norm_values_per_example(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[int]:
