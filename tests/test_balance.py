@@ -191,6 +191,11 @@ def test_reweight_trains_on_the_class_weighted_cross_entropy(train_inprocess):
     logits, targets = torch.randn(32, 10), torch.randint(0, 10, (32,))
     assert torch.allclose(run.loss_fn(logits, targets), F.cross_entropy(logits, targets, weight=weight))
     assert not torch.allclose(run.loss_fn(logits, targets), F.cross_entropy(logits, targets))
+    # mixup's and cutmix's soft targets: the same weighted mean (torch would divide by the batch size)
+    assert torch.allclose(run.loss_fn(logits, F.one_hot(targets, 10).float()), run.loss_fn(logits, targets))
+    mixed = 0.7 * F.one_hot(targets, 10).float() + 0.3 * F.one_hot(targets.roll(1), 10).float()
+    by_hand = -(mixed * weight * F.log_softmax(logits, dim=1)).sum() / (mixed @ weight).sum()
+    assert torch.allclose(run.loss_fn(logits, mixed), by_hand)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -288,3 +293,26 @@ def test_a_resume_with_another_balance_is_refused(train_inprocess, tmp_path):
                                          f"checkpoint.resume={last}"], name="again")
     assert code == 2 and "data.balance=none (here: oversample)" in run.summary["error"]
 
+
+def test_a_checkpoint_from_before_the_keys_trained_at_their_defaults(train_inprocess, tmp_path):
+    """Its config lacks data.imbalance and data.balance: it trained on the data as it came, so a resume that would
+    thin or rebalance it is refused, and one that leaves them at their defaults continues."""
+    from omegaconf import OmegaConf
+
+    from trainlab import checkpoint
+
+    assert train_inprocess(["trainer.max_epochs=1", "logger.tensorboard=false"])[1] == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    old = OmegaConf.create(state["config"])
+    for key in ("imbalance", "balance"):
+        del old.data[key]
+    state["config"] = OmegaConf.to_yaml(old)
+    checkpoint.save_atomic(state, last)
+    for change, message in (("data.imbalance=10", "data.imbalance=1.0 (here: 10.0)"),
+                            ("data.balance=reweight", "data.balance=none (here: reweight)")):
+        status, code, run = train_inprocess(["trainer.max_epochs=2", "logger.tensorboard=false", change,
+                                             f"checkpoint.resume={last}"], name=change)
+        assert code == 2 and message in run.summary["error"]
+    status, code, _ = train_inprocess(["trainer.max_epochs=2", "logger.tensorboard=false", "checkpoint.resume=auto"])
+    assert (status, code) == ("completed", 0)

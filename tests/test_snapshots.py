@@ -119,7 +119,7 @@ def test_the_ensemble_is_the_mean_of_the_snapshots_softmax_outputs(whole, capsys
     assert (f"snapshot ensemble (2) test/loss {summary['snapshot_ensemble']['test/loss']:.4f} "
             f"test/acc {summary['snapshot_ensemble']['test/acc']:.4f}") in shown
     report.main(["ensemble", str(run.run_dir), "--checkpoint", "snapshots"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the title and caption wrap at the table's width
     assert "ensemble of 2 snapshots of 1 run on 359 test images" in out and "against the last snapshot" in out
 
 

@@ -241,14 +241,17 @@ def saved_options(config_yaml: str | None, group: str) -> str:
 
 
 def changed_options(config_yaml: str | None, cfg: DictConfig, group: str, keys: tuple[str, ...] | None = None,
-                    ignore: tuple[str, ...] = ()) -> list[str]:
+                    ignore: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> list[str]:
     """`group.key=saved (here: value)` for each key of a group (or only `keys`, less `ignore`) whose value in a
-    checkpoint's embedded config differs from `cfg`'s. A key the saved config lacks is left out: it came after the
-    checkpoint, whose run had its default. None when the saved config cannot be read."""
+    checkpoint's embedded config differs from `cfg`'s. A key the saved config lacks came after the checkpoint, whose
+    run had its default: compared with `defaults` (the group's schema defaults) where given, else left out. None
+    when the saved config cannot be read."""
     saved = _saved_group(config_yaml, group)
     if saved is None:
         return []
     here = OmegaConf.to_container(cfg[group], resolve=True)
+    if defaults is not None:
+        saved = {**{key: value for key, value in defaults.items() if key in here}, **saved}
     names = [key for key in (keys if keys is not None else sorted(saved)) if key in saved and key not in ignore]
     return [f"{override(f'{group}.{key}', saved[key])} (here: {shown(here[key]) if key in here else 'unset'})"
             for key in names if saved[key] != here.get(key, ...)]

@@ -61,6 +61,19 @@ def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = F
 BALANCES = ("none", "oversample", "reweight")
 
 
+def schema_defaults(schema: type) -> dict[str, Any]:
+    """The plain default of each key of a schema dataclass: what a run had where its recorded config (a checkpoint's,
+    from before the key existed) lacks the key. Required keys ('???') and interpolations ('${seed}') are left out."""
+    defaults = {}
+    for item in dataclasses.fields(schema):
+        if item.default_factory is not dataclasses.MISSING:
+            defaults[item.name] = item.default_factory()
+        elif item.default is not dataclasses.MISSING and not (isinstance(item.default, str) and
+                                                                (item.default == "???" or "${" in item.default)):
+            defaults[item.name] = item.default
+    return defaults
+
+
 def monitor_mode(monitor: str, mode: str) -> str:
     """min or max: the direction in which `monitor` improves (early_stopping.mode=auto: max for an accuracy)."""
     if mode != "auto":

@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("report", help="rank the jobs of a sweep directory (finished, partial or failed)")
     report.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/multirun/<time>")
     report.add_argument("--metric", default=None,
-                        help="rank by this metric: val/loss, val/acc (at the best epoch), test/loss, test/acc, "
-                             "test/balanced_acc; "
+                        help="rank by this metric: val/loss, val/acc, val/balanced_acc (at the best epoch), test/loss, "
+                             "test/acc, test/balanced_acc; "
                              "default: the sweep's early_stopping.monitor")
     report.add_argument("--mode", choices=("min", "max"), default=None,
                         help="min: lower is better; default: early_stopping.mode for its monitor, else max for "

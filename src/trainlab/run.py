@@ -15,6 +15,7 @@ import shutil
 import time
 import traceback
 import types
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from rich.console import Console
 from torch import nn
 
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
-from trainlab.config import ConfigError, fresh_directory_problem, monitor_mode, shell_override, validate
+from trainlab.config import (ConfigError, DataConfig, fresh_directory_problem, monitor_mode, schema_defaults,
+                             shell_override, validate)
 from trainlab.data import build_data, class_weights, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
@@ -215,10 +217,10 @@ class Run:
         """Loss, penalties, clipping and weight averages of cfg.regularization, as parts of every step."""
         reg, model = self.cfg.regularization, self.model
         # the function, not nn.CrossEntropyLoss: a module call's hook handling cost a small MLP 1 % of its step
-        # data.balance=reweight: torch's weighted cross-entropy (a batch's mean divides by its targets' weights)
-        weight = (class_weights(self.data.train.labels, self.data.num_classes).to(self.device)
-                  if self.cfg.data.balance == "reweight" else None)
-        self.loss_fn = functools.partial(F.cross_entropy, weight=weight, label_smoothing=float(reg.label_smoothing))
+        self.loss_fn = functools.partial(F.cross_entropy, label_smoothing=float(reg.label_smoothing))
+        if self.cfg.data.balance == "reweight":
+            weight = class_weights(self.data.train.labels, self.data.num_classes).to(self.device)
+            self.loss_fn = weighted_cross_entropy(weight, float(reg.label_smoothing))
         decayed = decayed_parameters(self.optimizer)  # l1/l2 skip biases and norm parameters, like decay
         closure_step = needs_closure(self.optimizer)
         if closure_step and self.precision == "fp16":
@@ -514,7 +516,9 @@ class Run:
         would change what an epoch is (its steps, which the schedule and snapshots count) and the normalization.
         Where the data lives and how it is loaded may change. With snapshots, the schedule's cycles may not."""
         where = ("loader", "num_workers", "device_max_gb", "eval_batch_size", "root", "path", "cache_dir", "download")
-        changed = checkpoint.changed_options(state.get("config"), self.cfg, "data", ignore=where)
+        # a key the checkpoint's config lacks (data.imbalance, data.balance) trained at its schema default
+        changed = checkpoint.changed_options(state.get("config"), self.cfg, "data", ignore=where,
+                                             defaults=schema_defaults(DataConfig))
         if self.snapshot_epochs:  # its snapshots were taken at the ends of the cycles it trained with
             changed += checkpoint.changed_options(state.get("config"), self.cfg, "scheduler")
         if changed:
@@ -807,6 +811,19 @@ class Run:
             self.monitor.confusion(counts, self.step)
         log.info(f"test ({weights.name}, best epoch {self.stopper.best_epoch}): loss {metrics['loss']:.4f}  "
                  f"acc {metrics['acc']:.4f}  balanced acc {metrics['balanced_acc']:.4f}")
+
+
+def weighted_cross_entropy(weight: torch.Tensor, label_smoothing: float) -> Callable[..., torch.Tensor]:
+    """data.balance=reweight: the cross-entropy with class c's examples weighted weight[c], a batch's weighted mean
+    (divided by the sum of its targets' weights). torch divides so for class labels, but by the batch size for
+    soft targets (mixup, cutmix): those are divided by the sum over the batch of each target's mean class weight."""
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.ndim == 1:
+            return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+        total = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return total / (targets.float() @ weight).sum()
+
+    return loss
 
 
 def batch_norm_values_per_example(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[int]:
