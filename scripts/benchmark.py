@@ -114,11 +114,11 @@ def minimal_loop(model, optimizer, batches, autocast) -> None:
         optimizer.step()
 
 
-def hand_written_block(run, epochs: int) -> float:
-    """Seconds for `epochs` epochs of the minimal loop (forward, cross-entropy, zero_grad, backward, step) on the
-    run's model architecture and optimizer settings, fed the same batches: the run's own loader, epoch by epoch.
-    Its SGD uses the kernels trainlab picks (fused where the device has them), so the ratio is the loop's cost alone;
-    `kernels` measures what the pick itself gains."""
+def hand_written(run) -> Callable[[int], float]:
+    """The minimal loop (forward, cross-entropy, zero_grad, backward, step) on the run's model architecture and
+    optimizer settings, fed the same batches (the run's own loader): returns `epoch(e)`, which trains epoch e and
+    returns its seconds. Its SGD uses the kernels trainlab picks (fused where the device has them), so the ratio
+    is the loop's cost alone; `kernels` measures what the pick itself gains."""
     from trainlab.initialization import initialize
     from trainlab.models import build_model
     from trainlab.optim import fast_kernels
@@ -130,47 +130,59 @@ def hand_written_block(run, epochs: int) -> float:
     model.to(device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
     kernels = fast_kernels(torch.optim.SGD, {}, list(model.parameters()))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum, **kernels)
-    batches = run.train_batches
-    autocast = autocast_for(device, run.precision)
-    model.train()
-    sync(device)
-    tic = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        batches.set_epoch(epoch)
+    batches, autocast = run.train_batches, autocast_for(device, run.precision)
+
+    def epoch(e: int) -> float:
+        batches.set_epoch(e)  # trainlab's next epoch sets its own epoch and batch size again
+        batches.set_batch_size(run.batch_sizes[e - 1])
+        model.train()
+        sync(device)
+        tic = time.perf_counter()
         minimal_loop(model, optimizer, batches, autocast)
-    sync(device)
-    return time.perf_counter() - tic
+        sync(device)
+        return time.perf_counter() - tic
+
+    return epoch
 
 
-def trainlab_block(overrides: list[str]) -> tuple[float, object]:
-    """Seconds spent in Run.fit's epochs (training steps with logging, scheduler and the non-finite check, then
-    per epoch validation, early stopping, metrics.csv/TensorBoard rows and checkpoints) for a freshly built run.
-    Building the run and the once-per-run work after the last epoch (test, confusion matrix) are not timed."""
+def paired_block(overrides: list[str], hand_first: bool) -> tuple[float, float, object]:
+    """One block: a freshly built trainlab run of `overrides` (Run.fit: training steps with logging, scheduler and
+    the non-finite check, then per epoch validation, early stopping, metrics.csv/TensorBoard rows and checkpoints),
+    and after (or before: `hand_first`, alternating epoch by epoch) each of its epochs the same epoch of the
+    hand-written loop on the same batches. Pairing epoch by epoch keeps each pair within seconds of each other,
+    where the machine's speed drifts over minutes. Returns (trainlab's seconds, the hand-written loop's, the run).
+    Building the run and the once-per-run work after its last epoch (test, confusion matrix) are not timed."""
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(overrides, Path(tmp))
-        epoch_body, spent = run.train_epoch, []
+        epoch_body, spent, baseline = run.train_epoch, [], []
+        hand_epoch = hand_written(run)
 
         def timed_epoch(epoch: int) -> bool:
+            first = hand_first == (epoch % 2 == 1)  # ABBA, epoch by epoch
+            if first:
+                baseline.append(hand_epoch(epoch))
             sync(run.device)
             tic = time.perf_counter()
             stop = epoch_body(epoch)
             sync(run.device)
             spent.append(time.perf_counter() - tic)
+            if not first:
+                baseline.append(hand_epoch(epoch))
             return stop
 
         run.train_epoch = timed_epoch
         run.fit()
         run.monitor.close()
-    return sum(spent), run
+    return sum(spent), sum(baseline), run
 
 
 def bench_loop(args: argparse.Namespace) -> None:
     device = str(select_device(args.device))
-    # workload: (steps per epoch, epochs per block, blocks of each loop)
-    plan = {"mlp": (600, 2, 3), "cnn": (12, 2, 3)} if args.quick else {"mlp": (2000, 3, 7), "cnn": (40, 3, 7)}
+    # workload: (steps per epoch, epochs per block, blocks)
+    plan = {"mlp": (600, 2, 3), "cnn": (12, 2, 3)} if args.quick else {"mlp": (2000, 4, 7), "cnn": (40, 4, 7)}
     if device.startswith("cuda"):
         # a GPU VM's speed swings by 20 % within seconds: many short blocks, each pair close in time
-        plan = {"mlp": (2000, 1, 5 if args.quick else 15), "cnn": (200, 1, 5 if args.quick else 15)}
+        plan = {"mlp": (2000, 2, 5 if args.quick else 15), "cnn": (200, 2, 5 if args.quick else 15)}
     if args.smoke:
         plan = {"mlp": (4, 1, 1), "cnn": (2, 1, 1)}
     ratios = {}
@@ -178,23 +190,18 @@ def bench_loop(args: argparse.Namespace) -> None:
         if args.workload not in (None, name):
             continue
         overrides = loop_overrides(name, steps_per_epoch, epochs, device)
-        _, run = trainlab_block(overrides)  # warm-up of both (allocator, kernels, caches)
-        hand_written_block(run, 1)
+        paired_block(overrides, hand_first=False)  # warm-up of both (allocator, kernels, caches)
         pairs = []
-        for r in range(repeats):  # ABBA order cancels slow drift of the machine's speed
-            if r % 2 == 0:
-                a, run = trainlab_block(overrides)
-                b = hand_written_block(run, epochs)
-            else:
-                b = hand_written_block(run, epochs)
-                a, run = trainlab_block(overrides)
+        for r in range(repeats):
+            a, b, run = paired_block(overrides, hand_first=r % 2 == 1)
             pairs.append(b / a)  # steps/s of trainlab over steps/s of the hand-written loop (same steps)
             steps = steps_per_epoch * epochs
             print(f"loop {name} block {r + 1}/{repeats}: trainlab {steps / a:8.1f} steps/s  "
                   f"hand-written {steps / b:8.1f} steps/s  ratio {b / a:.3f}", flush=True)
         ratios[name] = statistics.median(pairs)
         print(f"loop {name}: median ratio {ratios[name]:.3f}  spread {min(pairs):.3f}-{max(pairs):.3f}  "
-              f"({repeats} blocks of {steps_per_epoch * epochs} steps, device {device}, precision {run.precision})")
+              f"({repeats} blocks of {steps_per_epoch * epochs} steps, interleaved epoch by epoch, device {device}, "
+              f"precision {run.precision})")
     print("loop_overhead_ratio " + " ".join(f"{name}={ratio:.3f}" for name, ratio in ratios.items()))
 
 

@@ -67,6 +67,44 @@ def test_digits_imbalance_thins_the_training_split_only():
     assert torch.allclose(tail.mean, tail.train.images.double().mean(dim=(0, 2, 3)).float(), rtol=1e-5)
 
 
+@pytest.mark.parametrize(("ratio", "fraction", "expected"), [
+    (10.0, 0.5, [100, 100, 10, 10, 10]),  # 0.5 of 5 classes rounds half up: the last 3 are rare
+    (10.0, 0.2, [100, 100, 100, 100, 10]),
+    (10.0, 0.8, [100, 10, 10, 10, 10]),
+    (1000.0, 0.5, [100, 100, 1, 1, 1]),  # a class never vanishes
+    (1.0, 0.5, [100, 100, 100, 100, 100]),
+])
+def test_the_step_profile_makes_the_last_classes_rare(ratio, fraction, expected):
+    train = balanced_split(100, 5)
+    assert counts(data.long_tail(train, ratio, 5, 0, "step", fraction).labels, 5) == expected
+
+
+@pytest.mark.parametrize(("classes", "fraction", "rare"), [
+    (10, 0.5, 5), (3, 0.5, 2), (2, 0.5, 1), (10, 0.01, 1), (10, 0.99, 9), (100, 0.1, 10), (10, 0.25, 3),
+])
+def test_the_step_profile_keeps_at_least_one_class_of_each_kind(classes, fraction, rare):
+    assert data.minority_classes(classes, fraction) == rare
+
+
+def test_both_profiles_draw_a_class_from_the_same_seeded_order():
+    """A rare class keeps the same examples under either profile where its share is the same (the last class:
+    1 / ratio), so a step and a long tail of one ratio and seed differ only in how many examples a class keeps."""
+    labels = balanced_split(100, 5).labels
+    indexed = data.Split(torch.arange(500).view(500, 1, 1, 1), labels)
+    last = [set(split.images[split.labels == 4].flatten().tolist())
+            for split in (data.long_tail(indexed, 10.0, 5, 3), data.long_tail(indexed, 10.0, 5, 3, "step", 0.5))]
+    assert last[0] == last[1] and len(last[0]) == 10
+
+
+def test_digits_step_imbalance():
+    plain = data.build_data(compose_cfg([]).data).train_per_class
+    step = data.build_data(compose_cfg(["data.imbalance=10", "data.imbalance_profile=step"]).data).train_per_class
+    assert step[:5] == plain[:5] and step[5:] == [round(n / 10) for n in plain[5:]]
+    fifth = data.build_data(compose_cfg(["data.imbalance=10", "data.imbalance_profile=step",
+                                         "data.minority_fraction=0.2"]).data).train_per_class
+    assert fifth[:8] == plain[:8] and fifth[8:] == [round(n / 10) for n in plain[8:]]
+
+
 def test_imbalance_applies_to_the_train_size_subset():
     d = data.build_data(compose_cfg(["data.train_size=200", "data.imbalance=10"]).data)
     assert d.train_per_class[0] == 20 and d.train_per_class[9] == 2
@@ -278,6 +316,12 @@ def test_a_resumed_run_from_before_the_balanced_accuracy_column_keeps_one_header
                              "at least 1"),
     (["data.imbalance=inf"], "data.imbalance=inf"),
     (["data.balance=undersample"], "data.balance='undersample': choose one of none, oversample, reweight"),
+    (["data.imbalance_profile=linear"], "data.imbalance_profile='linear': choose one of exponential, step"),
+    (["data.imbalance_profile=step", "data.minority_fraction=0"], "data.minority_fraction=0.0: the share of the "
+                                                                  "classes that are rare, between 0 and 1"),
+    (["data.imbalance_profile=step", "data.minority_fraction=1"], "data.minority_fraction=1.0"),
+    (["data.imbalance=10", "data.minority_fraction=0.2"], "data.minority_fraction=0.2: only "
+                                                          "data.imbalance_profile=step reads it (here: exponential)"),
 ])
 def test_bad_imbalance_and_balance_values_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -305,14 +349,26 @@ def test_a_checkpoint_from_before_the_keys_trained_at_their_defaults(train_inpro
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     state = checkpoint.load(last)
     old = OmegaConf.create(state["config"])
-    for key in ("imbalance", "balance"):
+    for key in ("imbalance", "imbalance_profile", "minority_fraction", "balance"):
         del old.data[key]
     state["config"] = OmegaConf.to_yaml(old)
     checkpoint.save_atomic(state, last)
     for change, message in (("data.imbalance=10", "data.imbalance=1.0 (here: 10.0)"),
+                            ("data.imbalance_profile=step", "data.imbalance_profile=exponential (here: step)"),
                             ("data.balance=reweight", "data.balance=none (here: reweight)")):
         status, code, run = train_inprocess(["trainer.max_epochs=2", "logger.tensorboard=false", change,
                                              f"checkpoint.resume={last}"], name=change)
         assert code == 2 and message in run.summary["error"]
     status, code, _ = train_inprocess(["trainer.max_epochs=2", "logger.tensorboard=false", "checkpoint.resume=auto"])
     assert (status, code) == ("completed", 0)
+
+
+def test_the_run_names_the_step_profiles_rare_classes(train_inprocess, caplog):
+    caplog.set_level("INFO", logger="trainlab")
+    status, code, run = train_inprocess(["data.imbalance=10", "data.imbalance_profile=step", "trainer.max_epochs=1",
+                                         "logger.tensorboard=false"])
+    assert code == 0
+    per_class = run.summary["examples"]["train_per_class"]
+    assert per_class[4] / per_class[5] == pytest.approx(10, rel=0.1)
+    assert ("imbalance 10 (step: the last 5 of 10 classes rare)  (train per class "
+            + ", ".join(map(str, per_class))) in caplog.text

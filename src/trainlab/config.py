@@ -59,6 +59,7 @@ def fresh_directory_problem(run_dir: Path, resume: str | None, dry_run: bool = F
 
 
 BALANCES = ("none", "oversample", "reweight")
+IMBALANCE_PROFILES = ("exponential", "step")
 
 
 def schema_defaults(schema: type) -> dict[str, Any]:
@@ -96,9 +97,13 @@ class DataConfig:
     # null: the whole training split; N: train on N of its examples, stratified by class, drawn by split_seed,
     # nested (N's examples lie inside a larger N's); validation and test unchanged. A count, never a share.
     train_size: Any = None
-    # a long-tailed training split: class c of C keeps ratio ** (-c / (C - 1)) of its examples (class 0 all, the
-    # last 1 / ratio), drawn by split_seed; 1 = as the data comes; validation and test unchanged
+    # an imbalanced training split: the largest class's size over the smallest's (1 = as the data comes), drawn by
+    # split_seed; validation and test unchanged. Its shape, imbalance_profile: exponential (long-tailed: class c of C
+    # keeps ratio ** (-c / (C - 1)) of its examples, class 0 all, the last 1 / ratio) | step (the last
+    # minority_fraction of the classes keep 1 / ratio of their examples, the others all)
     imbalance: float = 1.0
+    imbalance_profile: str = "exponential"
+    minority_fraction: float = 0.5  # step: the share of the classes that are rare (Buda et al.'s mu)
     # none | oversample: every epoch draws as many examples of each class (small classes repeat, each time with
     # its own augmentation; as many steps as an epoch of none) | reweight: the training loss weighs class c by
     # n / (classes * n_c)
@@ -535,6 +540,15 @@ def _check_values(cfg: DictConfig) -> list[str]:
     check(is_number(imbalance) and math.isfinite(imbalance) and imbalance >= 1, "data.imbalance", imbalance,
           "the largest class's size over the smallest's, a finite number of at least 1 (e.g. 10 or 100; 1 = the data "
           "as it comes)")
+    profile = data.get("imbalance_profile", "exponential")
+    check(profile in IMBALANCE_PROFILES, "data.imbalance_profile", profile,
+          f"choose one of {', '.join(IMBALANCE_PROFILES)}")
+    minority = data.get("minority_fraction", 0.5)
+    check(is_number(minority) and 0 < minority < 1, "data.minority_fraction", minority,
+          "the share of the classes that are rare, between 0 and 1 (e.g. 0.5: half of them)")
+    check(minority == 0.5 or profile == "step", "data.minority_fraction", minority,
+          f"only data.imbalance_profile=step reads it (here: {profile}); add data.imbalance_profile=step, or leave "
+          "it out")
     check(data.get("balance", "none") in BALANCES, "data.balance", data.get("balance"),
           f"choose one of {', '.join(BALANCES)}")
     if "test_fraction" in data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,20 +122,38 @@ def train_subset(train: Split, size: int | None, seed: int, name: str,
     return train.subset(order[:size].sort().values)
 
 
-def long_tail(train: Split, ratio: float, num_classes: int, seed: int) -> Split:
-    """data.imbalance=ratio: a long-tailed training split (Cui et al. 2019, Cao et al. 2019). Class c of C keeps
-    max(1, round(n_c * ratio ** (-c / (C - 1)))) of its n_c examples: class 0 all of them, the last one 1 / ratio,
-    the shares between falling geometrically, so on balanced data the largest class is `ratio` times the smallest.
-    Each class keeps a prefix of its examples in a seeded random order: a larger ratio only takes examples away."""
+def minority_classes(num_classes: int, fraction: float) -> int:
+    """How many classes data.imbalance_profile=step makes rare: fraction * C rounded half up, at least one and at
+    most all but one (0.5 of 10 classes: 5; of 3: 2)."""
+    return min(num_classes - 1, max(1, math.floor(fraction * num_classes + 0.5)))
+
+
+def imbalance_shares(ratio: float, num_classes: int, profile: str = "exponential",
+                     minority_fraction: float = 0.5) -> list[float]:
+    """The share of its examples each class keeps under data.imbalance=ratio: `exponential` (the long tail of
+    CIFAR-10-LT, Cui et al. 2019, Cao et al. 2019) ratio ** (-c / (C - 1)), falling geometrically from class 0 (1)
+    to the last (1 / ratio); `step` (Buda et al. 2018) 1 / ratio for the last minority_classes(C, fraction) classes,
+    1 for the others."""
+    if profile == "step":
+        rare = minority_classes(num_classes, minority_fraction)
+        return [1.0 if c < num_classes - rare else 1.0 / ratio for c in range(num_classes)]
+    return [ratio ** (-c / (num_classes - 1)) for c in range(num_classes)]
+
+
+def long_tail(train: Split, ratio: float, num_classes: int, seed: int, profile: str = "exponential",
+              minority_fraction: float = 0.5) -> Split:
+    """data.imbalance=ratio: an imbalanced training split. Class c keeps max(1, round(n_c * share_c)) of its n_c
+    examples, share_c from imbalance_shares (profile exponential: a long tail; step: a rare minority), so on
+    balanced data the largest class is `ratio` times the smallest. Each class keeps a prefix of its examples in a
+    seeded random order (the same order for either profile): a larger ratio only takes examples away."""
     if ratio == 1 or num_classes < 2:
         return train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed((seed * 2 + 2) % 2**64))
     labels = train.labels[order]
     kept = []
-    for c in range(num_classes):
+    for c, share in enumerate(imbalance_shares(ratio, num_classes, profile, minority_fraction)):
         members = order[labels == c]  # the class's examples, in the seeded order
-        keep = max(1, round(len(members) * ratio ** (-c / (num_classes - 1))))
-        kept.append(members[:keep])
+        kept.append(members[:max(1, round(len(members) * share))])
     return train.subset(torch.cat(kept).sort().values)
 
 
@@ -273,7 +292,8 @@ def build_data(cfg: DictConfig) -> Dataset:
     # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
     train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name, what)
-    train = long_tail(train, float(cfg.get("imbalance", 1.0)), num_classes, cfg.split_seed)
+    train = long_tail(train, float(cfg.get("imbalance", 1.0)), num_classes, cfg.split_seed,
+                      cfg.get("imbalance_profile", "exponential"), float(cfg.get("minority_fraction", 0.5)))
     mean, std = channel_stats(train.images)
     white = DIGITS_WHITE if cfg.name == "digits" else PIXEL_MAX
     return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)

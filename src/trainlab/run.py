@@ -30,7 +30,8 @@ from torch import nn
 from trainlab import __version__, checkpoint, distributed, ensemble, faults, finetune
 from trainlab.config import (ConfigError, DataConfig, fresh_directory_problem, monitor_mode, schema_defaults,
                              shell_override, validate)
-from trainlab.data import build_data, class_weights, epoch_batch_sizes, epoch_steps, eval_loader, train_loader
+from trainlab.data import (build_data, class_weights, epoch_batch_sizes, epoch_steps, eval_loader, minority_classes,
+                           train_loader)
 from trainlab.device import (autocast_for, compiled, configure_backends, select_device, select_precision,
                              uses_channels_last)
 from trainlab.early_stopping import EarlyStopping
@@ -75,6 +76,9 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig
     normalized = any(isinstance(m, norms) for m in model.modules())
     absent = "" if normalized or cfg.normalization.name == "none" else " (no layer to normalize)"  # model.hidden=[]
     balance = f"  imbalance {cfg.data.imbalance:g}" if cfg.data.imbalance != 1 else ""
+    if balance and cfg.data.imbalance_profile == "step":
+        rare = minority_classes(data.num_classes, cfg.data.minority_fraction)
+        balance += f" (step: the last {rare} of {data.num_classes} classes rare)"
     balance += f"  balance={cfg.data.balance}" if cfg.data.balance != "none" else ""
     log.info(f"data: {data.name}  {data.sizes}  input {list(data.input_shape)}  classes {data.num_classes}"
              + (f"{balance}  ({data.class_counts()})" if balance else ""))
