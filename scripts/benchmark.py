@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """trainlab's performance benchmarks. Each prints ratios against a baseline run in the same process.
 
-    python scripts/benchmark.py loop [--quick]   trainlab's loop vs a hand-written loop (steps/s ratio)
+    python scripts/benchmark.py loop [--quick] [--blocks N]   trainlab's loop vs a hand-written loop (steps/s ratio)
     python scripts/benchmark.py kernels [--quick]  the optimizer kernels trainlab picks vs torch's default (steps/s)
     python scripts/benchmark.py syncs            host syncs on ordinary training steps (CUDA only)
     python scripts/benchmark.py data [--quick]   device-resident batches + flip_crop vs DataLoader + v2 transforms
@@ -185,6 +185,10 @@ def bench_loop(args: argparse.Namespace) -> None:
         plan = {"mlp": (2000, 2, 5 if args.quick else 15), "cnn": (200, 2, 5 if args.quick else 15)}
     if args.smoke:
         plan = {"mlp": (4, 1, 1), "cnn": (2, 1, 1)}
+    if args.blocks is not None:  # more blocks narrow the median where the machine's speed is noisy
+        if args.blocks < 1:
+            raise SystemExit(f"--blocks={args.blocks}: give at least 1")
+        plan = {name: (steps, epochs, args.blocks) for name, (steps, epochs, _) in plan.items()}
     ratios = {}
     for name, (steps_per_epoch, epochs, repeats) in plan.items():
         if args.workload not in (None, name):
@@ -498,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a handful of steps of each part (the tests use it)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), help="loop, kernels: only this workload")
+    parser.add_argument("--blocks", type=int, help="loop: blocks of each workload (default 7; --quick 3; a GPU 15)")
     parser.add_argument("--seeds", type=int, default=3, help="tta: seeds to run")
     parser.add_argument("--override", nargs="*", default=[], help="tta: extra train overrides (e.g. data.root=...)")
     parser.add_argument("--processes", type=int, help="scaling: processes of the torchrun run (default: GPUs, or 2)")

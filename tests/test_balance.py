@@ -40,7 +40,7 @@ def balanced_split(per_class: int, num_classes: int) -> data.Split:
 ])
 def test_each_class_keeps_its_geometric_share(ratio, expected):
     train = balanced_split(100, 5)
-    assert counts(data.long_tail(train, ratio, 5, seed=0).labels, 5) == expected
+    assert counts(data.imbalanced_subset(train, ratio, 5, seed=0).labels, 5) == expected
 
 
 def test_a_larger_ratio_only_takes_examples_away_and_each_seed_draws_its_own():
@@ -48,7 +48,7 @@ def test_a_larger_ratio_only_takes_examples_away_and_each_seed_draws_its_own():
 
     def kept(ratio: float, seed: int) -> set[int]:
         """The indices of the examples kept (each example's image holds its index)."""
-        subset = data.long_tail(data.Split(torch.arange(500).view(500, 1, 1, 1), train.labels), ratio, 5, seed)
+        subset = data.imbalanced_subset(data.Split(torch.arange(500).view(500, 1, 1, 1), train.labels), ratio, 5, seed)
         return set(subset.images.flatten().tolist())
 
     assert kept(100.0, 0) < kept(10.0, 0) < kept(2.0, 0)
@@ -76,7 +76,7 @@ def test_digits_imbalance_thins_the_training_split_only():
 ])
 def test_the_step_profile_makes_the_last_classes_rare(ratio, fraction, expected):
     train = balanced_split(100, 5)
-    assert counts(data.long_tail(train, ratio, 5, 0, "step", fraction).labels, 5) == expected
+    assert counts(data.imbalanced_subset(train, ratio, 5, 0, "step", fraction).labels, 5) == expected
 
 
 @pytest.mark.parametrize(("classes", "fraction", "rare"), [
@@ -91,8 +91,8 @@ def test_both_profiles_draw_a_class_from_the_same_seeded_order():
     1 / ratio), so a step and a long tail of one ratio and seed differ only in how many examples a class keeps."""
     labels = balanced_split(100, 5).labels
     indexed = data.Split(torch.arange(500).view(500, 1, 1, 1), labels)
-    last = [set(split.images[split.labels == 4].flatten().tolist())
-            for split in (data.long_tail(indexed, 10.0, 5, 3), data.long_tail(indexed, 10.0, 5, 3, "step", 0.5))]
+    splits = (data.imbalanced_subset(indexed, 10.0, 5, 3), data.imbalanced_subset(indexed, 10.0, 5, 3, "step", 0.5))
+    last = [set(split.images[split.labels == 4].flatten().tolist()) for split in splits]
     assert last[0] == last[1] and len(last[0]) == 10
 
 

@@ -33,6 +33,14 @@ def test_loop_benchmark_prints_both_ratios(benchmark, capsys):
     assert len(re.findall(r"^loop (mlp|cnn) block 1/1: trainlab", out, re.M)) == 2
 
 
+def test_loop_benchmark_runs_the_blocks_asked_for_of_one_workload(benchmark, capsys):
+    out = run(benchmark, capsys, "loop", "--workload", "mlp", "--blocks", "2")
+    assert re.findall(r"^loop (\w+) block (\d)/2: trainlab", out, re.M) == [("mlp", "1"), ("mlp", "2")]
+    assert re.search(rf"^loop_overhead_ratio mlp=({NUMBER})$", out, re.M), out
+    with pytest.raises(SystemExit, match="--blocks=0: give at least 1"):
+        benchmark.main(["loop", "--smoke", "--device", "cpu", "--blocks", "0"])
+
+
 def test_kernels_benchmark_compares_the_picked_kernels_with_the_defaults(benchmark, capsys):
     out = run(benchmark, capsys, "kernels", "--workload", "mlp")
     picked = r"^kernels mlp optimizer=adam: trainlab's pick \(fused\) / torch's default median "

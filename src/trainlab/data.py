@@ -140,8 +140,8 @@ def imbalance_shares(ratio: float, num_classes: int, profile: str = "exponential
     return [ratio ** (-c / (num_classes - 1)) for c in range(num_classes)]
 
 
-def long_tail(train: Split, ratio: float, num_classes: int, seed: int, profile: str = "exponential",
-              minority_fraction: float = 0.5) -> Split:
+def imbalanced_subset(train: Split, ratio: float, num_classes: int, seed: int, profile: str = "exponential",
+                      minority_fraction: float = 0.5) -> Split:
     """data.imbalance=ratio: an imbalanced training split. Class c keeps max(1, round(n_c * share_c)) of its n_c
     examples, share_c from imbalance_shares (profile exponential: a long tail; step: a rare minority), so on
     balanced data the largest class is `ratio` times the smallest. Each class keeps a prefix of its examples in a
@@ -292,8 +292,8 @@ def build_data(cfg: DictConfig) -> Dataset:
     # data.train_size: fewer training examples; validation and test stay as they are, so runs compare on them.
     # The statistics are the subset's own: a run on N examples knows nothing of the others.
     train = train_subset(available, cfg.get("train_size"), cfg.split_seed, cfg.name, what)
-    train = long_tail(train, float(cfg.get("imbalance", 1.0)), num_classes, cfg.split_seed,
-                      cfg.get("imbalance_profile", "exponential"), float(cfg.get("minority_fraction", 0.5)))
+    train = imbalanced_subset(train, float(cfg.get("imbalance", 1.0)), num_classes, cfg.split_seed,
+                              cfg.get("imbalance_profile", "exponential"), float(cfg.get("minority_fraction", 0.5)))
     mean, std = channel_stats(train.images)
     white = DIGITS_WHITE if cfg.name == "digits" else PIXEL_MAX
     return Dataset(cfg.name, train, val, test, num_classes, mean, std, len(available), white)
