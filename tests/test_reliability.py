@@ -1014,6 +1014,31 @@ def test_a_training_batch_of_one_example_with_batch_norm_is_refused_before_train
     assert (status, code) == ("completed", 0)  # layer norm takes one example
 
 
+@pytest.mark.parametrize(("extra", "warned"), [
+    (["data.batch_size=4"], "batches of 4 give batch norm 4 values per channel (this model's batch norms see 1 per"),
+    (["data.batch_size=15"], "batches of 15 give batch norm 15 values"),
+    (["data.batch_size=16"], None),
+    (["data.batch_size=4", "normalization=layer"], None),  # layer norm does not look across the batch
+    (["data.batch_size=4", "normalization=none"], None),
+    (["data.batch_size=64", "data.batch_size_schedule=[[2,0.125]]", "trainer.max_epochs=2"], "batches of 8 give"),
+    # 3 stages of 8x8 maps: the last normalizes 2x2, 4 values of each example
+    (["model=cnn", "model.depth=8", "data.batch_size=2"], "batches of 2 give batch norm 8 values per channel (this "
+                                                          "model's batch norms see 4 per example)"),
+    (["model=cnn", "model.depth=8", "data.batch_size=4"], None),
+])
+def test_batches_too_small_for_batch_norms_statistics_train_with_a_warning(tmp_path, caplog, extra, warned):
+    """The notes: below 16 values per channel, batch norm's statistics are noisy (README *Normalization, measured*)."""
+    caplog.set_level("WARNING", logger="trainlab")
+    status, code, _ = train(tmp_path, ["trainer.max_epochs=1", "data.train_size=200", *extra])
+    assert (status, code) == ("completed", 0)
+    noisy = [r.getMessage() for r in caplog.records if "its statistics are noisy" in r.getMessage()]
+    if warned is None:
+        assert noisy == []
+    else:
+        assert len(noisy) == 1 and noisy[0].startswith(warned), noisy
+        assert "raise data.batch_size, or use normalization=layer or group" in noisy[0]
+
+
 def test_resume_auto_without_a_last_pt_starts_fresh_in_place_of_the_first_attempts_rows(tmp_path):
     """A first attempt killed before its first last.pt left metrics.csv rows; the fresh start appended to them."""
     overrides = ["trainer.max_epochs=2", "checkpoint.resume=auto"]
