@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import compose_cfg, run_cli
 from trainlab.config import ConfigError, validate
-from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, histogram
+from trainlab.layer_stats import LayerRecorder, dead_layers, first_layer_filters, global_norm, histogram
 
 STEPS_PER_EPOCH = (1797 - 359 - 144) // 64  # digits: 1294 training images, drop_last
 
@@ -159,6 +159,37 @@ def test_logger_switches(train_inprocess, tmp_path):
     acc = events(tmp_path / "b")
     assert not [t for t in acc.Tags()["scalars"] if t.startswith(("act_", "dead_relu", "update_ratio"))]
     assert acc.Tags()["images"] == ["test/confusion_matrix"] and not acc.Tags()["graph"]
+
+
+def test_dead_layers_are_the_relus_dead_for_the_whole_batch():
+    scalars = {"dead_relu/3.relu": 1.0, "dead_relu/6.relu": 0.99, "act_std/3.relu": 1.0, "dead_relu/9.relu": 0.0}
+    assert dead_layers(scalars) == ["3.relu"]
+    assert dead_layers({"act_std/3.relu": 0.0}) == []
+
+
+def test_a_relu_layer_that_dies_is_named_once(train_inprocess, tmp_path, caplog, threads_restored):
+    """Plain SGD at lr 2.0 without normalization: the loss explodes in epoch 1, by epoch 3's first step every unit of
+    the second ReLU layer is dead, by epoch 4's the first's; the run goes on at chance (README *Activations,
+    measured*)."""
+    caplog.set_level("WARNING", logger="trainlab")
+    dying = ["normalization=none", "initialization=kaiming_normal", "optimizer.lr=2.0", "seed=1",
+             "logger.layer_stats_every_n_epochs=1", "logger.histograms=false", "trainer.threads=1"]  # one rounding
+    status, _, _ = train_inprocess([*dying, "trainer.max_epochs=5"], "dying")
+    assert status == "completed"
+    acc = events(tmp_path / "dying")
+    dead = {layer: [e.value for e in acc.Scalars(f"dead_relu/{layer}")] for layer in ("3.relu", "6.relu")}
+    assert dead["6.relu"][2:] == [1.0, 1.0, 1.0] and dead["3.relu"][3] == 1.0, dead  # epochs 1-5
+    assert min(dead["3.relu"][1:]) > 0.99, dead  # a unit or two that fire on another batch: it stays a warning
+    warned = [r.getMessage() for r in caplog.records if "outputs 0 for the whole batch" in r.getMessage()]
+    assert [m[:43] for m in warned] == ["epoch 3: every unit of ReLU layer(s) 6.relu",
+                                       "epoch 4: every unit of ReLU layer(s) 3.relu"]  # each once, when it dies
+    assert "(lr now 2): lower optimizer.lr" in warned[0]
+    caplog.clear()
+    alive = ["normalization=none", "initialization=kaiming_normal", "optimizer.lr=0.1", "seed=1",
+             "logger.layer_stats_every_n_epochs=1", "logger.histograms=false", "trainer.max_epochs=3"]
+    assert train_inprocess(alive, "alive")[0] == "completed"
+    assert max(e.value for e in events(tmp_path / "alive").Scalars("dead_relu/6.relu")) < 0.5
+    assert "outputs 0 for the whole batch" not in caplog.text
 
 
 def test_event_records_carry_tensorboards_checksums(momentum_run):

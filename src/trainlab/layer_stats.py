@@ -42,6 +42,12 @@ def dead_fraction(output: torch.Tensor) -> torch.Tensor:
     return 1.0 - alive.float().mean()
 
 
+def dead_layers(scalars: dict[str, float]) -> list[str]:
+    """The ReLU layers of a recorded step (`dead_relu/<layer>` among `scalars`) whose every unit output 0 for the
+    whole batch: nothing passes them, forward or back."""
+    return [tag.split("/", 1)[1] for tag, value in scalars.items() if tag.startswith("dead_relu/") and value >= 1]
+
+
 def histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
     """[min, max, sum, sum of squares, then the counts of `bins` equal-width buckets] of `values`, computed on
     their device, so a recorded step reads every histogram back at once (and never copies a whole tensor)."""

@@ -39,7 +39,7 @@ from trainlab.files import write_text_atomic
 from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import TorchvisionModel, build_model
-from trainlab.layer_stats import LayerRecorder, first_layer_filters, global_norm, gradient_norm
+from trainlab.layer_stats import LayerRecorder, dead_layers, first_layer_filters, global_norm, gradient_norm
 from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               where_to_look, write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
@@ -341,6 +341,19 @@ class Run:
                         "any batch size); raise data.batch_size, or use normalization=layer or group, which do not "
                         "depend on the batch")
 
+    def warn_dead_layers(self, scalars: dict[str, float], epoch: int) -> None:
+        """A ReLU layer dead for a whole batch passes no gradient, so the run trains on at chance without an error
+        (README *Activations, measured*: plain SGD at lr 2.0). Each such layer is named once."""
+        dead = [layer for layer in dead_layers(scalars) if layer not in self.dead_named]
+        if not dead:
+            return
+        self.dead_named.update(dead)
+        lr = ", ".join(f"{group['lr']:g}" for group in self.optimizer.param_groups)
+        log.warning(f"epoch {epoch}: every unit of ReLU layer(s) {', '.join(dead)} outputs 0 for the whole batch "
+                    f"(dead_relu = 1): no gradient passes them, so the layers before stop learning and the outputs "
+                    f"no longer depend on the input. It follows too large a step (lr now {lr}): lower optimizer.lr, "
+                    "warm up (scheduler.warmup_epochs), clip gradients or add a normalization")
+
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
         cfg, world, n = self.cfg, self.ranks.world, len(self.data.train)
@@ -628,6 +641,7 @@ class Run:
         every = cfg.logger.layer_stats_every_n_epochs
         self.recorder = (LayerRecorder(self.model, self.optimizer, cfg.logger.histograms)
                          if every > 0 and cfg.logger.tensorboard and self.ranks.main else None)
+        self.dead_named: set[str] = set()  # ReLU layers already warned of as dead
         if cfg.logger.graph:
             self.monitor.graph(self.model, next(iter(self.val_batches))[0][:2])
         self.started = True
@@ -697,6 +711,7 @@ class Run:
             if self.recorder.result is not None:
                 self.monitor.layer_stats(self.recorder.result, first_step,
                                          first_layer_filters(self.model, self.data.input_shape))
+                self.warn_dead_layers(self.recorder.result.scalars, epoch)
         self.guard.raise_if_diverged()
         if not math.isfinite(result.loss):
             raise faults.Diverged(f"the mean training loss of epoch {epoch} is {result.loss}")
