@@ -15,7 +15,8 @@ from torch import nn
 
 from conftest import compose_cfg, run_cli
 from trainlab.config import ConfigError, validate
-from trainlab.layer_stats import LayerRecorder, dead_layers, first_layer_filters, global_norm, histogram
+from trainlab.layer_stats import (LayerRecorder, dead_layers, first_layer_filters, global_norm, histogram,
+                                  vanishing_gradient)
 
 STEPS_PER_EPOCH = (1797 - 359 - 144) // 64  # digits: 1294 training images, drop_last
 
@@ -190,6 +191,33 @@ def test_a_relu_layer_that_dies_is_named_once(train_inprocess, tmp_path, caplog,
     assert train_inprocess(alive, "alive")[0] == "completed"
     assert max(e.value for e in events(tmp_path / "alive").Scalars("dead_relu/6.relu")) < 0.5
     assert "outputs 0 for the whole batch" not in caplog.text
+
+
+def test_vanishing_gradient_compares_the_first_layers_gradient_with_the_last():
+    def stats(first: float, last: float) -> dict[str, float]:
+        return {"act_std/3.relu": 1.0, "grad_norm/1.weight": first, "grad_norm/4.weight": 0.5,
+                "grad_norm/7.weight": last}
+
+    assert vanishing_gradient(stats(1e-6, 1.0)) == ("1.weight", 1e-6, "7.weight", 1.0)
+    assert vanishing_gradient(stats(1.01e-4, 1.0)) is None  # at least 1e-4 of the last layer's: learning
+    assert vanishing_gradient(stats(0.0, 0.0)) is None and vanishing_gradient(stats(0.0, math.inf)) is None
+    assert vanishing_gradient({"grad_norm/1.weight": 0.0}) is None  # one layer: nothing to compare
+
+
+def test_a_deep_sigmoid_net_is_told_its_gradient_vanishes_once(train_inprocess, caplog):
+    """Ten sigmoid layers: the first layer's gradient is 1e-6 of the last's and the run stays at chance; ten ReLU
+    layers with Kaiming's init train, and say nothing (README *Activations, measured*)."""
+    caplog.set_level("WARNING", logger="trainlab")
+    deep = ["model.hidden=[128,128,128,128,128,128,128,128,128,128]", "normalization=none", "trainer.max_epochs=2",
+            "logger.layer_stats_every_n_epochs=1", "logger.histograms=false"]
+    train_inprocess([*deep, "model.activation=sigmoid", "initialization=xavier_normal"], "sigmoid")
+    warned = [r.getMessage() for r in caplog.records if "vanishing gradients" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert re.match(r"epoch 1: the first layer's gradient \(1\.weight: 1\.\de-06\) is 1e-06 of the last layer's "
+                    r"\(31\.weight: 1\.\d\)", warned[0]), warned[0]
+    caplog.clear()
+    train_inprocess([*deep, "model.activation=relu", "initialization=kaiming_normal"], "relu")
+    assert "vanishing gradients" not in caplog.text
 
 
 def test_event_records_carry_tensorboards_checksums(momentum_run):

@@ -48,6 +48,19 @@ def dead_layers(scalars: dict[str, float]) -> list[str]:
     return [tag.split("/", 1)[1] for tag, value in scalars.items() if tag.startswith("dead_relu/") and value >= 1]
 
 
+VANISHING = 1e-4  # first layer's gradient norm over the last's below which the first layers barely learn
+
+
+def vanishing_gradient(scalars: dict[str, float]) -> tuple[str, float, str, float] | None:
+    """(first weight, its gradient norm, last weight, its gradient norm) of a recorded step whose first layer's
+    gradient is below VANISHING times the last layer's, else None. The weights in the model's order, as recorded."""
+    norms = [(tag.split("/", 1)[1], value) for tag, value in scalars.items() if tag.startswith("grad_norm/")]
+    if len(norms) < 2 or not 0 < norms[-1][1] < math.inf:
+        return None
+    (first, g_first), (last, g_last) = norms[0], norms[-1]
+    return (first, g_first, last, g_last) if g_first < VANISHING * g_last else None
+
+
 def histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
     """[min, max, sum, sum of squares, then the counts of `bins` equal-width buckets] of `values`, computed on
     their device, so a recorded step reads every histogram back at once (and never copies a whole tensor)."""

@@ -39,7 +39,8 @@ from trainlab.files import write_text_atomic
 from trainlab.initialization import initialize
 from trainlab.loop import EpochTotals, Interval, StepParts, evaluate, train_one_epoch
 from trainlab.models import TorchvisionModel, build_model
-from trainlab.layer_stats import LayerRecorder, dead_layers, first_layer_filters, global_norm, gradient_norm
+from trainlab.layer_stats import (LayerRecorder, dead_layers, first_layer_filters, global_norm, gradient_norm,
+                                  vanishing_gradient)
 from trainlab.monitor import (RunMonitor, SilentMonitor, config_tree, confusion_matrix, final_table, hyperparameters,
                               where_to_look, write_confusion_csv)
 from trainlab.optim import build_optimizer, decayed_parameters, load_optimizer_state, needs_closure
@@ -354,6 +355,20 @@ class Run:
                     f"no longer depend on the input. It follows too large a step (lr now {lr}): lower optimizer.lr, "
                     "warm up (scheduler.warmup_epochs), clip gradients or add a normalization")
 
+    def warn_vanishing_gradient(self, scalars: dict[str, float], epoch: int) -> None:
+        """A first layer whose gradient is a tiny share of the last's barely learns: a deep sigmoid net trains on at
+        chance without an error (README *Activations, measured*: 1e-6 at 10 layers). Named once a run."""
+        found = None if self.vanishing_named else vanishing_gradient(scalars)
+        if found is None:
+            return
+        self.vanishing_named = True
+        first, g_first, last, g_last = found
+        log.warning(f"epoch {epoch}: the first layer's gradient ({first}: {g_first:.2g}) is {g_first / g_last:.1g} "
+                    f"of the last layer's ({last}: {g_last:.2g}), so the first layers barely learn (vanishing "
+                    "gradients: a deep net of sigmoid or tanh units, or too small an initialization); use "
+                    "model.activation=relu with initialization=kaiming_normal, a normalization, or residual "
+                    "connections")
+
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
         cfg, world, n = self.cfg, self.ranks.world, len(self.data.train)
@@ -642,6 +657,7 @@ class Run:
         self.recorder = (LayerRecorder(self.model, self.optimizer, cfg.logger.histograms)
                          if every > 0 and cfg.logger.tensorboard and self.ranks.main else None)
         self.dead_named: set[str] = set()  # ReLU layers already warned of as dead
+        self.vanishing_named = False
         if cfg.logger.graph:
             self.monitor.graph(self.model, next(iter(self.val_batches))[0][:2])
         self.started = True
@@ -712,6 +728,7 @@ class Run:
                 self.monitor.layer_stats(self.recorder.result, first_step,
                                          first_layer_filters(self.model, self.data.input_shape))
                 self.warn_dead_layers(self.recorder.result.scalars, epoch)
+                self.warn_vanishing_gradient(self.recorder.result.scalars, epoch)
         self.guard.raise_if_diverged()
         if not math.isfinite(result.loss):
             raise faults.Diverged(f"the mean training loss of epoch {epoch} is {result.loss}")
