@@ -169,9 +169,9 @@ def test_dead_layers_are_the_relus_dead_for_the_whole_batch():
 
 
 def test_a_relu_layer_that_dies_is_named_once(train_inprocess, tmp_path, caplog, threads_restored):
-    """Plain SGD at lr 2.0 without normalization: the loss explodes in epoch 1, by epoch 3's first step every unit of
-    the second ReLU layer is dead, by epoch 4's the first's; the run goes on at chance (README *Activations,
-    measured*)."""
+    """Plain SGD at lr 2.0 without normalization: the loss explodes in epoch 1, at epoch 2's first step most units are
+    silent and the first layer gets no gradient, by epoch 3's every unit of the second ReLU layer is dead, by epoch
+    4's the first's; the run goes on at chance (README *Activations, measured*)."""
     caplog.set_level("WARNING", logger="trainlab")
     dying = ["normalization=none", "initialization=kaiming_normal", "optimizer.lr=2.0", "seed=1",
              "logger.layer_stats_every_n_epochs=1", "logger.histograms=false", "trainer.threads=1"]  # one rounding
@@ -185,6 +185,10 @@ def test_a_relu_layer_that_dies_is_named_once(train_inprocess, tmp_path, caplog,
     assert [m[:43] for m in warned] == ["epoch 3: every unit of ReLU layer(s) 6.relu",
                                        "epoch 4: every unit of ReLU layer(s) 3.relu"]  # each once, when it dies
     assert "(lr now 2): lower optimizer.lr" in warned[0]
+    vanishing = [r.getMessage() for r in caplog.records if "vanishing gradients" in r.getMessage()]
+    assert len(vanishing) == 1 and vanishing[0].startswith("epoch 2: the first layer's gradient"), vanishing
+    assert "(vanishing gradients): most units of ReLU layer(s) 3.relu (99.6%), 6.relu (94.1%) output 0" \
+        in vanishing[0]  # before either layer is wholly dead, the cause named is the ReLUs, not the activation
     caplog.clear()
     alive = ["normalization=none", "initialization=kaiming_normal", "optimizer.lr=0.1", "seed=1",
              "logger.layer_stats_every_n_epochs=1", "logger.histograms=false", "trainer.max_epochs=3"]
@@ -215,6 +219,7 @@ def test_a_deep_sigmoid_net_is_told_its_gradient_vanishes_once(train_inprocess, 
     assert len(warned) == 1, warned
     assert re.match(r"epoch 1: the first layer's gradient \(1\.weight: 1\.\de-06\) is 1e-06 of the last layer's "
                     r"\(31\.weight: 1\.\d\)", warned[0]), warned[0]
+    assert "(vanishing gradients): a deep net of sigmoid or tanh units" in warned[0]  # no ReLU to blame
     caplog.clear()
     train_inprocess([*deep, "model.activation=relu", "initialization=kaiming_normal"], "relu")
     assert "vanishing gradients" not in caplog.text

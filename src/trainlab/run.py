@@ -357,17 +357,26 @@ class Run:
 
     def warn_vanishing_gradient(self, scalars: dict[str, float], epoch: int) -> None:
         """A first layer whose gradient is a tiny share of the last's barely learns: a deep sigmoid net trains on at
-        chance without an error (README *Activations, measured*: 1e-6 at 10 layers). Named once a run."""
-        found = None if self.vanishing_named else vanishing_gradient(scalars)
+        chance without an error (README *Activations, measured*: 1e-6 at 10 layers), as does a ReLU net most of whose
+        units a too large step silenced. Named once a run; not where a whole ReLU layer is dead (warn_dead_layers)."""
+        found = None if self.vanishing_named or dead_layers(scalars) else vanishing_gradient(scalars)
         if found is None:
             return
         self.vanishing_named = True
         first, g_first, last, g_last = found
+        silent = {tag.split("/", 1)[1]: share for tag, share in scalars.items()
+                  if tag.startswith("dead_relu/") and share >= 0.5}
+        if silent:
+            lr = ", ".join(f"{group['lr']:g}" for group in self.optimizer.param_groups)
+            cause = (f"most units of ReLU layer(s) {', '.join(f'{k} ({v:.1%})' for k, v in silent.items())} output 0 "
+                     f"for the whole batch, after too large a step (lr now {lr}); lower optimizer.lr, warm up "
+                     "(scheduler.warmup_epochs), clip gradients or add a normalization")
+        else:
+            cause = ("a deep net of sigmoid or tanh units, or too small an initialization; use model.activation=relu "
+                     "with initialization=kaiming_normal, a normalization, or residual connections")
         log.warning(f"epoch {epoch}: the first layer's gradient ({first}: {g_first:.2g}) is {g_first / g_last:.1g} "
                     f"of the last layer's ({last}: {g_last:.2g}), so the first layers barely learn (vanishing "
-                    "gradients: a deep net of sigmoid or tanh units, or too small an initialization); use "
-                    "model.activation=relu with initialization=kaiming_normal, a normalization, or residual "
-                    "connections")
+                    f"gradients): {cause}")
 
     def check_ranks(self) -> None:
         """Refuse what torchrun's processes cannot do together (the same verdict on every rank)."""
