@@ -164,8 +164,9 @@ def test_logger_switches(train_inprocess, tmp_path):
 
 def test_dead_layers_are_the_relus_dead_for_the_whole_batch():
     scalars = {"dead_relu/3.relu": 1.0, "dead_relu/6.relu": 0.99, "act_std/3.relu": 1.0, "dead_relu/9.relu": 0.0}
-    assert dead_layers(scalars) == ["3.relu"]
-    assert dead_layers({"act_std/3.relu": 0.0}) == []
+    assert dead_layers(scalars) == {"3.relu": 1.0}
+    assert dead_layers(scalars, share=0.5) == {"3.relu": 1.0, "6.relu": 0.99}
+    assert dead_layers({"act_std/3.relu": 0.0}) == {}
 
 
 def test_a_relu_layer_that_dies_is_named_once(train_inprocess, tmp_path, caplog, threads_restored):

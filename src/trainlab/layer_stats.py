@@ -42,10 +42,11 @@ def dead_fraction(output: torch.Tensor) -> torch.Tensor:
     return 1.0 - alive.float().mean()
 
 
-def dead_layers(scalars: dict[str, float]) -> list[str]:
-    """The ReLU layers of a recorded step (`dead_relu/<layer>` among `scalars`) whose every unit output 0 for the
-    whole batch: nothing passes them, forward or back."""
-    return [tag.split("/", 1)[1] for tag, value in scalars.items() if tag.startswith("dead_relu/") and value >= 1]
+def dead_layers(scalars: dict[str, float], share: float = 1.0) -> dict[str, float]:
+    """The ReLU layers of a recorded step (`dead_relu/<layer>` among `scalars`) at least `share` of whose units
+    output 0 for the whole batch, with their shares. At 1, every unit: nothing passes them, forward or back."""
+    return {tag.split("/", 1)[1]: value for tag, value in scalars.items()
+            if tag.startswith("dead_relu/") and value >= share}
 
 
 VANISHING = 1e-4  # first layer's gradient norm over the last's below which the first layers barely learn

@@ -333,14 +333,20 @@ class Run:
                                       f"{per_example} per example), which it cannot normalise; raise data.batch_size "
                                       "(or its batch_size_schedule factors), set data.drop_last=true, or use another "
                                       "normalization")
-        smallest = min(self.train_batch_sizes().values()) // world  # an epoch's last, smaller batch aside
+        smallest = min(min(self.batch_sizes), n) // world  # an epoch's last, smaller batch aside
         if smallest * per_example < NOISY_BATCH_NORM:
             self.notes.append(f"batches of {smallest}{' on each process' if world > 1 else ''} give batch norm "
-                        f"{smallest * per_example} values per channel (this model's batch norms see {per_example} per "
-                        f"example): below {NOISY_BATCH_NORM} its statistics are noisy (on the digits' MLP, batches of "
-                        "4 leave train/loss at 0.23 and of 2 test at 0.885, where layer norm gives 0.006 and 0.981 at "
-                        "any batch size); raise data.batch_size, or use normalization=layer or group, which do not "
-                        "depend on the batch")
+                              f"{smallest * per_example} values per channel (this model's batch norms see "
+                              f"{per_example} per example): below {NOISY_BATCH_NORM} its statistics are noisy (on the "
+                              "digits' MLP, batches of 4 leave train/loss at 0.23 and of 2 test at 0.885, where layer "
+                              "norm gives 0.006 and 0.981 at any batch size); raise data.batch_size, or use "
+                              "normalization=layer or group, which do not depend on the batch")
+
+    def too_large_a_step(self) -> str:
+        """The advice of the warnings whose cause is too large a step, with the learning rates now."""
+        lr = ", ".join(f"{group['lr']:g}" for group in self.optimizer.param_groups)
+        return (f"too large a step (lr now {lr}): lower optimizer.lr, warm up (scheduler.warmup_epochs), clip "
+                "gradients or add a normalization")
 
     def warn_dead_layers(self, scalars: dict[str, float], epoch: int) -> None:
         """A ReLU layer dead for a whole batch passes no gradient, so the run trains on at chance without an error
@@ -349,11 +355,9 @@ class Run:
         if not dead:
             return
         self.dead_named.update(dead)
-        lr = ", ".join(f"{group['lr']:g}" for group in self.optimizer.param_groups)
         log.warning(f"epoch {epoch}: every unit of ReLU layer(s) {', '.join(dead)} outputs 0 for the whole batch "
                     f"(dead_relu = 1): no gradient passes them, so the layers before stop learning and the outputs "
-                    f"no longer depend on the input. It follows too large a step (lr now {lr}): lower optimizer.lr, "
-                    "warm up (scheduler.warmup_epochs), clip gradients or add a normalization")
+                    f"no longer depend on the input. It follows {self.too_large_a_step()}")
 
     def warn_vanishing_gradient(self, scalars: dict[str, float], epoch: int) -> None:
         """A first layer whose gradient is a tiny share of the last's barely learns: a deep sigmoid net trains on at
@@ -364,13 +368,10 @@ class Run:
             return
         self.vanishing_named = True
         first, g_first, last, g_last = found
-        silent = {tag.split("/", 1)[1]: share for tag, share in scalars.items()
-                  if tag.startswith("dead_relu/") and share >= 0.5}
+        silent = dead_layers(scalars, share=0.5)
         if silent:
-            lr = ", ".join(f"{group['lr']:g}" for group in self.optimizer.param_groups)
             cause = (f"most units of ReLU layer(s) {', '.join(f'{k} ({v:.1%})' for k, v in silent.items())} output 0 "
-                     f"for the whole batch, after too large a step (lr now {lr}); lower optimizer.lr, warm up "
-                     "(scheduler.warmup_epochs), clip gradients or add a normalization")
+                     f"for the whole batch, after {self.too_large_a_step()}")
         else:
             cause = ("a deep net of sigmoid or tanh units, or too small an initialization; use model.activation=relu "
                      "with initialization=kaiming_normal, a normalization, or residual connections")
